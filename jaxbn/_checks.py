@@ -65,9 +65,7 @@ def mask_for(fn: str, mask: Any, shape: tuple[int, ...]) -> jax.Array | None:
     if mask.ndim > len(shape) or np.broadcast_shapes(mask.shape, shape) != tuple(shape):
       raise ValueError
   except ValueError:
-    raise ValueError(
-      f"{fn}: mask of shape {mask.shape} is not broadcastable to x of shape {tuple(shape)}."
-    ) from None
+    raise ValueError(f"{fn}: mask of shape {mask.shape} is not broadcastable to x of shape {tuple(shape)}.") from None
   return mask
 
 
@@ -78,8 +76,7 @@ def feature_array(fn: str, arg: str, value: Any, feature_shape: tuple[int, ...])
   value = jnp.asarray(value)
   if value.shape != feature_shape:
     raise ValueError(
-      f"{fn}: {arg} must have the feature shape {feature_shape} (the sizes of x along `axis`), "
-      f"got shape {value.shape}."
+      f"{fn}: {arg} must have the feature shape {feature_shape} (the sizes of x along `axis`), got shape {value.shape}."
     )
   return value
 

@@ -17,7 +17,7 @@ from jax import lax
 from jaxbn import _checks
 from jaxbn.stats import Stats, compute_stats
 
-__all__ = ["BatchNormState", "init_state", "batch_norm", "update_running_stats", "normalize"]
+__all__ = ["BatchNormState", "batch_norm", "init_state", "normalize", "update_running_stats"]
 
 RunningAverage = Literal["ema", "debiased_ema", "cumulative"]
 RUNNING_AVERAGES = ("ema", "debiased_ema", "cumulative")

@@ -12,8 +12,9 @@ standard deviation and the variance ``S2/n - (S1/n)**2`` does not cancel catastr
 ``|mean| / std`` is 1e5 in float32 (the textbook ``E[x^2] - E[x]^2`` returns 4.0 for a true 1.0
 already at 1e4).
 
-Across devices the per-device summaries are exchanged with ONE ``all_gather`` of ``3 x C`` floats
-and merged locally, which is exact for uneven counts and needs no second round trip.
+Across devices the per-device summaries are exchanged with ONE collective (a ``psum`` of each
+device's ``3 x C`` floats placed in its own row) and merged locally, which is exact for uneven
+counts and needs no second round trip.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from jax import lax
 
 from jaxbn import _checks
 
-__all__ = ["Stats", "local_stats", "merge", "merge_stacked", "all_reduce", "compute_stats", "moments"]
+__all__ = ["Stats", "all_reduce", "compute_stats", "local_stats", "merge", "merge_stacked", "moments"]
 
 
 class Stats(NamedTuple):
@@ -174,20 +175,30 @@ def all_reduce(
   *,
   fn: str = "jaxbn.all_reduce",
 ) -> Stats:
-  """Merges per-device summaries over the named axis (or axes) with one ``all_gather``.
+  """Merges per-device summaries over the named axis (or axes) with one collective.
+
+  Each device writes its ``(count, mean, m2)`` into its own row of a zero ``(devices, 3, C)``
+  array and ONE ``psum`` assembles every device's summary on every device (adding zeros is
+  exact); the rows are then merged locally and exactly (Chan et al. 1983), so devices with
+  different numbers of valid elements give the global statistics. A ``psum`` rather than an
+  ``all_gather`` keeps the result device-invariant under ``jax.shard_map`` (its running statistics
+  can leave with ``out_specs=P()``), and its transpose needs only one ``psum`` of the per-feature
+  cotangents in the backward pass.
 
   With ``axis_index_groups``, each device merges only the summaries of its own group. The grouping
-  is applied after the gather, so it works identically under ``jax.pmap``, ``jax.shard_map`` and
+  is applied after the exchange, so it works identically under ``jax.pmap``, ``jax.shard_map`` and
   ``jax.vmap`` (``shard_map`` has no grouped ``psum``).
   """
   packed = jnp.stack(list(stats))
   try:
-    gathered = lax.all_gather(packed, axis_name)
+    size = lax.axis_size(axis_name)
+    slot = jax.nn.one_hot(lax.axis_index(axis_name), size, dtype=packed.dtype)
   except NameError as err:
     raise _checks.unbound_axis(fn, axis_name, err) from None
+  gathered = lax.psum(slot.reshape((size,) + (1,) * packed.ndim) * packed, axis_name)
   weights = None
   if axis_index_groups is not None:
-    weights = _group_weights(fn, axis_name, axis_index_groups, gathered.shape[0])
+    weights = _group_weights(fn, axis_name, axis_index_groups, size)
   return merge_stacked(Stats(gathered[:, 0], gathered[:, 1], gathered[:, 2]), weights)
 
 

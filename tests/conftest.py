@@ -3,7 +3,7 @@
 import os
 
 os.environ.setdefault("XLA_FLAGS", "")
-import jax  # noqa: E402
+import jax
 
 # Must happen before JAX initializes its backend; every test process (xdist workers included)
 # imports this file first.

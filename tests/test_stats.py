@@ -1,0 +1,188 @@
+"""jaxbn.moments and jaxbn.stats against float64 NumPy references."""
+
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import jaxbn
+from jaxbn import stats
+
+
+def reference_moments(x, feature_axes, mask=None):
+  """Two-pass float64 statistics over the non-feature axes."""
+  x = np.asarray(x, np.float64)
+  m = np.ones(x.shape, bool) if mask is None else np.broadcast_to(np.asarray(mask), x.shape)
+  red = tuple(a for a in range(x.ndim) if a not in feature_axes)
+  n = m.sum(axis=red)
+  safe = np.maximum(n, 1)
+  mean = np.where(m, x, 0).sum(axis=red) / safe
+  bshape = [x.shape[a] if a in feature_axes else 1 for a in range(x.ndim)]
+  var = np.where(m, (x - mean.reshape(bshape)) ** 2, 0).sum(axis=red) / safe
+  return mean, var, n
+
+
+@pytest.mark.parametrize(
+  "shape,axis",
+  [((16, 5), -1), ((4, 6, 6, 3), -1), ((4, 3, 6, 6), 1), ((4, 5, 3, 2), (1, 3)), ((7, 2, 3), (0, 2))],
+)
+@pytest.mark.parametrize("masked", [False, True])
+def test_moments_match_float64_reference(shape, axis, masked):
+  rng = np.random.default_rng(0)
+  x = rng.normal(2.0, 3.0, shape).astype(np.float32)
+  mask = rng.random(shape[:1] + (1,) * (len(shape) - 1)) > 0.3 if masked else None
+  axes = tuple(sorted(a % len(shape) for a in np.atleast_1d(axis)))
+  mean, var, count = jaxbn.moments(x, axis=axis, mask=mask)
+  rmean, rvar, rn = reference_moments(x, axes, mask)
+  np.testing.assert_allclose(mean, rmean, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(var, rvar, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(count, rn)
+  assert mean.dtype == var.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("offset", [1e4, 1e5])
+def test_variance_accurate_at_large_mean_float32(offset):
+  # |mean| / std = 1e4 and 1e5: the one-pass E[x^2] - E[x]^2 of flax's default returns 4.0 for 1.0.
+  rng = np.random.default_rng(1)
+  x = (offset + rng.normal(0.0, 1.0, (4096, 8))).astype(np.float32)
+  _, var, _ = jaxbn.moments(x)
+  _, rvar, _ = reference_moments(x, (1,))
+  assert np.max(np.abs(np.asarray(var) / rvar - 1)) <= 1e-3
+
+
+def test_large_mean_with_padding_masked_out():
+  # Padded rows hold zeros far from the data's mean; the shift must come from a valid row.
+  rng = np.random.default_rng(2)
+  x = (1e4 + rng.normal(0.0, 1.0, (256, 4))).astype(np.float32)
+  x[:100] = 0.0
+  mask = np.arange(256)[:, None] >= 100
+  mean, var, count = jaxbn.moments(x, mask=mask)
+  rmean, rvar, _ = reference_moments(x, (1,), mask)
+  assert np.max(np.abs(np.asarray(var) / rvar - 1)) <= 1e-3
+  np.testing.assert_allclose(mean, rmean, rtol=1e-6)
+  np.testing.assert_array_equal(count, 156)
+
+
+def test_bfloat16_input_accumulates_in_float32():
+  # haiku computes bf16 statistics in bf16 and returns a negative variance at mean 30 (dm-haiku#396).
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(100.0 + rng.normal(0.0, 1.0, (2048, 16)), jnp.bfloat16)
+  mean, var, _ = jaxbn.moments(x)
+  assert mean.dtype == jnp.float32
+  rmean, rvar, _ = reference_moments(np.asarray(x.astype(jnp.float32)), (1,))
+  np.testing.assert_allclose(var, rvar, rtol=1e-4)
+  np.testing.assert_allclose(mean, rmean, rtol=1e-6)
+
+
+def test_float64_statistics_stay_float64():
+  with jax.enable_x64(True):
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(64, 3)), jnp.float64)
+    mean, var, count = jaxbn.moments(x)
+    assert mean.dtype == var.dtype == count.dtype == jnp.float64
+    rmean, rvar, _ = reference_moments(x, (1,))
+    np.testing.assert_allclose(mean, rmean, rtol=1e-12)
+    np.testing.assert_allclose(var, rvar, rtol=1e-12)
+
+
+def test_empty_mask_gives_zeros_and_finite_gradients():
+  x = jnp.asarray(np.random.default_rng(5).normal(size=(8, 3)), jnp.float32)
+  mask = jnp.zeros((8, 1), bool)
+  mean, var, count = jaxbn.moments(x, mask=mask)
+  np.testing.assert_array_equal(count, 0)
+  np.testing.assert_array_equal(mean, 0)
+  np.testing.assert_array_equal(var, 0)
+  g = jax.grad(lambda v: sum(jnp.sum(t) for t in jaxbn.moments(v, mask=mask)[:2]))(x)
+  assert np.all(np.isfinite(g)) and np.all(g == 0)
+
+
+def test_per_feature_masks_count_each_feature():
+  rng = np.random.default_rng(6)
+  x = rng.normal(size=(10, 3)).astype(np.float32)
+  mask = rng.random((10, 3)) > 0.5
+  mask[:, 2] = False
+  mean, var, count = jaxbn.moments(x, mask=mask)
+  rmean, rvar, rn = reference_moments(x, (1,), mask)
+  np.testing.assert_array_equal(count, rn)
+  np.testing.assert_allclose(mean, rmean, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(var, rvar, rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_match_two_pass_formula():
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.normal(3.0, 2.0, (6, 5, 4)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(2, 4)), jnp.float32)
+
+  def ours(v):
+    mean, var, _ = jaxbn.moments(v)
+    return jnp.sum(w[0] * mean + w[1] * var)
+
+  def plain(v):
+    mean = v.mean((0, 1))
+    return jnp.sum(w[0] * mean + w[1] * ((v - mean) ** 2).mean((0, 1)))
+
+  np.testing.assert_allclose(jax.grad(ours)(x), jax.grad(plain)(x), rtol=1e-5, atol=1e-6)
+
+
+def test_merge_is_exact_for_uneven_parts():
+  rng = np.random.default_rng(8)
+  a = rng.normal(5.0, 1.0, (2, 3)).astype(np.float32)
+  b = rng.normal(-1.0, 4.0, (8, 3)).astype(np.float32)
+  merged = stats.merge(stats.local_stats(jnp.asarray(a), (1,)), stats.local_stats(jnp.asarray(b), (1,)))
+  rmean, rvar, rn = reference_moments(np.concatenate([a, b]), (1,))
+  np.testing.assert_allclose(merged.mean, rmean, rtol=1e-6)
+  np.testing.assert_allclose(merged.var, rvar, rtol=1e-5)
+  np.testing.assert_array_equal(merged.count, rn)
+
+
+def test_merge_with_an_empty_part_is_the_other_part():
+  x = jnp.asarray(np.random.default_rng(9).normal(size=(5, 2)), jnp.float32)
+  s = stats.local_stats(x, (1,))
+  empty = stats.local_stats(x, (1,), jnp.zeros((5, 1), bool))
+  for merged in (stats.merge(s, empty), stats.merge(empty, s)):
+    for got, want in zip(merged, s):
+      np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_moments_under_jit_and_vmap():
+  x = jnp.asarray(np.random.default_rng(10).normal(size=(3, 16, 4)), jnp.float32)
+  jitted = jax.jit(jaxbn.moments, static_argnames="axis")(x, axis=-1)
+  np.testing.assert_allclose(jitted[1], reference_moments(x, (2,))[1], rtol=1e-5)
+  per_group = jax.vmap(jaxbn.moments)(x)
+  for i in range(3):
+    np.testing.assert_allclose(per_group[1][i], reference_moments(x[i], (1,))[1], rtol=1e-5)
+
+
+@st.composite
+def _cases(draw):
+  ndim = draw(st.integers(1, 4))
+  shape = draw(hnp.array_shapes(min_dims=ndim, max_dims=ndim, min_side=1, max_side=6))
+  n_feat = draw(st.integers(1, ndim))
+  axes = tuple(sorted(draw(st.permutations(range(ndim)))[:n_feat]))
+  dtype = draw(st.sampled_from([np.float32, np.float16, jnp.bfloat16]))
+  loc = draw(st.sampled_from([0.0, 3.0, -50.0]))
+  seed = draw(st.integers(0, 2**31 - 1))
+  mask_kind = draw(st.sampled_from(["none", "rows", "full"]))
+  return shape, axes, dtype, loc, seed, mask_kind
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_cases())
+def test_property_moments_match_reference(case):
+  shape, axes, dtype, loc, seed, mask_kind = case
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(loc, 2.0, shape), dtype)
+  mask = None
+  if mask_kind == "rows":
+    mask = rng.random(shape[:1] + (1,) * (len(shape) - 1)) > 0.4
+  elif mask_kind == "full":
+    mask = rng.random(shape) > 0.4
+  mean, var, count = jaxbn.moments(x, axis=axes, mask=mask)
+  # The reference sees the same (already rounded) values the library sees.
+  rmean, rvar, rn = reference_moments(np.asarray(x.astype(jnp.float32)), axes, mask)
+  np.testing.assert_array_equal(count, rn)
+  scale = np.maximum(np.abs(rmean), 1.0)
+  np.testing.assert_allclose(mean, rmean, rtol=1e-5, atol=1e-5 * scale.max())
+  np.testing.assert_allclose(var, rvar, rtol=1e-4, atol=1e-5 * scale.max() ** 2 * 1e-2 + 1e-6)
