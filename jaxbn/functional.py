@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxbn import _checks
+from jaxbn._fused import batch_norm_train
 from jaxbn.stats import Stats, compute_stats
 
 __all__ = ["BatchNormState", "batch_norm", "init_state", "normalize", "update_running_stats"]
@@ -142,6 +143,7 @@ def batch_norm(
   running_average: RunningAverage = "ema",
   unbiased_running_var: bool = False,
   dtype: Any = None,
+  fused: bool | None = None,
 ) -> tuple[jax.Array, BatchNormState]:
   r"""Batch normalization with explicit running statistics.
 
@@ -185,6 +187,12 @@ def batch_norm(
     unbiased_running_var: store the Bessel-corrected (1/(N-1)) batch variance in the running
       statistics, as PyTorch does; normalization still uses the biased one.
     dtype: output dtype; defaults to the dtype of ``x``.
+    fused: training-mode gradient. ``None`` (default): the closed-form backward pass
+      (``dx = scale*inv_std/N * (N*dy - sum(dy) - xhat*sum(dy*xhat))``, one collective across
+      devices, only ``x`` and per-feature vectors kept for the backward), switching to the plain
+      differentiable formula where forward-mode autodiff reaches it (``jax.jvp``, ``jax.hessian``).
+      ``True``: always the closed form; forward mode raises. ``False``: autodiff of the plain
+      formula. All three give the same values and reverse-mode gradients (also reverse-over-reverse).
 
   Returns:
     ``(y, new_state)``: ``y`` with the shape of ``x``, and the updated (training) or unchanged
@@ -229,14 +237,42 @@ def batch_norm(
   mask = _checks.mask_for(fn, mask, x.shape)
   cdt = _checks.stats_dtype(x.dtype)
 
-  if training:
-    stats = compute_stats(x, axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups, fn=fn)
-    mean, var = stats.mean, stats.var
-    new_state = update_running_stats(
-      state, stats, momentum=momentum, running_average=running_average, unbiased_running_var=unbiased_running_var
-    )
-  else:
+  if not training:
     mean, var = state.mean.astype(cdt), state.var.astype(cdt)
-    new_state = state
-  y = normalize(x, mean, var, scale, bias, feature_axes=axes, epsilon=epsilon, dtype=dtype)
+    return normalize(x, mean, var, scale, bias, feature_axes=axes, epsilon=epsilon, dtype=dtype), state
+
+  def plain():
+    stats = compute_stats(x, axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups, fn=fn)
+    return normalize(x, stats.mean, stats.var, scale, bias, feature_axes=axes, epsilon=epsilon, dtype=dtype), stats
+
+  if fused is False:
+    y, stats = plain()
+  else:
+    try:
+      y, stats = batch_norm_train(
+        x,
+        scale,
+        bias,
+        mask=mask,
+        epsilon=epsilon,
+        feature_axes=axes,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        out_dtype=x.dtype if dtype is None else dtype,
+        fn=fn,
+      )
+    except TypeError as err:
+      if "custom_vjp" not in str(err):
+        raise
+      if fused:
+        raise ValueError(
+          f"{fn}: fused=True has a closed-form reverse-mode gradient only; forward-mode autodiff "
+          "(jax.jvp, jax.jacfwd, jax.hessian, forward-over-reverse Hessian-vector products) needs "
+          "fused=None (the default: the fused path, falling back to the plain formula under forward "
+          "mode) or fused=False (always the plain formula)."
+        ) from None
+      y, stats = plain()
+  new_state = update_running_stats(
+    state, stats, momentum=momentum, running_average=running_average, unbiased_running_var=unbiased_running_var
+  )
   return y, new_state

@@ -168,6 +168,24 @@ def _group_weights(fn: str, axis_name: Hashable, groups: Sequence[Sequence[int]]
   return jnp.asarray(table)[lax.axis_index(axis_name)]
 
 
+def gather_rows(
+  x: jax.Array, axis_name: Hashable | tuple[Hashable, ...], *, fn: str = "jaxbn.gather_rows"
+) -> jax.Array:
+  """Every device's ``x`` stacked along a new leading axis, on every device, with ONE ``psum``.
+
+  Each device writes ``x`` into its own row of a zero array and the rows are summed (adding zeros
+  is exact). A ``psum`` rather than an ``all_gather`` keeps the result device-invariant under
+  ``jax.shard_map`` (values built from it can leave with ``out_specs=P()``), and its transpose in
+  the backward pass is one ``psum`` of the cotangents of whatever the rows are reduced to.
+  """
+  try:
+    size = lax.axis_size(axis_name)
+    slot = jax.nn.one_hot(lax.axis_index(axis_name), size, dtype=x.dtype)
+  except NameError as err:
+    raise _checks.unbound_axis(fn, axis_name, err) from None
+  return lax.psum(slot.reshape((size,) + (1,) * x.ndim) * x, axis_name)
+
+
 def all_reduce(
   stats: Stats,
   axis_name: Hashable | tuple[Hashable, ...],
@@ -177,28 +195,18 @@ def all_reduce(
 ) -> Stats:
   """Merges per-device summaries over the named axis (or axes) with one collective.
 
-  Each device writes its ``(count, mean, m2)`` into its own row of a zero ``(devices, 3, C)``
-  array and ONE ``psum`` assembles every device's summary on every device (adding zeros is
-  exact); the rows are then merged locally and exactly (Chan et al. 1983), so devices with
-  different numbers of valid elements give the global statistics. A ``psum`` rather than an
-  ``all_gather`` keeps the result device-invariant under ``jax.shard_map`` (its running statistics
-  can leave with ``out_specs=P()``), and its transpose needs only one ``psum`` of the per-feature
-  cotangents in the backward pass.
+  The ``(count, mean, m2)`` of every device are exchanged with one collective (see
+  :func:`gather_rows`) and merged locally and exactly (Chan et al. 1983), so devices with
+  different numbers of valid elements give the global statistics.
 
   With ``axis_index_groups``, each device merges only the summaries of its own group. The grouping
   is applied after the exchange, so it works identically under ``jax.pmap``, ``jax.shard_map`` and
   ``jax.vmap`` (``shard_map`` has no grouped ``psum``).
   """
-  packed = jnp.stack(list(stats))
-  try:
-    size = lax.axis_size(axis_name)
-    slot = jax.nn.one_hot(lax.axis_index(axis_name), size, dtype=packed.dtype)
-  except NameError as err:
-    raise _checks.unbound_axis(fn, axis_name, err) from None
-  gathered = lax.psum(slot.reshape((size,) + (1,) * packed.ndim) * packed, axis_name)
+  gathered = gather_rows(jnp.stack(list(stats)), axis_name, fn=fn)
   weights = None
   if axis_index_groups is not None:
-    weights = _group_weights(fn, axis_name, axis_index_groups, size)
+    weights = _group_weights(fn, axis_name, axis_index_groups, gathered.shape[0])
   return merge_stacked(Stats(gathered[:, 0], gathered[:, 1], gathered[:, 2]), weights)
 
 

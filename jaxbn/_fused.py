@@ -1,0 +1,153 @@
+"""Training-mode batch norm with a closed-form backward pass (``jax.custom_vjp``).
+
+Forward: one pass over ``x`` for the statistics (one collective across devices), one to normalize.
+Backward, with ``xhat = (x - mean) * inv_std`` recomputed from ``x``::
+
+    dbias  = sum(dy)                       dscale = sum(dy * xhat)
+    dx     = scale * inv_std * (dy - valid / N * (sum(dy) + xhat * sum(dy * xhat)))
+
+where the two sums run over every element (the normalized output of masked elements depends on the
+statistics too), ``valid`` is the mask and ``N`` the global count of valid elements per feature.
+Across devices the two per-feature sums are reduced in ONE collective; ``dscale``/``dbias`` stay the
+local contributions, as autodiff of the plain formula gives under ``pmap``/``shard_map``.
+
+Residuals are ``x`` in its storage dtype plus per-feature vectors (mean, inv_std, scale, count), not
+a float32 copy of ``xhat``. ``jax.custom_vjp`` has no forward mode; ``batch_norm(fused=None)`` falls
+back to the plain formula when forward-mode autodiff reaches it.
+
+References:
+  Ioffe & Szegedy, "Batch Normalization: Accelerating Deep Network Training by Reducing Internal
+  Covariate Shift", 2015 (the gradient formulas).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Hashable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxbn import _checks
+from jaxbn.stats import Stats, _group_weights, compute_stats
+
+__all__ = ["batch_norm_train"]
+
+
+def _sums_across(local, axis_name, groups, fn):
+  """(sums within each device's group, sums over all devices), in one collective."""
+  try:
+    if groups is None:
+      total = lax.psum(local, axis_name)
+      return total, total
+    # An all-gather written as a psum of one-hot rows: its result is typed as the same on every
+    # device, so the all-device total can be returned for an unvarying parameter.
+    size = lax.axis_size(axis_name)
+    onehot = jax.nn.one_hot(lax.axis_index(axis_name), size, dtype=local.dtype)
+    gathered = lax.psum(onehot.reshape((size,) + (1,) * local.ndim) * local, axis_name)
+  except NameError as err:
+    raise _checks.unbound_axis(fn, axis_name, err) from None
+  w = _group_weights(fn, axis_name, groups, size)
+  return jnp.tensordot(w.astype(local.dtype), gathered, axes=1), jnp.sum(gathered, axis=0)
+
+
+def _varying(v) -> frozenset:
+  """Mesh axes over which ``v`` differs between devices (``jax.shard_map``'s type system)."""
+  return getattr(getattr(jax.typeof(v), "manual_axis_type", None), "varying", frozenset())
+
+
+def _param_cotangent(x, scale, local, everywhere, axis_name):
+  """The scale/bias cotangent autodiff would produce.
+
+  Under ``jax.shard_map`` a parameter that is the same on every device (not varying over an axis
+  the data varies over) gets the sum of all devices' contributions; under ``jax.pmap``/``jax.vmap``,
+  or for a per-device parameter, each device keeps its own contribution.
+  """
+  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+  data, param = _varying(x), _varying(scale)
+  summed = tuple(n for n in names if n in data and n not in param)
+  if not summed:
+    return local
+  if len(summed) == len(names):
+    return everywhere
+  return lax.psum(local, summed)
+
+
+def _bshape(x_shape, feature_axes):
+  return tuple(x_shape[a] if a in feature_axes else 1 for a in range(len(x_shape)))
+
+
+def _forward(x, scale, bias, mask, epsilon, feature_axes, axis_name, groups, out_dtype, fn):
+  stats = compute_stats(x, feature_axes, mask=mask, axis_name=axis_name, axis_index_groups=groups, fn=fn)
+  cdt = stats.mean.dtype
+  inv = lax.rsqrt(stats.var + jnp.asarray(epsilon, cdt))
+  b = _bshape(x.shape, feature_axes)
+  mul = inv * scale.astype(cdt)
+  y = (x.astype(cdt) - stats.mean.reshape(b)) * mul.reshape(b) + bias.astype(cdt).reshape(b)
+  return y.astype(out_dtype), stats, inv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _bn_train(x, scale, bias, mask, epsilon, feature_axes, axis_name, groups, out_dtype, fn):
+  y, stats, _ = _forward(x, scale, bias, mask, epsilon, feature_axes, axis_name, groups, out_dtype, fn)
+  return y, stats
+
+
+def _bn_train_fwd(x, scale, bias, mask, epsilon, feature_axes, axis_name, groups, out_dtype, fn):
+  y, stats, inv = _forward(x, scale, bias, mask, epsilon, feature_axes, axis_name, groups, out_dtype, fn)
+  return (y, stats), (x, scale, bias, mask, epsilon, stats.count, stats.mean, inv)
+
+
+def _bn_train_bwd(feature_axes, axis_name, groups, out_dtype, fn, res, cotangents):
+  x, scale, bias, mask, epsilon, count, mean, inv = res
+  dy, _ = cotangents  # the statistics feed only the (stop-gradient) running average
+  cdt = mean.dtype
+  b = _bshape(x.shape, feature_axes)
+  reduce_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
+  dy = dy.astype(cdt)
+  xhat = (x.astype(cdt) - mean.reshape(b)) * inv.reshape(b)
+  local = jnp.stack([jnp.sum(dy, axis=reduce_axes), jnp.sum(dy * xhat, axis=reduce_axes)])
+  total, param_grads = local, local
+  if axis_name is not None:
+    total, everywhere = _sums_across(local, axis_name, groups, fn)
+    param_grads = _param_cotangent(x, scale, local, everywhere, axis_name)
+  sum_dy, sum_dy_xhat = total[0], total[1]
+  mul = scale.astype(cdt) * inv
+  k = 1.0 / jnp.maximum(count, 1)
+  a = (sum_dy * k).reshape(b)
+  c = (sum_dy_xhat * k).reshape(b)
+  correction = a + xhat * c
+  if mask is not None:
+    correction = jnp.where(mask, correction, 0)
+  dx = (dy - correction) * mul.reshape(b)
+  dscale = param_grads[1].astype(scale.dtype)
+  dbias = param_grads[0].astype(bias.dtype)
+  return dx.astype(x.dtype), dscale, dbias, None, jnp.zeros_like(epsilon)
+
+
+_bn_train.defvjp(_bn_train_fwd, _bn_train_bwd)
+
+
+def batch_norm_train(
+  x: jax.Array,
+  scale: jax.Array | None,
+  bias: jax.Array | None,
+  *,
+  mask: jax.Array | None,
+  epsilon: Any,
+  feature_axes: tuple[int, ...],
+  axis_name: Hashable | None,
+  axis_index_groups: Any,
+  out_dtype: Any,
+  fn: str,
+) -> tuple[jax.Array, Stats]:
+  """Normalized output and the (global) batch statistics, with the closed-form backward pass."""
+  fshape = tuple(x.shape[a] for a in feature_axes)
+  cdt = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+  s = jnp.ones(fshape, cdt) if scale is None else scale
+  o = jnp.zeros(fshape, cdt) if bias is None else bias
+  groups = None if axis_index_groups is None else tuple(tuple(int(i) for i in g) for g in axis_index_groups)
+  eps = jnp.asarray(epsilon, cdt)
+  return _bn_train(x, s, o, mask, eps, feature_axes, axis_name, groups, jnp.dtype(out_dtype), fn)

@@ -1,0 +1,180 @@
+"""The closed-form backward pass against autodiff of the plain formula, and higher-order derivatives."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxbn
+
+
+def _loss(fused, **kw):
+  def loss(x, scale, bias):
+    fshape = scale.shape
+    y, state = jaxbn.batch_norm(x, jaxbn.init_state(fshape), scale, bias, training=True, fused=fused, **kw)
+    w = jnp.cos(jnp.arange(y.size, dtype=jnp.float32)).reshape(y.shape)
+    return jnp.sum(jax.nn.relu(y.astype(jnp.float32)) ** 2 * w), state
+
+  return loss
+
+
+def _args(shape, axis, dtype=jnp.float32, seed=0):
+  rng = np.random.default_rng(seed)
+  axes = [a % len(shape) for a in np.atleast_1d(axis)]
+  fshape = tuple(shape[a] for a in sorted(axes))
+  x = jnp.asarray(rng.normal(2.0, 3.0, shape), dtype)
+  return (
+    x,
+    jnp.asarray(rng.normal(1.0, 0.5, fshape), jnp.float32),
+    jnp.asarray(rng.normal(0.0, 0.5, fshape), jnp.float32),
+  )
+
+
+def _assert_same_grads(kw, args, rtol=1e-5, atol=1e-5):
+  (gf, sf) = jax.jit(jax.grad(_loss(True, **kw), (0, 1, 2), has_aux=True))(*args)
+  (gp, sp) = jax.jit(jax.grad(_loss(False, **kw), (0, 1, 2), has_aux=True))(*args)
+  for a, b in zip(gf, gp):
+    assert a.dtype == b.dtype
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=rtol, atol=atol)
+  for a, b in zip(sf, sp):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+  "shape,axis", [((8, 5, 5, 6), -1), ((8, 6, 5, 5), 1), ((64, 7), -1), ((6, 3, 5, 4), (1, 3)), ((5, 4), (0, 1))]
+)
+@pytest.mark.parametrize("mask_kind", ["none", "rows", "elements"])
+def test_fused_gradients_equal_autodiff(shape, axis, mask_kind):
+  rng = np.random.default_rng(1)
+  mask = None
+  if mask_kind == "rows":
+    mask = jnp.asarray(rng.random(shape[:1] + (1,) * (len(shape) - 1)) > 0.3)
+  elif mask_kind == "elements":
+    mask = jnp.asarray(rng.random(shape) > 0.3)
+  _assert_same_grads(dict(axis=axis, mask=mask), _args(shape, axis))
+
+
+def test_fused_gradients_with_empty_mask_are_finite_and_equal():
+  args = _args((8, 3), -1)
+  _assert_same_grads(dict(mask=jnp.zeros((8, 1), bool)), args)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_fused_gradients_low_precision(dtype):
+  # Both paths compute in float32; dx is rounded to the input dtype at the end.
+  _assert_same_grads(dict(), _args((64, 8), -1, dtype), rtol=2e-2, atol=2e-2)
+
+
+def test_fused_gradients_float64():
+  with jax.enable_x64(True):
+    x, s, b = _args((32, 4), -1)
+    _assert_same_grads(dict(), (x.astype(jnp.float64), s.astype(jnp.float64), b.astype(jnp.float64)), rtol=1e-10)
+
+
+def test_fused_keeps_only_x_and_vectors_as_residuals():
+  from jax._src.ad_checkpoint import saved_residuals
+
+  x, s, b = _args((64, 8), -1, jnp.bfloat16)
+
+  def f(x, s, b):
+    y, _ = jaxbn.batch_norm(x, jaxbn.init_state(8), s, b, training=True)
+    return jnp.sum(y)  # linear in y: nothing of the loss itself needs saving
+
+  big = [r for r in saved_residuals(f, x, s, b) if r[0].size >= x.size]
+  assert [(r[0].shape, r[0].dtype) for r in big] == [((64, 8), jnp.bfloat16)], big
+
+
+@pytest.mark.parametrize("fused", [True, None])
+def test_second_order_reverse_over_reverse_and_hvp(fused):
+  x, s, b = _args((16, 3), -1)
+  v = jnp.asarray(np.random.default_rng(2).normal(size=x.shape), jnp.float32)
+
+  def hvp(fu):
+    loss = lambda x: _loss(fu)(x, s, b)[0]
+    return jax.grad(lambda x: jnp.vdot(jax.grad(loss)(x), v))(x)
+
+  def grad_of_grad_norm(fu):
+    return jax.grad(lambda sc: jnp.sum(jax.grad(lambda x: _loss(fu)(x, sc, b)[0])(x) ** 2))(s)
+
+  np.testing.assert_allclose(hvp(fused), hvp(False), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(grad_of_grad_norm(fused), grad_of_grad_norm(False), rtol=1e-4, atol=1e-4)
+
+
+def test_forward_mode_works_by_default():
+  x, s, b = _args((16, 3), -1)
+  t = jnp.ones_like(x)
+  _, jvp = jax.jvp(lambda x: _loss(None)(x, s, b)[0], (x,), (t,))
+  _, want = jax.jvp(lambda x: _loss(False)(x, s, b)[0], (x,), (t,))
+  np.testing.assert_allclose(jvp, want, rtol=1e-5)
+  hess = jax.hessian(lambda sc: _loss(None)(x, sc, b)[0])(s)
+  np.testing.assert_allclose(hess, jax.hessian(lambda sc: _loss(False)(x, sc, b)[0])(s), rtol=1e-4, atol=1e-4)
+  # forward-over-reverse Hessian-vector product
+  _, hvp = jax.jvp(jax.grad(lambda x: _loss(None)(x, s, b)[0]), (x,), (t,))
+  _, want = jax.jvp(jax.grad(lambda x: _loss(False)(x, s, b)[0]), (x,), (t,))
+  np.testing.assert_allclose(hvp, want, rtol=1e-4, atol=1e-4)
+
+
+def test_forward_mode_with_fused_true_names_the_switch():
+  x, s, b = _args((16, 3), -1)
+  with pytest.raises(ValueError, match=r"jaxbn.batch_norm: fused=True .* fused=False"):
+    jax.jvp(lambda x: _loss(True)(x, s, b)[0], (x,), (jnp.ones_like(x),))
+
+
+def _count_collectives(hlo: str) -> int:
+  ops = ("all-reduce(", "all-gather(", "reduce-scatter(", "all-to-all(", "collective-permute(")
+  return sum(line.count(op) for line in hlo.splitlines() for op in ops if "=" in line)
+
+
+@pytest.mark.parametrize("groups", [None, [[0, 1, 2, 3], [4, 5, 6, 7]]])
+def test_fused_cross_device_equals_plain_with_one_collective_each_way(groups):
+  mesh = jax.make_mesh((8,), ("d",))
+  x, s, b = _args((64, 5), -1)
+  mask = jnp.asarray(np.random.default_rng(3).random((64, 1)) > 0.4)
+  x = jax.device_put(x, NamedSharding(mesh, P("d")))
+  mask = jax.device_put(mask, NamedSharding(mesh, P("d")))
+
+  def per_device(fused):
+    def f(x, mask, s, b):
+      def loss(x, s, b):
+        y, st = jaxbn.batch_norm(
+          x, jaxbn.init_state(5), s, b, training=True, mask=mask, axis_name="d", axis_index_groups=groups, fused=fused
+        )
+        return jnp.sum(jax.nn.relu(y) ** 2 * jnp.arange(1.0, 6.0)), st
+
+      g, st = jax.grad(loss, (0, 1, 2), has_aux=True)(x, s, b)
+      return g[0], g[1][None], g[2][None], st.mean[None]
+
+    return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("d"), P("d"), P(), P()), out_specs=P("d")))
+
+  got = per_device(True)(x, mask, s, b)
+  want = per_device(False)(x, mask, s, b)
+  for a, c in zip(got, want):
+    np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
+  hlo = per_device(True).lower(x, mask, s, b).compile().as_text()
+  assert _count_collectives(hlo) == 2, hlo  # one forward (statistics), one backward (two sums)
+
+
+@pytest.mark.parametrize("style", ["pmap", "vmap"])
+def test_fused_under_pmap_and_vmap_equals_plain(style):
+  x, s, b = _args((8, 6, 3), -1)
+  groups = [[0, 1], [2, 3], [4, 5], [6, 7]]
+
+  def grads(fused):
+    def loss(x, s, b):
+      y, st = jaxbn.batch_norm(
+        x, jaxbn.init_state(3), s, b, training=True, axis_name="d", axis_index_groups=groups, fused=fused
+      )
+      return jnp.sum(jnp.sin(y) * jnp.arange(1.0, 4.0)), st.var
+
+    g = jax.grad(loss, (0, 1, 2), has_aux=True)
+    mapped = (
+      jax.pmap(g, axis_name="d", in_axes=(0, None, None))
+      if style == "pmap"
+      else jax.vmap(g, axis_name="d", in_axes=(0, None, None))
+    )
+    return mapped(x, s, b)
+
+  for a, c in zip(jax.tree.leaves(grads(True)), jax.tree.leaves(grads(False))):
+    np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
