@@ -1,5 +1,7 @@
 """jaxbn.batch_norm: running averages, evaluation, masks, numerics, transformations and errors."""
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -254,3 +256,58 @@ def test_error_moments_axis():
 def test_error_init_state():
   with pytest.raises(ValueError, match=r"jaxbn.init_state: num_features must be a positive int"):
     jaxbn.init_state(0)
+
+
+# ---- property-based: batch_norm against a float64 NumPy reference ------------------------
+
+
+def _np_batch_norm(x, axes, mask, scale, bias, state_mean, state_var, momentum, eps):
+  x = np.asarray(x, np.float64)
+  red = tuple(a for a in range(x.ndim) if a not in axes)
+  m = np.ones(x.shape, bool) if mask is None else np.broadcast_to(mask, x.shape)
+  n = m.sum(axis=red)
+  mean = np.where(m, x, 0).sum(axis=red) / np.maximum(n, 1)
+  b = [x.shape[a] if a in axes else 1 for a in range(x.ndim)]
+  var = np.where(m, (x - mean.reshape(b)) ** 2, 0).sum(axis=red) / np.maximum(n, 1)
+  y = (x - mean.reshape(b)) / np.sqrt(var.reshape(b) + eps) * scale.reshape(b) + bias.reshape(b)
+  ok = n > 0
+  new_mean = np.where(ok, momentum * state_mean + (1 - momentum) * mean, state_mean)
+  new_var = np.where(ok, momentum * state_var + (1 - momentum) * var, state_var)
+  return y, new_mean, new_var
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+  ndim=st.integers(2, 4),
+  seed=st.integers(0, 2**31 - 1),
+  dtype=st.sampled_from([np.float32, jnp.bfloat16, np.float16]),
+  masked=st.booleans(),
+  fused=st.sampled_from([None, False]),
+)
+def test_property_batch_norm_matches_reference(ndim, seed, dtype, masked, fused):
+  rng = np.random.default_rng(seed)
+  shape = tuple(int(d) for d in rng.integers(1, 6, ndim))
+  axes = tuple(sorted(rng.choice(ndim, size=int(rng.integers(1, ndim)), replace=False).tolist()))
+  fshape = tuple(shape[a] for a in axes)
+  x = jnp.asarray(rng.normal(rng.uniform(-20, 20), rng.uniform(0.5, 3), shape), dtype)
+  mask = rng.random(shape[:1] + (1,) * (ndim - 1)) > 0.3 if masked else None
+  scale, bias = rng.normal(1, 0.2, fshape), rng.normal(0, 0.2, fshape)
+  state = jaxbn.BatchNormState(
+    jnp.asarray(rng.normal(size=fshape), jnp.float32),
+    jnp.asarray(rng.uniform(0.5, 2, fshape), jnp.float32),
+    jnp.array(0),
+  )
+  run = jax.jit(partial(jaxbn.batch_norm, training=True, axis=axes, momentum=0.8, fused=fused))
+  y, new = run(x, state, jnp.asarray(scale, jnp.float32), jnp.asarray(bias, jnp.float32), mask=mask)
+  ry, rmean, rvar = _np_batch_norm(
+    np.asarray(x.astype(jnp.float32)), axes, mask, scale, bias, np.asarray(state.mean), np.asarray(state.var), 0.8, 1e-5
+  )
+  tol = 1e-4 if dtype == np.float32 else 2e-2
+  assert y.dtype == x.dtype
+  np.testing.assert_allclose(np.asarray(y, np.float64), ry, rtol=tol, atol=tol * 10)
+  np.testing.assert_allclose(new.mean, rmean, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(new.var, rvar, rtol=1e-4, atol=1e-4)

@@ -168,7 +168,7 @@ def _cases(draw):
   return shape, axes, dtype, loc, seed, mask_kind
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_cases())
 def test_property_moments_match_reference(case):
   shape, axes, dtype, loc, seed, mask_kind = case
@@ -179,7 +179,7 @@ def test_property_moments_match_reference(case):
     mask = rng.random(shape[:1] + (1,) * (len(shape) - 1)) > 0.4
   elif mask_kind == "full":
     mask = rng.random(shape) > 0.4
-  mean, var, count = jaxbn.moments(x, axis=axes, mask=mask)
+  mean, var, count = jax.jit(jaxbn.moments, static_argnames="axis")(x, axis=axes, mask=mask)
   # The reference sees the same (already rounded) values the library sees.
   rmean, rvar, rn = reference_moments(np.asarray(x.astype(jnp.float32)), axes, mask)
   np.testing.assert_array_equal(count, rn)
