@@ -33,7 +33,28 @@ from jax import lax
 from jaxbn import _checks
 from jaxbn.stats import Stats, _group_weights, compute_stats
 
-__all__ = ["batch_norm_train"]
+__all__ = ["batch_norm_train", "forward_mode_active"]
+
+
+def forward_mode_active() -> bool:
+  """Whether forward-mode autodiff (``jax.jvp``, ``jax.jacfwd``) is tracing the current call.
+
+  ``jax.custom_vjp`` functions have no forward mode, and under ``jax.jit`` JAX reports that only
+  after the caller's frame is gone, so the dispatch in ``batch_norm`` looks at the trace stack
+  first. This reads JAX internals; where they differ the answer is False and the error JAX raises
+  is translated instead.
+  """
+  try:
+    from jax._src import core
+
+    trace = core.trace_ctx.trace
+    while trace is not None:
+      if type(trace).__name__ == "JVPTrace":
+        return True
+      trace = getattr(trace, "parent_trace", None)
+  except Exception:
+    return False
+  return False
 
 
 def _sums_across(local, axis_name, groups, fn):

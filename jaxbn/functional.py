@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxbn import _checks
-from jaxbn._fused import batch_norm_train
+from jaxbn._fused import batch_norm_train, forward_mode_active
 from jaxbn.stats import Stats, compute_stats
 
 __all__ = ["BatchNormState", "batch_norm", "init_state", "normalize", "update_running_stats"]
@@ -125,6 +125,15 @@ def normalize(
   if bias is not None:
     y = y + bias.astype(cdt).reshape(bshape)
   return y.astype(x.dtype if dtype is None else dtype)
+
+
+def _fused_forward_mode_error(fn: str) -> ValueError:
+  return ValueError(
+    f"{fn}: fused=True has a closed-form reverse-mode gradient only; forward-mode autodiff "
+    "(jax.jvp, jax.jacfwd, jax.hessian, forward-over-reverse Hessian-vector products) needs "
+    "fused=None (the default: the fused path, switching to the plain formula under forward "
+    "mode) or fused=False (always the plain formula)."
+  )
 
 
 def batch_norm(
@@ -245,7 +254,9 @@ def batch_norm(
     stats = compute_stats(x, axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups, fn=fn)
     return normalize(x, stats.mean, stats.var, scale, bias, feature_axes=axes, epsilon=epsilon, dtype=dtype), stats
 
-  if fused is False:
+  if fused is True and forward_mode_active():
+    raise _fused_forward_mode_error(fn)
+  if fused is False or (fused is None and forward_mode_active()):
     y, stats = plain()
   else:
     try:
@@ -265,12 +276,7 @@ def batch_norm(
       if "custom_vjp" not in str(err):
         raise
       if fused:
-        raise ValueError(
-          f"{fn}: fused=True has a closed-form reverse-mode gradient only; forward-mode autodiff "
-          "(jax.jvp, jax.jacfwd, jax.hessian, forward-over-reverse Hessian-vector products) needs "
-          "fused=None (the default: the fused path, falling back to the plain formula under forward "
-          "mode) or fused=False (always the plain formula)."
-        ) from None
+        raise _fused_forward_mode_error(fn) from None
       y, stats = plain()
   new_state = update_running_stats(
     state, stats, momentum=momentum, running_average=running_average, unbiased_running_var=unbiased_running_var

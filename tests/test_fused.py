@@ -93,10 +93,10 @@ def test_second_order_reverse_over_reverse_and_hvp(fused):
 
   def hvp(fu):
     loss = lambda x: _loss(fu)(x, s, b)[0]
-    return jax.grad(lambda x: jnp.vdot(jax.grad(loss)(x), v))(x)
+    return jax.jit(jax.grad(lambda x: jnp.vdot(jax.grad(loss)(x), v)))(x)
 
   def grad_of_grad_norm(fu):
-    return jax.grad(lambda sc: jnp.sum(jax.grad(lambda x: _loss(fu)(x, sc, b)[0])(x) ** 2))(s)
+    return jax.jit(jax.grad(lambda sc: jnp.sum(jax.grad(lambda x: _loss(fu)(x, sc, b)[0])(x) ** 2)))(s)
 
   np.testing.assert_allclose(hvp(fused), hvp(False), rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(grad_of_grad_norm(fused), grad_of_grad_norm(False), rtol=1e-4, atol=1e-4)
@@ -105,21 +105,26 @@ def test_second_order_reverse_over_reverse_and_hvp(fused):
 def test_forward_mode_works_by_default():
   x, s, b = _args((16, 3), -1)
   t = jnp.ones_like(x)
-  _, jvp = jax.jvp(lambda x: _loss(None)(x, s, b)[0], (x,), (t,))
-  _, want = jax.jvp(lambda x: _loss(False)(x, s, b)[0], (x,), (t,))
-  np.testing.assert_allclose(jvp, want, rtol=1e-5)
-  hess = jax.hessian(lambda sc: _loss(None)(x, sc, b)[0])(s)
-  np.testing.assert_allclose(hess, jax.hessian(lambda sc: _loss(False)(x, sc, b)[0])(s), rtol=1e-4, atol=1e-4)
-  # forward-over-reverse Hessian-vector product
-  _, hvp = jax.jvp(jax.grad(lambda x: _loss(None)(x, s, b)[0]), (x,), (t,))
-  _, want = jax.jvp(jax.grad(lambda x: _loss(False)(x, s, b)[0]), (x,), (t,))
-  np.testing.assert_allclose(hvp, want, rtol=1e-4, atol=1e-4)
+
+  def all_modes(fused):
+    jvp = jax.jvp(lambda x: _loss(fused)(x, s, b)[0], (x,), (t,))[1]
+    hess = jax.hessian(lambda sc: _loss(fused)(x, sc, b)[0])(s)
+    hvp = jax.jvp(jax.grad(lambda x: _loss(fused)(x, s, b)[0]), (x,), (t,))[1]  # forward-over-reverse
+    return jvp, hess, hvp
+
+  got = jax.jit(lambda: all_modes(None))()
+  want = jax.jit(lambda: all_modes(False))()
+  for a, c in zip(got, want):
+    np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-4)
 
 
 def test_forward_mode_with_fused_true_names_the_switch():
   x, s, b = _args((16, 3), -1)
+  t = jnp.ones_like(x)
   with pytest.raises(ValueError, match=r"jaxbn.batch_norm: fused=True .* fused=False"):
-    jax.jvp(lambda x: _loss(True)(x, s, b)[0], (x,), (jnp.ones_like(x),))
+    jax.jvp(lambda x: _loss(True)(x, s, b)[0], (x,), (t,))
+  with pytest.raises(ValueError, match=r"jaxbn.batch_norm: fused=True .* fused=False"):
+    jax.jit(lambda x: jax.jvp(jax.grad(lambda x: _loss(True)(x, s, b)[0]), (x,), (t,)))(x)
 
 
 def _count_collectives(hlo: str) -> int:
@@ -174,7 +179,7 @@ def test_fused_under_pmap_and_vmap_equals_plain(style):
       if style == "pmap"
       else jax.vmap(g, axis_name="d", in_axes=(0, None, None))
     )
-    return mapped(x, s, b)
+    return jax.jit(mapped)(x, s, b)
 
   for a, c in zip(jax.tree.leaves(grads(True)), jax.tree.leaves(grads(False))):
     np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
