@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxbn import _checks
-from jaxbn.stats import Stats, _group_weights, compute_stats
+from jaxbn.stats import Stats, _group_weights, compute_stats, gather_rows
 
 __all__ = ["batch_norm_train", "forward_mode_active"]
 
@@ -63,13 +63,12 @@ def _sums_across(local, axis_name, groups, fn):
     if groups is None:
       total = lax.psum(local, axis_name)
       return total, total
-    # An all-gather written as a psum of one-hot rows: its result is typed as the same on every
-    # device, so the all-device total can be returned for an unvarying parameter.
-    size = lax.axis_size(axis_name)
-    onehot = jax.nn.one_hot(lax.axis_index(axis_name), size, dtype=local.dtype)
-    gathered = lax.psum(onehot.reshape((size,) + (1,) * local.ndim) * local, axis_name)
   except NameError as err:
     raise _checks.unbound_axis(fn, axis_name, err) from None
+  # Rows gathered by a psum are typed as the same on every device, so the all-device total can be
+  # returned for an unvarying parameter. lax.axis_size is unbound in a custom_vjp backward under vmap.
+  size = sum(len(g) for g in groups)
+  gathered = gather_rows(local, axis_name, size=size, fn=fn)
   w = _group_weights(fn, axis_name, groups, size)
   return jnp.tensordot(w.astype(local.dtype), gathered, axes=1), jnp.sum(gathered, axis=0)
 
@@ -87,12 +86,13 @@ def _param_cotangent(x, scale, local, everywhere, axis_name):
   or for a per-device parameter, each device keeps its own contribution.
   """
   names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-  data, param = _varying(x), _varying(scale)
-  summed = tuple(n for n in names if n in data and n not in param)
+  summed = tuple(sorted(_varying(x) - _varying(scale), key=str))
   if not summed:
     return local
-  if len(summed) == len(names):
+  if set(summed) == set(names):
     return everywhere
+  # The data also varies over mesh axes outside axis_name (statistics per sub-axis of the mesh):
+  # the parameter's cotangent sums over those too, at the cost of a second collective.
   return lax.psum(local, summed)
 
 

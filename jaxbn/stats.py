@@ -169,7 +169,11 @@ def _group_weights(fn: str, axis_name: Hashable, groups: Sequence[Sequence[int]]
 
 
 def gather_rows(
-  x: jax.Array, axis_name: Hashable | tuple[Hashable, ...], *, fn: str = "jaxbn.gather_rows"
+  x: jax.Array,
+  axis_name: Hashable | tuple[Hashable, ...],
+  *,
+  size: int | None = None,
+  fn: str = "jaxbn.gather_rows",
 ) -> jax.Array:
   """Every device's ``x`` stacked along a new leading axis, on every device, with ONE ``psum``.
 
@@ -177,9 +181,11 @@ def gather_rows(
   is exact). A ``psum`` rather than an ``all_gather`` keeps the result device-invariant under
   ``jax.shard_map`` (values built from it can leave with ``out_specs=P()``), and its transpose in
   the backward pass is one ``psum`` of the cotangents of whatever the rows are reduced to.
+  ``size``, the number of devices along ``axis_name``, is looked up when not given (it must be
+  given inside a ``custom_vjp`` backward pass under ``jax.vmap``, where the lookup fails).
   """
   try:
-    size = lax.axis_size(axis_name)
+    size = lax.axis_size(axis_name) if size is None else size
     slot = jax.nn.one_hot(lax.axis_index(axis_name), size, dtype=x.dtype)
   except NameError as err:
     raise _checks.unbound_axis(fn, axis_name, err) from None

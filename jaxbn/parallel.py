@@ -1,0 +1,278 @@
+"""Batch statistics across devices and processes: a sharded-batch map and running-state sync.
+
+jaxbn computes global batch statistics in three styles, and they agree to float32 rounding:
+
+* ``jax.jit`` with a batch sharded by a ``NamedSharding`` and ``axis_name=None``: XLA's SPMD
+  partitioner makes every reduction global, so the statistics are those of the global batch.
+* ``jax.shard_map``, ``jax.pmap`` or ``jax.vmap`` with ``axis_name``: each device summarises its
+  shard as ``(count, mean, M2)`` and one collective exchanges the summaries, which are merged
+  exactly; ``axis_index_groups`` splits the devices into groups with separate statistics.
+* :func:`batch_map`: a ``jax.shard_map`` over the batch axes of a mesh, built from vmap-style
+  ``in_axes``/``out_axes``, so that ``jax.jit`` code can name mesh axes as ``axis_name``. On a mesh
+  ``("group", "member")``, ``axis_name="member"`` gives each group its own statistics: grouping
+  under ``jax.jit`` without ``jax.pmap``.
+
+Several processes (``jax.distributed.initialize``) change nothing: every style above runs on the
+global mesh of all processes' devices.
+
+What works where (global statistics / groups of devices / several processes):
+
+* ``jax.jit`` + NamedSharding: ``axis_name=None`` / no, use :func:`batch_map` / yes.
+* :func:`batch_map` and ``jax.shard_map``: ``axis_name`` / a mesh sub-axis as ``axis_name``, or
+  ``axis_index_groups`` / yes.
+* ``jax.pmap``: ``axis_name`` / ``axis_index_groups`` / as far as JAX's multi-host ``pmap`` goes
+  (in maintenance mode: prefer the styles above for new code).
+* ``jax.vmap``: ``axis_name`` / ``axis_index_groups`` / no (one device).
+
+Per-replica running statistics (from local or grouped statistics) are made to agree with
+:func:`sync_state`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxbn import _checks
+from jaxbn.functional import BatchNormState
+from jaxbn.stats import Stats, _group_weights, gather_rows, merge_stacked
+
+__all__ = ["batch_map", "sync_state"]
+
+
+def sync_state(
+  state: BatchNormState,
+  axis_name: Hashable | tuple[Hashable, ...],
+  *,
+  axis_index_groups: Sequence[Sequence[int]] | None = None,
+) -> BatchNormState:
+  r"""Makes per-replica running statistics agree: their count-weighted merge, on every replica.
+
+  Replicas that normalize with local statistics (no ``axis_name``) or with group statistics
+  (``axis_index_groups``, or ``axis_name`` naming one axis of a larger mesh) end up with different
+  running statistics. Call this before evaluation (or checkpointing) to give every replica the
+  statistics of all of them. Replica :math:`i` contributes with weight :math:`c_i`, its
+  ``state.count`` (the number of batches it has averaged), so a replica that saw no batch does not
+  count; the result is the exact merge of the replicas' summaries (Chan et al. 1983):
+
+  .. math::
+     \mu = \frac{\sum_i c_i \mu_i}{\sum_i c_i}, \qquad
+     \sigma^2 = \frac{\sum_i c_i \left(\sigma_i^2 + (\mu_i - \mu)^2\right)}{\sum_i c_i}
+
+  (the variance of the union includes the spread of the replicas' means). Where no replica of a
+  group has a count, the replicas are weighted equally. The new ``count`` is the group's mean count,
+  rounded, so that a ``"cumulative"`` running average continued from the merged state gives the same
+  weight to old and new batches as before. One collective of ``3 x C`` floats per replica; states
+  that already agree are returned unchanged (up to rounding).
+
+  Args:
+    state: this replica's ``BatchNormState`` (or a pytree whose leaves are ``BatchNormState``, e.g.
+      the running statistics of a whole model; each layer is merged on its own).
+    axis_name: the mapped axis (or tuple of axes) that indexes replicas: the ``axis_name`` of
+      ``jax.pmap`` / ``jax.vmap``, mesh axes under ``jax.shard_map`` or :func:`batch_map`.
+    axis_index_groups: optional partition of the indices of ``axis_name``; replicas then agree
+      within their group only.
+
+  Returns:
+    The merged state, with the structure, shapes and dtypes of ``state``. Under ``jax.shard_map``
+    it is device-invariant over ``axis_name`` (when ungrouped), so it may leave with ``P()``.
+
+  Raises:
+    TypeError: ``state`` holds no ``BatchNormState``.
+    ValueError: ``axis_name`` is not bound, or ``axis_index_groups`` is not a partition.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, jaxbn, jaxbn.parallel
+    >>> x = jnp.arange(16.0).reshape(4, 4, 1)  # 4 replicas, 4 rows each, 1 feature
+    >>> def step(x):
+    ...   _, state = jaxbn.batch_norm(x, jaxbn.init_state(1), training=True, momentum=0.0)
+    ...   return state, jaxbn.parallel.sync_state(state, "r")
+    >>> local, synced = jax.jit(jax.vmap(step, axis_name="r"))(x)
+    >>> local.mean[:, 0], synced.mean[:, 0]
+    (Array([ 1.5,  5.5,  9.5, 13.5], dtype=float32), Array([7.5, 7.5, 7.5, 7.5], dtype=float32))
+    >>> synced.var[0], jnp.var(x)
+    (Array([21.25], dtype=float32), Array(21.25, dtype=float32))
+  """
+  fn = "jaxbn.sync_state"
+  leaves = jax.tree.leaves(state, is_leaf=lambda v: isinstance(v, BatchNormState))
+  if not leaves or not all(isinstance(v, BatchNormState) for v in leaves):
+    raise TypeError(
+      f"{fn}: state must be a jaxbn.BatchNormState or a pytree of them (see jaxbn.init_state), "
+      f"got {type(state).__name__}."
+    )
+  if axis_name is None:
+    raise ValueError(
+      f"{fn}: axis_name must name the mapped axis that indexes replicas, got None. Under jax.jit with "
+      "sharded inputs and axis_name=None the running statistics are already global and need no sync."
+    )
+  return jax.tree.map(
+    lambda s: _sync_one(fn, s, axis_name, axis_index_groups),
+    state,
+    is_leaf=lambda v: isinstance(v, BatchNormState),
+  )
+
+
+def _sync_one(fn: str, state: BatchNormState, axis_name: Any, groups: Sequence[Sequence[int]] | None) -> BatchNormState:
+  mean, var = jnp.asarray(state.mean), jnp.asarray(state.var)
+  if mean.shape != var.shape:
+    raise ValueError(f"{fn}: state.mean and state.var must have the same shape, got {mean.shape} and {var.shape}.")
+  cdt = _checks.stats_dtype(mean.dtype)
+  count = jnp.broadcast_to(jnp.asarray(state.count, cdt), mean.shape)
+  rows = gather_rows(jnp.stack([count, mean.astype(cdt), var.astype(cdt)]), axis_name, fn=fn)
+  counts, means, variances = rows[:, 0], rows[:, 1], rows[:, 2]
+  member = jnp.ones(rows.shape[0], cdt)
+  if groups is not None:
+    member = _group_weights(fn, axis_name, groups, rows.shape[0]).astype(cdt)
+  member = member.reshape((-1,) + (1,) * mean.ndim)
+  counts = counts * member
+  # A group in which no replica has averaged a batch (fresh states) is merged with equal weights,
+  # which keeps the result the same on every replica of the group.
+  weights = jnp.where(jnp.sum(counts, axis=0) > 0, counts, member)
+  merged = merge_stacked(Stats(weights, means, variances * weights))
+  total = jnp.sum(weights, axis=0)
+  # Counts are per replica, broadcast over the features: any feature position holds them.
+  mean_count = jnp.sum(counts, axis=0).reshape(-1)[0] / jnp.sum(member)
+  new_count = jnp.round(mean_count).astype(jnp.asarray(state.count).dtype)
+  return BatchNormState(merged.mean.astype(mean.dtype), (merged.m2 / total).astype(var.dtype), new_count)
+
+
+def _entry(mesh_axes: tuple[Hashable, ...]) -> Any:
+  return mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes
+
+
+def _spec_tree(fn: str, what: str, axes_prefix: Any, tree: Any, entry: Any, *, known_ndim: bool) -> Any:
+  """PartitionSpecs for ``tree`` from a vmap-style prefix of ints (the split dimension) or None."""
+
+  def check(ax: Any) -> None:
+    if ax is not None and (not isinstance(ax, int) or isinstance(ax, bool) or ax < 0):
+      raise ValueError(
+        f"{fn}: {what} entries must be a non-negative int (the dimension split over the mesh axes) or "
+        f"None (the same whole value on every device), got {ax!r}."
+      )
+
+  def spec(ax: Any, leaf: Any = None) -> P:
+    check(ax)
+    if ax is None:
+      return P()
+    if known_ndim and ax >= jnp.ndim(leaf):
+      raise ValueError(
+        f"{fn}: {what} splits dimension {ax} of an argument with shape {jnp.shape(leaf)}; "
+        f"use an {what} entry below {jnp.ndim(leaf)}, or None to pass it whole to every device."
+      )
+    return P(*([None] * ax), entry)
+
+  if not known_ndim:
+    return jax.tree.map(spec, axes_prefix, is_leaf=lambda v: v is None)
+  return jax.tree.map(
+    lambda ax, sub: jax.tree.map(lambda leaf: spec(ax, leaf), sub), axes_prefix, tree, is_leaf=lambda v: v is None
+  )
+
+
+def batch_map(
+  fn: Callable[..., Any],
+  mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+  *,
+  mesh_axes: Hashable | Sequence[Hashable] | None = None,
+  in_axes: Any = 0,
+  out_axes: Any = 0,
+) -> Callable[..., Any]:
+  """Runs ``fn`` once per device on its shard of the batch, with the mesh axes bound as axis names.
+
+  A ``jax.shard_map`` written with ``jax.vmap``-style ``in_axes``/``out_axes``: each argument with
+  an int in ``in_axes`` is split along that dimension over ``mesh_axes``, each with None is passed
+  whole to every device; outputs with an int in ``out_axes`` are concatenated along that dimension
+  and outputs with None must be the same on every device (checked at trace time). Inside ``fn``
+  every name in ``mesh_axes`` (or a tuple of them) can be an ``axis_name`` of
+  :func:`jaxbn.batch_norm`, :func:`jaxbn.moments` or :func:`sync_state`. Mesh axes not in
+  ``mesh_axes`` stay automatic (model parallelism keeps working).
+
+  This gives ``jax.jit`` users what ``axis_index_groups`` gives ``jax.pmap`` users: on a mesh
+  ``("group", "member")`` with the batch split over both axes, ``axis_name="member"`` computes
+  statistics per group of devices, ``axis_name=("group", "member")`` over all of them. Both
+  ``Explicit`` (the ``jax.make_mesh`` default) and ``Auto`` mesh axes work; with Explicit axes
+  arguments are resharded to the expected layout when they are not in it already.
+
+  Args:
+    fn: the per-device function.
+    mesh: the mesh; None uses the mesh set with ``jax.set_mesh``.
+    mesh_axes: the mesh axis (or axes, major first) the batch is split over; default: every axis of
+      the mesh.
+    in_axes: an int or None per positional argument (a pytree prefix of the arguments, or one
+      value for all of them), as in ``jax.vmap``.
+    out_axes: the same for the outputs. Running statistics merged over every axis in
+      ``mesh_axes`` are identical on all devices and can use None; grouped ones differ between
+      groups: merge them with :func:`sync_state` inside ``fn``, or return them with a leading
+      axis of size 1 and ``out_axes=0`` to get one row per device, as ``jax.pmap`` does.
+
+  Returns:
+    A function of the same arguments as ``fn``, traceable by ``jax.jit`` and ``jax.grad``.
+
+  Raises:
+    ValueError: no mesh, a ``mesh_axes`` entry that is not a mesh axis, or a bad ``in_axes`` /
+      ``out_axes`` entry.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, jaxbn, jaxbn.parallel
+    >>> from jax.sharding import NamedSharding, PartitionSpec as P
+    >>> mesh = jax.make_mesh((4, 2), ("group", "member"))
+    >>> x = jnp.repeat(jnp.arange(4.0), 4)[:, None]  # group g holds only the value g
+    >>> x = jax.device_put(x, NamedSharding(mesh, P(("group", "member"))))
+    >>> def f(x):
+    ...   mean, var, count = jaxbn.moments(x, axis_name="member")
+    ...   return mean[None], count[None]
+    >>> mean, count = jax.jit(jaxbn.parallel.batch_map(f, mesh))(x)
+    >>> mean[:, 0], count[:, 0]  # one row per device: each group has its own statistics
+    (Array([0., 0., 1., 1., 2., 2., 3., 3.], dtype=float32), Array([4., 4., 4., 4., 4., 4., 4., 4.], dtype=float32))
+  """
+  name = "jaxbn.parallel.batch_map"
+  if not callable(fn):
+    raise TypeError(f"{name}: fn must be callable, got {type(fn).__name__}.")
+  _spec_tree(name, "out_axes", out_axes, None, None, known_ndim=False)
+
+  def mapped(*args: Any) -> Any:
+    m = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    if m is None or m.empty:
+      raise ValueError(
+        f"{name}: no mesh: pass mesh=jax.make_mesh(...), or call it under jax.set_mesh(mesh) "
+        "(jax.sharding.use_mesh in older JAX)."
+      )
+    names = tuple(m.axis_names)
+    axes = names if mesh_axes is None else (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+    bad = [a for a in axes if a not in names]
+    if bad or not axes or len(set(axes)) != len(axes):
+      raise ValueError(f"{name}: mesh_axes must be distinct axes of the mesh {names}, got {mesh_axes!r}.")
+    entry = _entry(axes)
+    prefix = tuple(in_axes) if isinstance(in_axes, (list, tuple)) else (in_axes,) * len(args)
+    if len(prefix) != len(args):
+      raise ValueError(
+        f"{name}: in_axes has {len(prefix)} entries but the function was called with {len(args)} positional arguments."
+      )
+    in_specs = _spec_tree(name, "in_axes", prefix, args, entry, known_ndim=True)
+    out_specs = _spec_tree(name, "out_axes", out_axes, None, entry, known_ndim=False)
+    explicit = {a for a, t in zip(names, m.axis_types) if t == AxisType.Explicit}
+    if explicit & set(axes):
+      # shard_map on Explicit axes checks the inputs' layout instead of changing it.
+      args = jax.tree.map(
+        lambda leaf, spec: _reshard(leaf, m, spec), args, in_specs, is_leaf=lambda v: isinstance(v, P)
+      )
+    return jax.shard_map(fn, mesh=m, in_specs=in_specs, out_specs=out_specs, axis_names=frozenset(axes))(*args)
+
+  return mapped
+
+
+def _reshard(leaf: Any, mesh: Any, spec: P) -> Any:
+  leaf = jnp.asarray(leaf)
+  try:
+    current = jax.typeof(leaf).sharding.spec
+  except AttributeError:
+    current = None
+  if current is not None and tuple(current) + (None,) * (leaf.ndim - len(current)) == tuple(spec) + (None,) * (
+    leaf.ndim - len(spec)
+  ):
+    return leaf
+  return jax.sharding.reshard(leaf, NamedSharding(mesh, spec) if isinstance(mesh, jax.sharding.Mesh) else spec)

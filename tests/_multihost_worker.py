@@ -1,0 +1,125 @@
+"""One process of the multi-process test (tests/test_multihost.py), and the computation both sides run.
+
+Run as ``python tests/_multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUT.npz``: the process sets
+up ``jax.distributed`` over gloo on 127.0.0.1 with 4 CPU devices of its own, runs :func:`train_step`
+on the global mesh of all processes' devices, and process 0 saves the results. The test runs the
+same :func:`train_step` in one process with 8 devices and compares. Importing this module has no
+side effects.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+ROWS, FEATURES, HIDDEN = 32, 5, 4
+VALID_PER_DEVICE = (4, 0, 1, 3, 4, 2, 4, 3)  # uneven masks: devices hold different numbers of valid rows
+LEARNING_RATE = 0.1
+
+
+def problem() -> dict[str, np.ndarray]:
+  """The global batch, mask, targets and initial parameters and state (identical in every process)."""
+  rng = np.random.default_rng(0)
+  per_device = ROWS // len(VALID_PER_DEVICE)
+  return {
+    "x": (rng.normal(size=(ROWS, FEATURES)) * 2 + 3).astype(np.float32),
+    "mask": np.concatenate([np.arange(per_device) < v for v in VALID_PER_DEVICE])[:, None],
+    "target": rng.normal(size=(ROWS, HIDDEN)).astype(np.float32),
+    "kernel": (rng.normal(size=(FEATURES, HIDDEN)) / np.sqrt(FEATURES)).astype(np.float32),
+    "scale": np.ones(HIDDEN, np.float32),
+    "bias": np.zeros(HIDDEN, np.float32),
+  }
+
+
+def train_step(mesh, style: str) -> dict[str, np.ndarray]:
+  """One SGD step of a dense layer + batch norm over the global batch sharded on ``mesh``.
+
+  Args:
+    mesh: a 1-D mesh named ``"batch"`` (all devices of all processes), or None for one device.
+    style: ``"jit"`` (sharded inputs, ``axis_name=None``) or ``"batch_map"`` (``jax.shard_map`` via
+      ``jaxbn.parallel.batch_map``, ``axis_name="batch"``).
+
+  Returns:
+    Host copies of the loss, output, new parameters and new running statistics.
+  """
+  import jax
+  import jax.numpy as jnp
+  from jax.experimental import multihost_utils
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  import jaxbn
+  from jaxbn.parallel import batch_map
+
+  data = problem()
+  axis_name = "batch" if style == "batch_map" else None
+
+  def forward(params, state, x, mask, target):
+    h = x @ params["kernel"]
+    y, new_state = jaxbn.batch_norm(
+      h, state, params["scale"], params["bias"], training=True, mask=mask, axis_name=axis_name, momentum=0.9
+    )
+    sq = jnp.where(mask, (y - target) ** 2, 0.0)
+    if axis_name is not None:
+      sq_sum, n = jax.lax.psum((jnp.sum(sq), jnp.sum(mask)), axis_name)
+    else:
+      sq_sum, n = jnp.sum(sq), jnp.sum(mask)
+    return sq_sum / n, (y, new_state)
+
+  if style == "batch_map":
+    forward = batch_map(forward, mesh, in_axes=(None, None, 0, 0, 0), out_axes=(None, (0, None)))
+
+  @jax.jit
+  def step(params, state, x, mask, target):
+    (loss, (y, new_state)), grads = jax.value_and_grad(forward, has_aux=True)(params, state, x, mask, target)
+    new_params = jax.tree.map(lambda p, g: p - LEARNING_RATE * g, params, grads)
+    return loss, y, new_params, new_state
+
+  def put(a, spec):
+    if mesh is None:
+      return jnp.asarray(a)
+    return jax.make_array_from_callback(a.shape, NamedSharding(mesh, spec), lambda index: a[index])
+
+  params = {k: put(data[k], P()) for k in ("kernel", "scale", "bias")}
+  state = jax.tree.map(lambda a: put(np.asarray(a), P()), jaxbn.init_state(HIDDEN))
+  loss, y, new_params, new_state = step(
+    params, state, put(data["x"], P("batch")), put(data["mask"], P("batch")), put(data["target"], P("batch"))
+  )
+  fetch = np.asarray if mesh is None or jax.process_count() == 1 else _fetch(multihost_utils)
+  out = {"loss": fetch(loss), "y": fetch(y), "state_mean": fetch(new_state.mean), "state_var": fetch(new_state.var)}
+  out.update({f"param_{k}": fetch(v) for k, v in new_params.items()})
+  return out
+
+
+def _fetch(multihost_utils):
+  def fetch(a):
+    if a.is_fully_replicated:
+      return np.asarray(a.addressable_shards[0].data)
+    return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+
+  return fetch
+
+
+def main(argv: list[str]) -> None:
+  process_id, num_processes, port, out_path = int(argv[1]), int(argv[2]), int(argv[3]), argv[4]
+  import jax
+
+  jax.config.update("jax_platforms", "cpu")
+  jax.config.update("jax_num_cpu_devices", 4)
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(
+    f"127.0.0.1:{port}", num_processes=num_processes, process_id=process_id, initialization_timeout=90
+  )
+  assert jax.process_count() == num_processes and jax.device_count() == 4 * num_processes
+  mesh = jax.make_mesh((jax.device_count(),), ("batch",))
+  results = {}
+  for style in ("jit", "batch_map"):
+    results.update({f"{style}/{k}": v for k, v in train_step(mesh, style).items()})
+  if process_id == 0:
+    np.savez(out_path, **results)
+  jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+  main(sys.argv)
