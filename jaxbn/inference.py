@@ -1,0 +1,397 @@
+"""Inference utilities: fold batch norm into the preceding layer, recalibrate population statistics.
+
+Both are pure functions over parameter and statistics trees: they return new trees and never touch
+the model they are given.
+
+* :func:`fold_batch_norm` rewrites ``BN(x @ W + b)`` (or a convolution) in evaluation mode as one
+  affine layer, ``W' = W * s`` and ``b' = (b - mean) * s + beta`` with
+  ``s = gamma / sqrt(var + eps)`` on the output-channel axis (the last axis of Flax kernels).
+* :func:`recalibrate` is PreciseBN (Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021): with
+  the weights fixed, it runs the model in training mode over a set of batches and replaces the
+  running statistics of every jaxbn batch norm layer by the exact statistics of all those batches
+  together (an exact count-weighted merge, not an average of averages and not an EMA).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxbn import _checks
+from jaxbn.functional import BatchNormState
+from jaxbn.stats import Stats, merge
+
+__all__ = ["fold_batch_norm", "fold_batch_norms", "recalibrate"]
+
+Path = str | Sequence[Hashable]
+
+
+def _field(fn: str, tree: Any, name: str, arg: str) -> Any:
+  if tree is None:
+    return None
+  if isinstance(tree, BatchNormState):
+    return getattr(tree, name)
+  if not isinstance(tree, Mapping):
+    raise TypeError(f"{fn}: {arg} must be a mapping (a Flax variable dict) or None, got {type(tree).__name__}.")
+  return tree.get(name)
+
+
+def fold_batch_norm(
+  kernel: Any,
+  bias: Any,
+  bn_params: Mapping[str, Any] | None,
+  bn_stats: Mapping[str, Any] | BatchNormState,
+  *,
+  epsilon: float = 1e-5,
+) -> tuple[jax.Array, jax.Array]:
+  r"""Folds an evaluation-mode batch norm into the Dense or Conv layer before it.
+
+  .. math::
+     s = \frac{\gamma}{\sqrt{\sigma^2 + \epsilon}}, \quad W' = W \cdot s, \quad
+     b' = (b - \mu)\, s + \beta
+
+  with ``s`` applied along the output-channel axis, the LAST axis of Flax kernels: ``(in, out)``
+  for Dense, ``(H, W, in / groups, out)`` (HWIO) for Conv, grouped and depthwise convolutions
+  included (batch norm acts on output channels, which grouping does not change).
+
+  Args:
+    kernel: the layer's kernel, output channels last; several trailing axes are allowed when the
+      batch norm has several feature axes (their sizes must match).
+    bias: the layer's bias, or None for a layer without one (``use_bias=False``, as in ResNets).
+    bn_params: the batch norm's params, ``{"scale": gamma, "bias": beta}``; a missing entry (or
+      None) means ``use_scale=False`` / ``use_bias=False``.
+    bn_stats: its running statistics, ``{"mean": mu, "var": var}`` or a ``BatchNormState``.
+    epsilon: the batch norm's epsilon.
+
+  Returns:
+    ``(kernel, bias)`` of the folded layer, in the kernel's dtype; computed in float32 (float64
+    for float64 kernels).
+
+  Raises:
+    TypeError: the trees are not mappings.
+    ValueError: missing statistics, or feature shapes that do not match the kernel's trailing axes.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxbn.inference import fold_batch_norm
+    >>> k = jax.random.normal(jax.random.key(0), (4, 3))
+    >>> bn_params = {"scale": jnp.array([1.0, 2.0, 0.5]), "bias": jnp.array([0.0, 1.0, -1.0])}
+    >>> bn_stats = {"mean": jnp.array([0.1, -0.2, 0.3]), "var": jnp.array([1.0, 4.0, 0.25])}
+    >>> k2, b2 = fold_batch_norm(k, None, bn_params, bn_stats)
+    >>> x = jax.random.normal(jax.random.key(1), (5, 4))
+    >>> ref = (x @ k - bn_stats["mean"]) / jnp.sqrt(bn_stats["var"] + 1e-5) * bn_params["scale"] + bn_params["bias"]
+    >>> bool(jnp.allclose(x @ k2 + b2, ref, atol=1e-5))
+    True
+  """
+  fn = "jaxbn.fold_batch_norm"
+  kernel = jnp.asarray(kernel)
+  mean, var = _field(fn, bn_stats, "mean", "bn_stats"), _field(fn, bn_stats, "var", "bn_stats")
+  if mean is None or var is None:
+    raise ValueError(f"{fn}: bn_stats must hold 'mean' and 'var', got {sorted(bn_stats) if bn_stats else bn_stats}.")
+  mean, var = jnp.asarray(mean), jnp.asarray(var)
+  fshape = mean.shape
+  if kernel.shape[kernel.ndim - len(fshape) :] != fshape or kernel.ndim <= len(fshape):
+    raise ValueError(
+      f"{fn}: the batch norm's feature shape {fshape} must be the trailing (output-channel) axes of the "
+      f"kernel, got a kernel of shape {kernel.shape}. Flax kernels are (in, out) and HWIO; transpose others first."
+    )
+  gamma = _checks.feature_array(fn, "bn_params['scale']", _field(fn, bn_params, "scale", "bn_params"), fshape)
+  beta = _checks.feature_array(fn, "bn_params['bias']", _field(fn, bn_params, "bias", "bn_params"), fshape)
+  _checks.feature_array(fn, "bn_stats['var']", var, fshape)
+  bias = _checks.feature_array(fn, "bias", bias, fshape)
+  _checks.positive(fn, "epsilon", epsilon)
+  cdt = _checks.stats_dtype(kernel.dtype)
+  s = lax.rsqrt(var.astype(cdt) + jnp.asarray(epsilon, cdt))
+  if gamma is not None:
+    s = s * gamma.astype(cdt)
+  new_kernel = (kernel.astype(cdt) * s).astype(kernel.dtype)
+  b = -mean.astype(cdt) if bias is None else bias.astype(cdt) - mean.astype(cdt)
+  new_bias = b * s
+  if beta is not None:
+    new_bias = new_bias + beta.astype(cdt)
+  return new_kernel, new_bias.astype(kernel.dtype if bias is None else bias.dtype)
+
+
+def _path(fn: str, path: Path) -> tuple[Hashable, ...]:
+  if isinstance(path, str):
+    return tuple(p for p in path.split("/") if p)
+  return tuple(path)
+
+
+def _get(fn: str, tree: Any, path: tuple[Hashable, ...], what: str) -> Any:
+  node = tree
+  for i, key in enumerate(path):
+    if not isinstance(node, Mapping) or key not in node:
+      have = sorted(map(str, node)) if isinstance(node, Mapping) else type(node).__name__
+      raise ValueError(f"{fn}: {what} path {'/'.join(map(str, path))!r} not found: no {key!r} at level {i} ({have}).")
+    node = node[key]
+  return node
+
+
+def _set(tree: Mapping, path: tuple[Hashable, ...], value: Any) -> dict:
+  out = dict(tree)
+  out[path[0]] = value if len(path) == 1 else _set(tree[path[0]], path[1:], value)
+  return out
+
+
+def _delete(tree: Mapping, path: tuple[Hashable, ...]) -> dict:
+  out = dict(tree)
+  if path[0] not in out:
+    return out
+  if len(path) == 1:
+    del out[path[0]]
+  else:
+    child = _delete(out[path[0]], path[1:])
+    if child:
+      out[path[0]] = child
+    else:
+      del out[path[0]]
+  return out
+
+
+def fold_batch_norms(
+  variables: Mapping[str, Any],
+  pairs: Iterable[tuple[Path, Path]],
+  *,
+  epsilon: float = 1e-5,
+) -> dict:
+  """Folds every ``(layer, batch_norm)`` pair of a model's variables; see :func:`fold_batch_norm`.
+
+  Two layouts are understood:
+
+  * Flax linen: ``{"params": ..., "batch_stats": ...}``. The layer's ``kernel`` and ``bias`` are
+    replaced (a bias is added where the layer had none) and the batch norm's entries are removed
+    from both collections.
+  * Flax NNX, as a pure dict (``nnx.to_pure_dict(nnx.state(model))``): the batch norm's
+    ``scale``/``bias``/``mean``/``var`` sit together under its path; the entry is removed.
+
+  The result is the variables of the same model with each folded batch norm replaced by nothing
+  and each folded layer given a bias (for example ``nn.Conv(..., use_bias=True)`` followed by no
+  norm), whose evaluation output equals the original's up to float rounding.
+
+  Args:
+    variables: the model's variables.
+    pairs: ``(layer_path, bn_path)`` pairs; a path is a tuple of keys or a ``"/"``-joined string,
+      relative to ``params``/``batch_stats`` (linen) or to the root (NNX).
+    epsilon: the batch norms' epsilon.
+
+  Returns:
+    A new variable dict; ``variables`` is not modified.
+
+  Raises:
+    ValueError: a path that does not exist.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> from jaxbn.linen import BatchNorm
+    >>> from jaxbn.inference import fold_batch_norms
+    >>> class Net(nn.Module):
+    ...   folded: bool = False
+    ...   @nn.compact
+    ...   def __call__(self, x):
+    ...     x = nn.Conv(4, (3, 3), use_bias=self.folded, name="conv")(x)
+    ...     return x if self.folded else BatchNorm(use_running_average=True, name="bn")(x)
+    >>> x = jax.random.normal(jax.random.key(0), (2, 5, 5, 3))
+    >>> variables = Net().init(jax.random.key(1), x)
+    >>> variables["batch_stats"]["bn"]["mean"] = jnp.arange(4.0)
+    >>> folded = fold_batch_norms(variables, [("conv", "bn")])
+    >>> jax.tree.map(jnp.shape, folded)
+    {'batch_stats': {}, 'params': {'conv': {'bias': (4,), 'kernel': (3, 3, 3, 4)}}}
+    >>> bool(jnp.allclose(Net(folded=True).apply(folded, x), Net().apply(variables, x), atol=1e-5))
+    True
+  """
+  fn = "jaxbn.fold_batch_norms"
+  linen = "params" in variables
+  out = dict(variables)
+  for layer_path, bn_path in pairs:
+    lp, bp = _path(fn, layer_path), _path(fn, bn_path)
+    if linen:
+      layer = _get(fn, out["params"], lp, "layer")
+      bn_params = _get(fn, out["params"], bp, "batch norm") if _has(out["params"], bp) else {}
+      bn_stats = _get(fn, out.get("batch_stats", {}), bp, "batch norm statistics")
+    else:
+      layer = _get(fn, out, lp, "layer")
+      bn_params = bn_stats = _get(fn, out, bp, "batch norm")
+    if "kernel" not in layer:
+      raise ValueError(f"{fn}: layer {'/'.join(map(str, lp))!r} has no 'kernel' (it holds {sorted(layer)}).")
+    k, b = fold_batch_norm(layer["kernel"], layer.get("bias"), bn_params, bn_stats, epsilon=epsilon)
+    new_layer = {**layer, "kernel": k, "bias": b}
+    if linen:
+      params = _delete(_set(out["params"], lp, new_layer), bp)
+      out = {**out, "params": params, "batch_stats": _delete(out.get("batch_stats", {}), bp)}
+    else:
+      out = _delete(_set(out, lp, new_layer), bp)
+  return out
+
+
+def _has(tree: Mapping, path: tuple[Hashable, ...]) -> bool:
+  node = tree
+  for key in path:
+    if not isinstance(node, Mapping) or key not in node:
+      return False
+    node = node[key]
+  return True
+
+
+def _is_moments(node: Any) -> bool:
+  return isinstance(node, Mapping) and set(node) == {"count", "mean", "m2"}
+
+
+def _moment_leaves(tree: Any, prefix: tuple = ()) -> dict[tuple, Stats]:
+  """``{path: Stats}`` for every layer entry of a linen ``MOMENTS`` collection."""
+  if _is_moments(tree):
+    return {prefix: Stats(tree["count"], tree["mean"], tree["m2"])}
+  out = {}
+  for k, v in tree.items():
+    out.update(_moment_leaves(v, (*prefix, k)))
+  return out
+
+
+def _population(stats: Stats, old_mean: Any, old_var: Any, unbiased_var: bool) -> tuple[jax.Array, jax.Array]:
+  valid = stats.count > 0
+  denom = jnp.maximum(stats.count - 1, 1) if unbiased_var else jnp.maximum(stats.count, 1)
+  mean = jnp.where(valid, stats.mean, old_mean).astype(jnp.asarray(old_mean).dtype)
+  var = jnp.where(valid, stats.m2 / denom, old_var).astype(jnp.asarray(old_var).dtype)
+  return mean, var
+
+
+def _no_layers(fn: str) -> ValueError:
+  return ValueError(
+    f"{fn}: no jaxbn batch norm layer computed batch statistics, so there is nothing to recalibrate. "
+    "Consider one of the following options:\n"
+    "  1. build the model with jaxbn.linen.BatchNorm / jaxbn.nnx.BatchNorm (flax's own BatchNorm is not seen);\n"
+    "  2. pass the call arguments that put the model in training mode, e.g. train=True (linen);\n"
+    "  3. check that `batches` is not empty."
+  )
+
+
+def _accumulate(fn: str, moments_fn: Callable, batches: Iterable[Any], *args) -> dict:
+  merge_all = jax.jit(lambda a, b: jax.tree.map(merge, a, b, is_leaf=lambda n: isinstance(n, Stats)))
+  acc = None
+  for batch in batches:
+    m = moments_fn(*args, batch)
+    acc = m if acc is None else merge_all(acc, m)
+  if not acc:
+    raise _no_layers(fn)
+  return acc
+
+
+def recalibrate(
+  model: Any,
+  batches: Iterable[Any],
+  variables: Mapping[str, Any] | None = None,
+  *,
+  unbiased_var: bool = False,
+  **call_kwargs: Any,
+) -> Any:
+  """PreciseBN: recomputes the population statistics of every jaxbn batch norm layer over ``batches``.
+
+  With the weights fixed, each batch goes through the model in training mode (so every layer sees
+  the inputs it sees in training), every :class:`jaxbn.linen.BatchNorm` / :class:`jaxbn.nnx.BatchNorm`
+  reports its exact batch statistics (count, mean, sum of squared deviations; masked elements
+  excluded; merged over devices when it has an ``axis_name``; all ghost batches together), and
+  the statistics of all batches are merged exactly by count. The running mean and variance become
+  those of the union of all batches, as if it were a single batch. Each step is ``jax.jit``-ed, so
+  batches sharded over devices give global statistics with no further code.
+
+  Layers that saw no valid element keep their statistics; ``count`` variables are left as they
+  are. The model and ``variables`` are not modified.
+
+  Args:
+    model: a ``flax.linen.Module``; or a function with the signature of ``Module.apply``
+      (``apply_fn(variables, batch, mutable=..., **call_kwargs)``), e.g. one wrapping ``model.apply``
+      in ``jax.shard_map`` for layers with an ``axis_name``; or a ``flax.nnx.Module``.
+    batches: an iterable of model inputs, each passed as the single positional argument.
+    variables: the linen variables (``{"params": ..., "batch_stats": ...}``); None for NNX.
+    unbiased_var: store the 1/(N-1) variance of the union instead of the 1/N one.
+    **call_kwargs: further arguments of every call, e.g. ``train=True`` for a linen model that
+      chooses ``use_running_average`` from it. jaxbn NNX batch norms are switched to batch
+      statistics by this function.
+
+  Returns:
+    For linen, new variables with ``batch_stats`` recalibrated. For NNX, a new ``nnx.State`` of the
+    model's ``nnx.BatchStat`` variables; apply it with ``nnx.update(model, new_stats)``.
+
+  Raises:
+    ValueError: no jaxbn batch norm layer computed statistics (none in the model, the calls were
+      not in training mode, or ``batches`` was empty), or ``variables`` is missing for linen.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> from jaxbn.linen import BatchNorm
+    >>> from jaxbn.inference import recalibrate
+    >>> class Net(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x, train: bool):
+    ...     return BatchNorm(use_running_average=not train)(nn.Dense(3)(x))
+    >>> model = Net()
+    >>> batches = [jax.random.normal(jax.random.key(i), (16, 2)) + i for i in range(4)]
+    >>> variables = model.init(jax.random.key(9), batches[0], train=False)
+    >>> new = recalibrate(model, batches, variables, train=True)
+    >>> h = nn.Dense(3).apply({"params": variables["params"]["Dense_0"]}, jnp.concatenate(batches))
+    >>> bool(jnp.allclose(new["batch_stats"]["BatchNorm_0"]["var"], h.var(0), rtol=1e-5))
+    True
+
+  References:
+    Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021.
+  """
+  from flax import linen as nn
+  from flax import nnx
+
+  fn = "jaxbn.recalibrate"
+  if isinstance(model, nnx.Module):
+    return _recalibrate_nnx(fn, model, batches, unbiased_var, call_kwargs)
+  if variables is None:
+    raise ValueError(f"{fn}: a linen model needs its variables: recalibrate(model, batches, variables, ...).")
+  from jaxbn.linen import MOMENTS
+
+  apply_fn = model.apply if isinstance(model, nn.Module) else model
+  if not callable(apply_fn):
+    raise TypeError(f"{fn}: model must be a flax.linen.Module, an apply function or a flax.nnx.Module, got {model!r}.")
+
+  @jax.jit
+  def moments(variables, batch):
+    _, mutated = apply_fn(variables, batch, mutable=["batch_stats", MOMENTS], **call_kwargs)
+    return {"/".join(map(str, p)): s for p, s in _moment_leaves(mutated.get(MOMENTS, {})).items()}
+
+  variables = dict(variables)
+  acc = _accumulate(fn, moments, batches, variables)
+  batch_stats = variables.get("batch_stats", {})
+  for key, stats in acc.items():
+    path = tuple(key.split("/"))
+    layer = _get(fn, batch_stats, path, "batch norm statistics")
+    mean, var = _population(stats, layer["mean"], layer["var"], unbiased_var)
+    batch_stats = _set(batch_stats, path, {**layer, "mean": mean, "var": var})
+  return {**variables, "batch_stats": batch_stats}
+
+
+def _recalibrate_nnx(fn: str, model: Any, batches: Iterable[Any], unbiased_var: bool, call_kwargs: dict) -> Any:
+  from flax import nnx
+
+  from jaxbn.nnx import BatchNorm, collect_moments
+
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def moments(state, batch):
+    m = nnx.merge(graphdef, state)
+    m.set_attributes(BatchNorm, use_running_average=False, raise_if_not_found=False)
+    names = {id(mod): "/".join(map(str, path)) for path, mod in nnx.iter_modules(m) if isinstance(mod, BatchNorm)}
+    with collect_moments() as sink:
+      m(batch, **call_kwargs)
+    return {names[k]: s for k, s in sink.items() if k in names}
+
+  acc = _accumulate(fn, moments, batches, state)
+  paths = {"/".join(map(str, path)): path for path, mod in nnx.iter_modules(model) if isinstance(mod, BatchNorm)}
+  stat_state = nnx.state(model, nnx.BatchStat)
+  pure = nnx.to_pure_dict(stat_state)
+  for key, stats in acc.items():
+    layer = _get(fn, pure, paths[key], "batch norm")
+    mean, var = _population(stats, layer["mean"], layer["var"], unbiased_var)
+    pure = _set(pure, paths[key], {**layer, "mean": mean, "var": var})
+  nnx.replace_by_pure_dict(stat_state, pure)  # nnx.state made a copy: the model is untouched
+  return stat_state

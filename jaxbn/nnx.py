@@ -1,0 +1,254 @@
+"""``flax.nnx`` batch norm that drops into existing models: same constructor, call, variables and modes.
+
+``jaxbn.nnx.BatchNorm`` takes the arguments of ``flax.nnx.BatchNorm`` (``num_features``, ``rngs``,
+...), holds the same ``nnx.Param`` (``scale``, ``bias``) and ``nnx.BatchStat`` (``mean``, ``var``)
+variables, and follows ``model.train()`` / ``model.eval()`` / ``nnx.view`` like Flax's. The
+statistics are jaxbn's: accurate, float32, exact across devices and masks. The extras of
+:class:`jaxbn.linen.BatchNorm` are available with the same names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.module import first_from
+from flax.nnx.nn import dtypes, initializers
+
+from jaxbn import _checks, variants
+from jaxbn.functional import BatchNormState, RunningAverage
+from jaxbn.stats import Stats, merge
+
+__all__ = ["BatchNorm"]
+
+# Set by jaxbn.recalibrate while it traces a model: training-mode calls add their batch statistics.
+_MOMENTS_SINK: contextvars.ContextVar[dict[int, Stats] | None] = contextvars.ContextVar("jaxbn_moments", default=None)
+
+
+_ZEROS = initializers.zeros_init()
+_ONES = initializers.ones_init()
+
+
+@contextlib.contextmanager
+def collect_moments() -> Iterator[dict[int, Stats]]:
+  """Within the block, training-mode calls record their batch ``Stats`` under ``id(module)``."""
+  sink: dict[int, Stats] = {}
+  token = _MOMENTS_SINK.set(sink)
+  try:
+    yield sink
+  finally:
+    _MOMENTS_SINK.reset(token)
+
+
+class BatchNorm(nnx.Module):
+  """Batch norm with the interface and variables of ``flax.nnx.BatchNorm``, and exact statistics.
+
+  Call ``model.train()`` (or pass ``use_running_average=False``) to normalize with batch
+  statistics and update the running ones, ``model.eval()`` (or ``use_running_average=True``) to
+  use the running statistics. The call-time flag takes precedence over the attribute.
+
+  Differences from Flax, all towards accuracy: statistics use jaxbn's accurate one-pass formula in
+  float32 (``use_fast_variance`` is accepted and ignored); the running statistics stay float32
+  whatever ``dtype`` is (Flax casts them to ``dtype`` before normalizing); ``axis_name`` merges
+  count-weighted; a mask may be boolean or 0/1; features with no valid element keep their running
+  statistics.
+
+  Args:
+    num_features: the feature size (an int), or a tuple of sizes when ``axis`` names several axes.
+    use_running_average: use the stored statistics (True) or the batch's (False).
+    axis: the feature axis or axes.
+    momentum: decay of the running average: ``new = momentum * old + (1 - momentum) * batch``.
+    epsilon: added to the variance.
+    dtype: output dtype; by default the promotion of input, statistics and parameters (as in Flax).
+    param_dtype: dtype of ``scale`` and ``bias``.
+    use_bias: learn ``bias``.
+    use_scale: learn ``scale``.
+    bias_init: initializer of ``bias``.
+    scale_init: initializer of ``scale``.
+    axis_name: mapped axis (``jax.shard_map``, ``jax.pmap``) to merge statistics over.
+    axis_index_groups: partition of ``axis_name``'s indices into groups with their own statistics.
+    use_fast_variance: accepted for compatibility, no effect (statistics are always accurate).
+    promote_dtype: Flax's dtype promotion hook, called with ``(x, mean, var, scale, bias)``; the
+      promoted ``x``, ``scale`` and ``bias`` are used (the statistics stay float32). With the
+      default, ``x`` is not cast; only the output dtype follows the promotion.
+    rngs: random keys for the initializers.
+    bias_metadata: metadata of the ``bias`` parameter.
+    scale_metadata: metadata of the ``scale`` parameter.
+    running_average: ``"ema"``, ``"debiased_ema"`` or ``"cumulative"``; the last two add a
+      ``count`` BatchStat.
+    unbiased_running_var: store the Bessel-corrected batch variance in the running variance.
+    ghost_batch_size: rows per ghost batch (see :func:`jaxbn.variants.ghost_batch_norm`).
+    renorm: use batch renormalization in training (see :func:`jaxbn.variants.batch_renorm`).
+    rmax: renorm limit of ``r``, a number or ``schedule(step)``; schedules add a ``count`` BatchStat.
+    dmax: renorm limit of ``|d|``, a number or ``schedule(step)``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxbn.nnx import BatchNorm
+    >>> x = jax.random.normal(jax.random.key(0), (8, 3)) * 2.0 + 1.0
+    >>> bn = BatchNorm(3, momentum=0.9, rngs=nnx.Rngs(0))
+    >>> sorted(nnx.to_pure_dict(nnx.state(bn, nnx.BatchStat)))
+    ['mean', 'var']
+    >>> y = bn(x)  # training mode by default, as in Flax
+    >>> bool(jnp.allclose(bn.mean[...], 0.1 * x.mean(0), atol=1e-6))
+    True
+    >>> bn.eval()
+    >>> y_eval = bn(x)
+    >>> bool(jnp.allclose(bn.mean[...], 0.1 * x.mean(0), atol=1e-6))  # unchanged in eval
+    True
+  """
+
+  def __init__(
+    self,
+    num_features: int | Sequence[int],
+    *,
+    use_running_average: bool | None = False,
+    axis: int | Sequence[int] = -1,
+    momentum: float = 0.99,
+    epsilon: float = 1e-5,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    use_bias: bool = True,
+    use_scale: bool = True,
+    bias_init: Any = _ZEROS,
+    scale_init: Any = _ONES,
+    axis_name: str | None = None,
+    axis_index_groups: Any = None,
+    use_fast_variance: bool = True,
+    promote_dtype: Any = dtypes.promote_dtype,
+    rngs: nnx.Rngs,
+    bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+    scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+    running_average: RunningAverage = "ema",
+    unbiased_running_var: bool = False,
+    ghost_batch_size: int | None = None,
+    renorm: bool = False,
+    rmax: Any = variants.paper_rmax,
+    dmax: Any = variants.paper_dmax,
+  ):
+    feature_shape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
+    if not feature_shape or not all(isinstance(d, int) and d > 0 for d in feature_shape):
+      raise ValueError(
+        f"jaxbn.nnx.BatchNorm: num_features must be a positive int or a tuple of them, got {num_features!r}."
+      )
+    self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
+    self.var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
+    if variants.needs_count(running_average, renorm, rmax, dmax):
+      self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))
+
+    self.scale: nnx.Param[jax.Array] | None
+    if use_scale:
+      self.scale = nnx.Param(scale_init(rngs.params(), feature_shape, param_dtype), **scale_metadata)
+    else:
+      self.scale = nnx.data(None)
+    self.bias: nnx.Param[jax.Array] | None
+    if use_bias:
+      self.bias = nnx.Param(bias_init(rngs.params(), feature_shape, param_dtype), **bias_metadata)
+    else:
+      self.bias = nnx.data(None)
+
+    self.num_features = num_features
+    self.use_running_average = use_running_average
+    self.axis = axis
+    self.momentum = momentum
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.use_bias = use_bias
+    self.use_scale = use_scale
+    self.axis_name = axis_name
+    self.axis_index_groups = axis_index_groups
+    self.use_fast_variance = use_fast_variance
+    self.promote_dtype = promote_dtype
+    self.running_average = running_average
+    self.unbiased_running_var = unbiased_running_var
+    self.ghost_batch_size = ghost_batch_size
+    self.renorm = renorm
+    self.rmax = rmax
+    self.dmax = dmax
+
+  def __call__(self, x: Any, use_running_average: bool | None = None, *, mask: Any = None) -> jax.Array:
+    """Normalizes ``x`` with batch statistics (training) or the running statistics.
+
+    Args:
+      x: the input.
+      use_running_average: overrides the attribute when given.
+      mask: optional array broadcastable to ``x``; nonzero marks the elements the statistics use.
+
+    Returns:
+      The normalized input, with the shape of ``x``.
+    """
+    fn = "jaxbn.nnx.BatchNorm"
+    use_running_average = first_from(
+      use_running_average,
+      self.use_running_average,
+      error_msg=(
+        f"{fn}: no use_running_average was given. Consider one of the following options:\n"
+        "  1. pass it to the constructor: BatchNorm(..., use_running_average=True/False);\n"
+        "  2. pass it at call time: bn(x, use_running_average=True/False);\n"
+        "  3. switch the whole model with model.train() / model.eval() or "
+        "nnx.view(model, use_running_average=True/False)."
+      ),
+    )
+    x = jnp.asarray(x)
+    scale = self.scale[...] if self.scale is not None else None
+    bias = self.bias[...] if self.bias is not None else None
+    mean, var = self.mean[...], self.var[...]
+    if self.promote_dtype is dtypes.promote_dtype:
+      out_dtype = dtypes.canonicalize_dtype(x, mean, var, scale, bias, dtype=self.dtype)
+    else:
+      x, _, _, scale, bias = self.promote_dtype((x, mean, var, scale, bias), dtype=self.dtype)
+      out_dtype = dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
+    if mask is not None:
+      mask = jnp.asarray(mask, bool)
+    has_count = isinstance(getattr(self, "count", None), nnx.BatchStat)
+    count = self.count[...] if has_count else jnp.zeros((), jnp.int32)
+    sink = _MOMENTS_SINK.get()
+    y, new_state, stats = variants.module_forward(
+      fn,
+      x,
+      BatchNormState(mean, var, count),
+      scale,
+      bias,
+      training=not use_running_average,
+      axis=_checks.feature_axes(fn, x.ndim, self.axis),
+      momentum=self.momentum,
+      epsilon=self.epsilon,
+      mask=mask,
+      axis_name=self.axis_name,
+      axis_index_groups=self.axis_index_groups,
+      running_average=self.running_average,
+      unbiased_running_var=self.unbiased_running_var,
+      ghost_batch_size=self.ghost_batch_size,
+      renorm=self.renorm,
+      rmax=self.rmax,
+      dmax=self.dmax,
+      dtype=out_dtype,
+      want_stats=sink is not None,
+    )
+    if not use_running_average:
+      self.mean[...] = jax.lax.stop_gradient(new_state.mean)
+      self.var[...] = jax.lax.stop_gradient(new_state.var)
+      if has_count:
+        self.count[...] = new_state.count
+      if sink is not None:
+        key = id(self)
+        stats = jax.tree.map(jax.lax.stop_gradient, stats)
+        sink[key] = merge(sink[key], stats) if key in sink else stats
+    return y
+
+  def set_view(self, use_running_average: bool | None = None):
+    """Used by ``nnx.view``: sets ``use_running_average`` when given.
+
+    Args:
+      use_running_average: use the stored statistics (True) or the batch's (False).
+    """
+    if use_running_average is not None:
+      self.use_running_average = use_running_average

@@ -1,0 +1,545 @@
+"""Batch norm variants as pure functions: ghost batch norm and batch renormalization.
+
+Both return ``(y, new_state)`` like :func:`jaxbn.batch_norm` and share its running statistics
+(``BatchNormState``), its argument checks and its evaluation path: in evaluation they ARE batch norm
+with the running statistics, for any batch size.
+
+* Ghost batch norm (Hoffer, Hubara & Soudry, "Train longer, generalize better: closing the
+  generalization gap in large batch training of neural networks", 2017) normalizes fixed contiguous
+  sub-batches ("ghost" or virtual batches) of the local batch with their own statistics. The
+  running statistics are updated once per call, from the exact count-weighted merge of all
+  sub-batches (and of all devices when ``axis_name`` is given), so they estimate the same
+  population statistics as plain batch norm.
+* Batch renormalization (Ioffe, "Batch Renormalization: Towards Reducing Minibatch Dependence in
+  Batch-Normalized Models", 2017) corrects the batch statistics towards the running ones:
+  ``xhat = (x - mu_B) / sigma_B * r + d`` with ``r = clip(sigma_B / sigma, 1/rmax, rmax)`` and
+  ``d = clip((mu_B - mu) / sigma, -dmax, dmax)`` held constant for the gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxbn import _checks
+from jaxbn.functional import (
+  RUNNING_AVERAGES,
+  BatchNormState,
+  RunningAverage,
+  batch_norm,
+  normalize,
+  update_running_stats,
+)
+from jaxbn.stats import Stats, all_reduce, compute_stats, local_stats, merge_stacked
+
+__all__ = [
+  "batch_renorm",
+  "ghost_batch_norm",
+  "paper_dmax",
+  "paper_rmax",
+  "renorm_schedule",
+]
+
+Schedule = Callable[[jax.Array], Any]
+
+
+def renorm_schedule(*, start_value: float, end_value: float, start_step: int = 5000, end_step: int = 40000) -> Schedule:
+  """A clipping limit that stays at ``start_value`` until ``start_step``, then moves linearly to ``end_value``.
+
+  The result is a function of the step (the number of running-statistics updates so far, the
+  ``count`` of a ``BatchNormState``), usable as ``rmax`` or ``dmax`` of :func:`batch_renorm`.
+
+  Args:
+    start_value: the limit up to ``start_step``.
+    end_value: the limit from ``end_step`` on.
+    start_step: last step at ``start_value``.
+    end_step: first step at ``end_value``; must be > ``start_step``.
+
+  Returns:
+    ``schedule(step) -> float32 array``.
+
+  Raises:
+    ValueError: ``end_step <= start_step``.
+
+  Examples:
+    >>> from jaxbn.variants import renorm_schedule
+    >>> rmax = renorm_schedule(start_value=1.0, end_value=3.0, start_step=10, end_step=30)
+    >>> [float(rmax(s)) for s in (0, 10, 20, 30, 99)]
+    [1.0, 1.0, 2.0, 3.0, 3.0]
+  """
+  if not end_step > start_step:
+    raise ValueError(
+      f"jaxbn.renorm_schedule: end_step must be > start_step, got start_step={start_step}, end_step={end_step}."
+    )
+
+  def schedule(step):
+    frac = jnp.clip((jnp.asarray(step, jnp.float32) - start_step) / (end_step - start_step), 0.0, 1.0)
+    return start_value + frac * (end_value - start_value)
+
+  return schedule
+
+
+paper_rmax = renorm_schedule(start_value=1.0, end_value=3.0, start_step=5000, end_step=40000)
+paper_rmax.__doc__ = "Ioffe (2017)'s ``rmax``: 1 for the first 5k steps, then linearly to 3 at 40k steps."
+paper_dmax = renorm_schedule(start_value=0.0, end_value=5.0, start_step=5000, end_step=25000)
+paper_dmax.__doc__ = "Ioffe (2017)'s ``dmax``: 0 for the first 5k steps, then linearly to 5 at 25k steps."
+
+
+class _Config(NamedTuple):
+  axes: tuple[int, ...]
+  fshape: tuple[int, ...]
+  scale: jax.Array | None
+  bias: jax.Array | None
+  mask: jax.Array | None
+
+
+def _check(fn, x, state, scale, bias, axis, momentum, epsilon, running_average, mask):
+  x = _checks.floating_input(fn, x)
+  axes = _checks.feature_axes(fn, x.ndim, axis)
+  fshape = tuple(x.shape[a] for a in axes)
+  if not isinstance(state, BatchNormState):
+    raise TypeError(f"{fn}: state must be a jaxbn.BatchNormState (see jaxbn.init_state), got {type(state).__name__}.")
+  _checks.in_range(fn, "momentum", momentum, 0.0, 1.0)
+  _checks.positive(fn, "epsilon", epsilon)
+  if running_average not in RUNNING_AVERAGES:
+    raise ValueError(f"{fn}: running_average must be one of {RUNNING_AVERAGES}, got {running_average!r}.")
+  _checks.feature_array(fn, "state.mean", state.mean, fshape)
+  _checks.feature_array(fn, "state.var", state.var, fshape)
+  scale = _checks.feature_array(fn, "scale", scale, fshape)
+  bias = _checks.feature_array(fn, "bias", bias, fshape)
+  mask = _checks.mask_for(fn, mask, x.shape)
+  return x, _Config(axes, fshape, scale, bias, mask)
+
+
+def _check_ghost_size(fn: str, ghost_batch_size: Any, x: jax.Array, axes: tuple[int, ...]) -> int:
+  if isinstance(ghost_batch_size, bool) or not isinstance(ghost_batch_size, int) or ghost_batch_size < 1:
+    raise ValueError(f"{fn}: ghost_batch_size must be a positive int, got {ghost_batch_size!r}.")
+  if len(axes) == x.ndim:
+    raise ValueError(
+      f"{fn}: ghost batches split the leading non-feature axis, but every axis of x (shape {x.shape}) "
+      f"is a feature axis (axis={axes})."
+    )
+  return ghost_batch_size
+
+
+def _limit(fn: str, arg: str, value: Any, step: jax.Array, lo: float) -> jax.Array:
+  """``value`` or ``value(step)``, checked against its lower bound when known at trace time."""
+  if callable(value):
+    value = value(step)
+  v = _checks.concrete_number(value)
+  if v is not None and not v >= lo:
+    raise ValueError(f"{fn}: {arg} must be >= {lo:g}, got {v!r}.")
+  return jnp.asarray(value)
+
+
+def _chunk(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...], size: int):
+  """Splits the leading non-feature axis into ``k`` contiguous chunks of ``size`` rows.
+
+  Returns ``(xr, mask_r, chunk_axes, pos, pad)``: ``xr`` has the batch axis ``b`` replaced by
+  ``(k, size)``; ``chunk_axes`` are the feature axes of ``xr`` with the chunk axis ``b`` added, so
+  that statistics over ``chunk_axes`` are per chunk; ``pos`` is where the chunk axis sits among
+  ``chunk_axes``. A last partial chunk is padded with rows that the mask marks invalid.
+  """
+  b = next(a for a in range(x.ndim) if a not in axes)
+  n = x.shape[b]
+  size = min(size, n)
+  k = -(-n // size)
+  pad = k * size - n
+  if pad:
+    widths = [(0, 0)] * x.ndim
+    widths[b] = (0, pad)
+    x = jnp.pad(x, widths)
+    m = jnp.ones((1,) * x.ndim, bool) if mask is None else mask.reshape((1,) * (x.ndim - mask.ndim) + mask.shape)
+    m = jnp.broadcast_to(m, (*m.shape[:b], n, *m.shape[b + 1 :]))
+    mask = jnp.pad(m, widths, constant_values=False)
+  elif mask is not None:
+    mask = mask.reshape((1,) * (x.ndim - mask.ndim) + mask.shape)
+  xr = x.reshape((*x.shape[:b], k, size, *x.shape[b + 1 :]))
+  if mask is not None:
+    mb = mask.shape[b]
+    mask = mask.reshape(mask.shape[:b] + ((k, size) if mb != 1 else (1, 1)) + mask.shape[b + 1 :])
+  chunk_axes = tuple(sorted([b] + [a if a < b else a + 1 for a in axes]))
+  return xr, mask, chunk_axes, chunk_axes.index(b), (b, pad)
+
+
+def _train(
+  fn: str,
+  x: jax.Array,
+  state: BatchNormState,
+  cfg: _Config,
+  *,
+  ghost_batch_size: int | None,
+  rmax: Any,
+  dmax: Any,
+  renorm: bool,
+  momentum: Any,
+  epsilon: Any,
+  axis_name: Hashable | None,
+  axis_index_groups: Sequence[Sequence[int]] | None,
+  running_average: RunningAverage,
+  unbiased_running_var: bool,
+  dtype: Any,
+) -> tuple[jax.Array, BatchNormState, Stats]:
+  """Training step shared by the variants; also returns the merged batch statistics."""
+  if axis_index_groups is not None and axis_name is None:
+    raise ValueError(f"{fn}: axis_index_groups={axis_index_groups!r} needs an axis_name to group over.")
+  cdt = _checks.stats_dtype(x.dtype)
+  if ghost_batch_size is None:
+    xr, mask, norm_axes, pos = x, cfg.mask, cfg.axes, None
+    stats = compute_stats(x, cfg.axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups, fn=fn)
+    chunk_stats = stats
+  else:
+    xr, mask, norm_axes, pos, (b, pad) = _chunk(x, cfg.mask, cfg.axes, ghost_batch_size)
+    chunk_stats = local_stats(xr, norm_axes, mask)
+    stats = merge_stacked(Stats(*(jnp.moveaxis(s, pos, 0) for s in chunk_stats)))
+    if axis_name is not None:
+      stats = all_reduce(stats, axis_name, axis_index_groups, fn=fn)
+
+  sshape = chunk_stats.mean.shape
+
+  def per_chunk(v):
+    """A feature-shaped array broadcast to the shape of the (per-chunk) statistics."""
+    if v is None:
+      return None
+    v = v.astype(cdt)
+    return jnp.broadcast_to(v if pos is None else jnp.expand_dims(v, pos), sshape)
+
+  scale, bias = per_chunk(cfg.scale), per_chunk(cfg.bias)
+  if renorm:
+    step = state.count
+    r_lim = _limit(fn, "rmax", rmax, step, 1.0).astype(cdt)
+    d_lim = _limit(fn, "dmax", dmax, step, 0.0).astype(cdt)
+    eps = jnp.asarray(epsilon, cdt)
+    mu = per_chunk(lax.stop_gradient(state.mean))
+    sigma = jnp.sqrt(per_chunk(lax.stop_gradient(state.var)) + eps)
+    mean_b = lax.stop_gradient(chunk_stats.mean)
+    sigma_b = jnp.sqrt(lax.stop_gradient(chunk_stats.var) + eps)
+    r = lax.stop_gradient(jnp.clip(sigma_b / sigma, 1.0 / r_lim, r_lim))
+    d = lax.stop_gradient(jnp.clip((mean_b - mu) / sigma, -d_lim, d_lim))
+    # scale * (xhat * r + d) + bias, folded into the affine part so that `normalize` does one pass.
+    shift = d if scale is None else d * scale
+    scale = r if scale is None else r * scale
+    bias = shift if bias is None else shift + bias
+
+  y = normalize(
+    xr, chunk_stats.mean, chunk_stats.var, scale, bias, feature_axes=norm_axes, epsilon=epsilon, dtype=dtype
+  )
+  if ghost_batch_size is not None:
+    y = y.reshape((*y.shape[:b], y.shape[b] * y.shape[b + 1], *y.shape[b + 2 :]))
+    if pad:
+      y = lax.slice_in_dim(y, 0, y.shape[b] - pad, axis=b)
+  new_state = update_running_stats(
+    state, stats, momentum=momentum, running_average=running_average, unbiased_running_var=unbiased_running_var
+  )
+  return y, new_state, stats
+
+
+def _evaluate(x, state, cfg, epsilon, dtype):
+  return batch_norm(x, state, cfg.scale, cfg.bias, training=False, axis=cfg.axes, epsilon=epsilon, dtype=dtype)
+
+
+def ghost_batch_norm(
+  x: Any,
+  state: BatchNormState,
+  scale: Any = None,
+  bias: Any = None,
+  *,
+  ghost_batch_size: int,
+  training: bool,
+  axis: int | Sequence[int] = -1,
+  momentum: Any = 0.99,
+  epsilon: Any = 1e-5,
+  mask: Any = None,
+  axis_name: Hashable | None = None,
+  axis_index_groups: Sequence[Sequence[int]] | None = None,
+  running_average: RunningAverage = "ema",
+  unbiased_running_var: bool = False,
+  dtype: Any = None,
+) -> tuple[jax.Array, BatchNormState]:
+  """Ghost batch norm: each contiguous sub-batch of ``ghost_batch_size`` rows is normalized with its own statistics.
+
+  In training, the leading non-feature axis of ``x`` (the batch axis: axis 0 for NHWC and NCHW
+  with ``axis=1``) is cut into contiguous chunks of ``ghost_batch_size`` rows, and each chunk is
+  normalized exactly as :func:`jaxbn.batch_norm` would normalize it alone (masked elements do not
+  count). When the batch size is not a multiple of ``ghost_batch_size``, the last, shorter chunk
+  is normalized with its own statistics too; a batch no larger than ``ghost_batch_size`` is one
+  chunk, i.e. plain batch norm.
+
+  The running statistics are updated ONCE per call, from the exact count-weighted merge of the
+  statistics of all chunks (and, with ``axis_name``, of all chunks on all devices, so that
+  replicas keep identical running statistics); they therefore estimate the same population
+  statistics as plain batch norm. The chunks themselves stay local to each device.
+
+  In evaluation the running statistics are used, as in :func:`jaxbn.batch_norm`, for any batch
+  size (``ghost_batch_size`` plays no role).
+
+  Args:
+    x: floating input.
+    state: running statistics (:func:`jaxbn.init_state`).
+    scale: optional learned scale with the feature shape.
+    bias: optional learned offset with the feature shape.
+    ghost_batch_size: rows per ghost batch, a positive int.
+    training: normalize with ghost-batch statistics and update the state (True), or use the
+      running statistics.
+    axis: the feature axis or axes.
+    momentum: decay of the running average, in [0, 1].
+    epsilon: added to the variance, > 0.
+    mask: optional boolean array broadcastable to ``x``; True marks elements that count in the
+      statistics.
+    axis_name: mapped axis over which the running-statistics update is merged.
+    axis_index_groups: optional partition of ``axis_name``'s indices for that merge.
+    running_average: ``"ema"``, ``"debiased_ema"`` or ``"cumulative"`` (see :func:`jaxbn.batch_norm`).
+    unbiased_running_var: store the Bessel-corrected variance of the merged batch.
+    dtype: output dtype; defaults to the dtype of ``x``.
+
+  Returns:
+    ``(y, new_state)``.
+
+  Raises:
+    TypeError: as :func:`jaxbn.batch_norm`.
+    ValueError: as :func:`jaxbn.batch_norm`, or ``ghost_batch_size`` is not a positive int, or
+      ``x`` has no non-feature axis to split.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, jaxbn
+    >>> x = jax.random.normal(jax.random.key(0), (8, 3))
+    >>> from jaxbn.variants import ghost_batch_norm
+    >>> y, state = ghost_batch_norm(x, jaxbn.init_state(3), ghost_batch_size=4, training=True)
+    >>> y_first, _ = jaxbn.batch_norm(x[:4], jaxbn.init_state(3), training=True)
+    >>> bool(jnp.allclose(y[:4], y_first, atol=1e-6))
+    True
+    >>> mean, var, _ = jaxbn.moments(x)  # the running update sees the whole batch
+    >>> bool(jnp.allclose(state.mean, 0.01 * mean, atol=1e-7))
+    True
+
+  References:
+    Hoffer, Hubara & Soudry, "Train longer, generalize better: closing the generalization gap in
+    large batch training of neural networks", 2017.
+  """
+  fn = "jaxbn.ghost_batch_norm"
+  x, cfg = _check(fn, x, state, scale, bias, axis, momentum, epsilon, running_average, mask)
+  _check_ghost_size(fn, ghost_batch_size, x, cfg.axes)
+  if not training:
+    return _evaluate(x, state, cfg, epsilon, dtype)
+  y, new_state, _ = _train(
+    fn,
+    x,
+    state,
+    cfg,
+    ghost_batch_size=ghost_batch_size,
+    rmax=None,
+    dmax=None,
+    renorm=False,
+    momentum=momentum,
+    epsilon=epsilon,
+    axis_name=axis_name,
+    axis_index_groups=axis_index_groups,
+    running_average=running_average,
+    unbiased_running_var=unbiased_running_var,
+    dtype=dtype,
+  )
+  return y, new_state
+
+
+def batch_renorm(
+  x: Any,
+  state: BatchNormState,
+  scale: Any = None,
+  bias: Any = None,
+  *,
+  training: bool,
+  rmax: float | Schedule = paper_rmax,
+  dmax: float | Schedule = paper_dmax,
+  axis: int | Sequence[int] = -1,
+  momentum: Any = 0.99,
+  epsilon: Any = 1e-5,
+  mask: Any = None,
+  axis_name: Hashable | None = None,
+  axis_index_groups: Sequence[Sequence[int]] | None = None,
+  running_average: RunningAverage = "ema",
+  unbiased_running_var: bool = False,
+  ghost_batch_size: int | None = None,
+  dtype: Any = None,
+) -> tuple[jax.Array, BatchNormState]:
+  r"""Batch renormalization (Ioffe 2017).
+
+  In training, with batch statistics :math:`\mu_B, \sigma_B = \sqrt{\sigma_B^2 + \epsilon}` and the
+  running ones :math:`\mu, \sigma = \sqrt{\sigma^2 + \epsilon}` from ``state``:
+
+  .. math::
+     r = \mathrm{clip}(\sigma_B / \sigma, 1/r_{max}, r_{max}), \quad
+     d = \mathrm{clip}((\mu_B - \mu) / \sigma, -d_{max}, d_{max}), \quad
+     y = \text{scale} \cdot \left(\frac{x - \mu_B}{\sigma_B} r + d\right) + \text{bias}
+
+  with ``r`` and ``d`` under ``stop_gradient``; gradients flow through :math:`\mu_B, \sigma_B` as
+  in batch norm. ``rmax=1, dmax=0`` is plain batch norm. The running statistics are updated from
+  the batch statistics exactly as by :func:`jaxbn.batch_norm`; evaluation uses them unchanged.
+
+  ``rmax`` and ``dmax`` are numbers or schedules: functions of the step, here ``state.count``
+  (the number of updates so far). The default is the paper's schedule (:data:`paper_rmax`,
+  :data:`paper_dmax`): plain batch norm for 5k steps, then ``rmax`` linearly to 3 at 40k steps and
+  ``dmax`` to 5 at 25k; :func:`renorm_schedule` builds others.
+
+  Args:
+    x: floating input.
+    state: running statistics (:func:`jaxbn.init_state`).
+    scale: optional learned scale with the feature shape.
+    bias: optional learned offset with the feature shape.
+    training: renormalize with batch statistics and update the state (True), or use the running
+      statistics.
+    rmax: limit of ``r``, >= 1, a number or ``schedule(step)``.
+    dmax: limit of ``|d|``, >= 0, a number or ``schedule(step)``.
+    axis: the feature axis or axes.
+    momentum: decay of the running average, in [0, 1].
+    epsilon: added to both variances, > 0.
+    mask: optional boolean array broadcastable to ``x``; True marks elements that count.
+    axis_name: mapped axis to compute global batch statistics over.
+    axis_index_groups: optional partition of ``axis_name``'s indices.
+    running_average: ``"ema"``, ``"debiased_ema"`` or ``"cumulative"``.
+    unbiased_running_var: store the Bessel-corrected batch variance in the running statistics.
+    ghost_batch_size: also use ghost batches (see :func:`ghost_batch_norm`); each ghost batch gets
+      its own ``r`` and ``d``.
+    dtype: output dtype; defaults to the dtype of ``x``.
+
+  Returns:
+    ``(y, new_state)``.
+
+  Raises:
+    TypeError: as :func:`jaxbn.batch_norm`.
+    ValueError: as :func:`jaxbn.batch_norm`, or ``rmax < 1`` or ``dmax < 0`` (when known at trace
+      time), or a bad ``ghost_batch_size``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, jaxbn
+    >>> x = jax.random.normal(jax.random.key(0), (16, 3)) * 2.0 + 1.0
+    >>> state = jaxbn.init_state(3)
+    >>> from jaxbn.variants import batch_renorm
+    >>> y, new_state = batch_renorm(x, state, training=True, rmax=1.0, dmax=0.0)
+    >>> y_bn, _ = jaxbn.batch_norm(x, state, training=True)
+    >>> bool(jnp.allclose(y, y_bn, atol=1e-6))
+    True
+    >>> y, _ = batch_renorm(x, state, training=True, rmax=1.5, dmax=0.5)
+    >>> bool(jnp.allclose(y.std(0), 1.5, atol=1e-3))  # r = clip(sigma_B / 1, 1/1.5, 1.5) = 1.5
+    True
+
+  References:
+    Ioffe, "Batch Renormalization: Towards Reducing Minibatch Dependence in Batch-Normalized
+    Models", 2017.
+  """
+  fn = "jaxbn.batch_renorm"
+  x, cfg = _check(fn, x, state, scale, bias, axis, momentum, epsilon, running_average, mask)
+  if ghost_batch_size is not None:
+    _check_ghost_size(fn, ghost_batch_size, x, cfg.axes)
+  if not callable(rmax):
+    _limit(fn, "rmax", rmax, state.count, 1.0)
+  if not callable(dmax):
+    _limit(fn, "dmax", dmax, state.count, 0.0)
+  if not training:
+    return _evaluate(x, state, cfg, epsilon, dtype)
+  y, new_state, _ = _train(
+    fn,
+    x,
+    state,
+    cfg,
+    ghost_batch_size=ghost_batch_size,
+    rmax=rmax,
+    dmax=dmax,
+    renorm=True,
+    momentum=momentum,
+    epsilon=epsilon,
+    axis_name=axis_name,
+    axis_index_groups=axis_index_groups,
+    running_average=running_average,
+    unbiased_running_var=unbiased_running_var,
+    dtype=dtype,
+  )
+  return y, new_state
+
+
+def needs_count(running_average: str, renorm: bool, rmax: Any, dmax: Any) -> bool:
+  """Whether a layer with these options needs the update count kept between calls."""
+  return running_average != "ema" or (renorm and (callable(rmax) or callable(dmax)))
+
+
+def module_forward(
+  fn: str,
+  x: jax.Array,
+  state: BatchNormState,
+  scale: jax.Array | None,
+  bias: jax.Array | None,
+  *,
+  training: bool,
+  axis: int | Sequence[int],
+  momentum: Any,
+  epsilon: Any,
+  mask: jax.Array | None,
+  axis_name: Hashable | None,
+  axis_index_groups: Sequence[Sequence[int]] | None,
+  running_average: RunningAverage,
+  unbiased_running_var: bool,
+  ghost_batch_size: int | None,
+  renorm: bool,
+  rmax: Any,
+  dmax: Any,
+  dtype: Any,
+  want_stats: bool = False,
+) -> tuple[jax.Array, BatchNormState, Stats | None]:
+  """What the Flax modules run: plain batch norm, or a variant when one is configured.
+
+  Returns ``(y, new_state, stats)``; ``stats`` are the merged batch statistics that fed the
+  running update (for recalibration) when ``want_stats`` and ``training``, else None.
+  """
+  common = dict(axis=axis, epsilon=epsilon, dtype=dtype)
+  if not training:
+    y, new_state = batch_norm(x, state, scale, bias, training=False, **common)
+    return y, new_state, None
+  if ghost_batch_size is None and not renorm:
+    y, new_state = batch_norm(
+      x,
+      state,
+      scale,
+      bias,
+      training=True,
+      momentum=momentum,
+      mask=mask,
+      axis_name=axis_name,
+      axis_index_groups=axis_index_groups,
+      running_average=running_average,
+      unbiased_running_var=unbiased_running_var,
+      **common,
+    )
+    stats = None
+    if want_stats:
+      stats = compute_stats(
+        x,
+        tuple(sorted(_checks.feature_axes(fn, x.ndim, axis))),
+        mask=mask,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        fn=fn,
+      )
+    return y, new_state, stats
+  x, cfg = _check(fn, x, state, scale, bias, axis, momentum, epsilon, running_average, mask)
+  if ghost_batch_size is not None:
+    _check_ghost_size(fn, ghost_batch_size, x, cfg.axes)
+  return _train(
+    fn,
+    x,
+    state,
+    cfg,
+    ghost_batch_size=ghost_batch_size,
+    rmax=rmax,
+    dmax=dmax,
+    renorm=renorm,
+    momentum=momentum,
+    epsilon=epsilon,
+    axis_name=axis_name,
+    axis_index_groups=axis_index_groups,
+    running_average=running_average,
+    unbiased_running_var=unbiased_running_var,
+    dtype=dtype,
+  )
