@@ -1,0 +1,357 @@
+"""Full-batch (and mini-batch) gradient steps: compiled, accumulated over micro-batches, guarded.
+
+``full_batch_step`` turns a loss function into a jitted ``step(state, data) -> (state, metrics)``
+whose update uses the exact mean gradient over ALL of ``data``: micro-batches are scanned with
+``lax.scan``, gradients accumulate in float32, and no per-example gradient is ever kept, so memory
+is bounded by one micro-batch beyond the data itself.
+
+Micro-batches are the contiguous slices ``data[k*m:(k+1)*m]`` for micro-batch size ``m``; when
+``m`` does not divide the dataset size ``n``, the last micro-batch is the slice ``data[n-m:n]`` with
+the rows already seen masked out, so no example is dropped or counted twice and no padded copy of
+the data is made. Batch norm inside the loss normalizes each micro-batch with its own statistics
+(ghost batches over that partition); the running statistics are updated ONCE per step from the
+exact count-weighted merge of every micro-batch's statistics (Chan et al. 1983), not by an EMA per
+micro-batch.
+
+A non-finite loss or gradient makes the step change nothing: parameters, optimizer state AND batch
+statistics keep their values (``optax.apply_if_finite`` cannot protect the batch statistics, and
+Flax's ImageNet example keeps the bad step's), and ``state.skipped`` counts it.
+
+References:
+  Geiping, Goldblum, Pope, Moeller & Goldstein, "Stochastic Training is Not Necessary for
+  Generalization", ICLR 2022 (full-batch training with gradient accumulation and ghost batch norm).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from jaxbn import stats as _stats
+from jaxbn.functional import BatchNormState, update_running_stats
+
+__all__ = ["LossAux", "StepMetrics", "TrainState", "full_batch_step", "linen_loss", "minibatch_epoch"]
+
+
+class TrainState(NamedTuple):
+  """Everything a step reads and writes; a pytree, so it jits, shards and checkpoints as is.
+
+  Attributes:
+    params: model parameters.
+    batch_stats: running statistics of the model's batch norms (``{}`` for a model without).
+    opt_state: the Optax optimizer's state.
+    step: int32, number of steps applied (skipped steps not counted).
+    skipped: int32, number of steps skipped because the loss or a gradient was not finite.
+  """
+
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  step: jax.Array
+  skipped: jax.Array
+
+  @classmethod
+  def create(cls, params: Any, batch_stats: Any, optimizer: optax.GradientTransformation) -> TrainState:
+    """A state at step 0 with a fresh optimizer state."""
+    # Distinct buffers throughout: the step donates every leaf of the state.
+    copy = lambda tree: jax.tree.map(lambda a: jnp.array(a, copy=True), tree)
+    params, batch_stats = copy(params), copy({} if batch_stats is None else batch_stats)
+    opt_state = copy(optimizer.init(params))
+    return cls(params, batch_stats, opt_state, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+class LossAux(NamedTuple):
+  """What a loss function returns beside the loss.
+
+  Attributes:
+    stats: per-layer raw batch statistics (a pytree of :class:`jaxbn.Stats`) of this micro-batch,
+      or None for a model without batch norm.
+    metrics: optional pytree of per-micro-batch values to average (count-weighted) into the step's
+      metrics, e.g. accuracy.
+  """
+
+  stats: Any = None
+  metrics: Any = None
+
+
+class StepMetrics(NamedTuple):
+  """Per-step metrics: mean loss, gradient and update global norms, whether the step was skipped."""
+
+  loss: jax.Array
+  grad_norm: jax.Array
+  update_norm: jax.Array
+  skipped: jax.Array
+  extra: Any = None
+
+
+LossFn = Callable[[Any, Any, Any, jax.Array], tuple[jax.Array, LossAux]]
+UpdateStatsFn = Callable[[Any, Any], Any]
+
+
+def _num_rows(fn: str, data: Any) -> int:
+  leaves = jax.tree.leaves(data)
+  if not leaves:
+    raise ValueError(f"{fn}: data must be a non-empty pytree of arrays with a leading example axis.")
+  sizes = {int(np.shape(leaf)[0]) if np.ndim(leaf) else -1 for leaf in leaves}
+  if len(sizes) != 1 or -1 in sizes:
+    raise ValueError(
+      f"{fn}: every leaf of data must have the same leading (example) dimension, got sizes {sorted(sizes)}."
+    )
+  return sizes.pop()
+
+
+def full_batch_step(
+  loss_fn: LossFn,
+  optimizer: optax.GradientTransformation,
+  *,
+  micro_batch_size: int | None = None,
+  update_batch_stats: UpdateStatsFn | None = None,
+  guard: bool = True,
+  donate: bool = True,
+  jit: bool = True,
+) -> Callable[[TrainState, Any], tuple[TrainState, StepMetrics]]:
+  """A compiled step that applies one update with the exact mean gradient over all of ``data``.
+
+  Args:
+    loss_fn: ``loss_fn(params, batch_stats, batch, mask) -> (loss, LossAux)``. ``batch`` is a
+      micro-batch (the pytree ``data`` sliced along its leading axis), ``mask`` a boolean vector
+      marking its valid rows; ``loss`` is the mean loss over the valid rows, and batch norms must
+      use only valid rows for their statistics. :func:`linen_loss` builds one from a Flax model.
+    optimizer: any Optax gradient transformation.
+    micro_batch_size: rows per micro-batch; None for the whole dataset at once.
+    update_batch_stats: ``update_batch_stats(batch_stats, merged_stats) -> batch_stats`` folds
+      the step's merged statistics into the running ones; required when ``LossAux.stats`` is given
+      (:func:`linen_loss` provides it as ``loss_fn.update_batch_stats``).
+    guard: skip a step whose loss or gradient is not finite, changing nothing but ``skipped``.
+    donate: donate the incoming state's buffers to the new state (do not reuse the old state).
+    jit: return the step compiled with ``jax.jit`` (False to wrap it yourself, e.g. in pmap).
+
+  Returns:
+    ``step(state, data) -> (new_state, StepMetrics)``.
+
+  Raises:
+    ValueError: bad ``micro_batch_size`` or ``data``, or statistics without ``update_batch_stats``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, jaxbn
+    >>> def loss_fn(params, batch_stats, batch, mask):
+    ...   err = (batch["x"] @ params["w"] - batch["y"]) ** 2
+    ...   return jnp.sum(jnp.where(mask, err, 0)) / jnp.sum(mask), jaxbn.training.LossAux()
+    >>> opt = optax.sgd(0.1)
+    >>> step = jaxbn.training.full_batch_step(loss_fn, opt, micro_batch_size=3)
+    >>> data = {"x": jnp.arange(20.0).reshape(10, 2) / 10, "y": jnp.ones(10)}
+    >>> state = jaxbn.training.TrainState.create({"w": jnp.zeros(2)}, {}, opt)
+    >>> state, metrics = step(state, data)
+    >>> int(state.step), bool(metrics.skipped)
+    (1, False)
+  """
+  fn = "jaxbn.training.full_batch_step"
+  if micro_batch_size is not None and (not isinstance(micro_batch_size, int) or micro_batch_size <= 0):
+    raise ValueError(f"{fn}: micro_batch_size must be a positive int or None, got {micro_batch_size!r}.")
+
+  def step(state: TrainState, data: Any) -> tuple[TrainState, StepMetrics]:
+    n = _num_rows(fn, data)
+    m = n if micro_batch_size is None else min(micro_batch_size, n)
+    k = math.ceil(n / m)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def micro(carry, i):
+      grads_acc, loss_acc = carry
+      start = jnp.minimum(i * m, n - m)
+      rows = start + jnp.arange(m)
+      mask = rows >= i * m  # the last slice re-reads rows of the one before: mask them
+      batch = jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, start, m, axis=0), data)
+      (loss, aux), grads = grad_fn(state.params, state.batch_stats, batch, mask)
+      w = jnp.sum(mask).astype(jnp.float32) / n
+      grads_acc = jax.tree.map(lambda acc, g: acc + w * g.astype(jnp.float32), grads_acc, grads)
+      return (grads_acc, loss_acc + w * loss.astype(jnp.float32)), (aux, w)
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), state.params)
+    (grads, loss), (aux, weights) = lax.scan(micro, (zeros, jnp.zeros((), jnp.float32)), jnp.arange(k))
+    grads = jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), grads, state.params)
+
+    batch_stats = state.batch_stats
+    if aux.stats is not None:
+      if update_batch_stats is None:
+        raise ValueError(
+          f"{fn}: the loss function returns batch statistics (LossAux.stats) but no update_batch_stats "
+          "was given to fold them into the running statistics. Pass update_batch_stats=..., or build "
+          "the loss with jaxbn.training.linen_loss, which provides it."
+        )
+      merged = jax.tree.map(lambda s: _stats.merge_stacked(s), aux.stats, is_leaf=lambda s: isinstance(s, _stats.Stats))
+      batch_stats = update_batch_stats(state.batch_stats, merged)
+    extra = None if aux.metrics is None else jax.tree.map(lambda v: jnp.tensordot(weights, v, axes=1), aux.metrics)
+
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if guard:
+      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+      params = keep(params, state.params)
+      opt_state = keep(opt_state, state.opt_state)
+      batch_stats = keep(batch_stats, state.batch_stats)
+      applied = finite
+    else:
+      applied = jnp.bool_(True)
+    new_state = TrainState(
+      params,
+      batch_stats,
+      opt_state,
+      state.step + applied.astype(jnp.int32),
+      state.skipped + (~applied).astype(jnp.int32),
+    )
+    metrics = StepMetrics(loss, grad_norm, optax.tree.norm(updates), ~applied, extra)
+    return new_state, metrics
+
+  if not jit:
+    return step
+  return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+# ---- Flax linen adapter ---------------------------------------------------------------------
+
+
+def _is_batch_norm(module: Any) -> bool:
+  if isinstance(module, nn.BatchNorm):
+    return True
+  try:
+    from jaxbn.linen import BatchNorm as JaxbnBatchNorm
+  except ImportError:  # pragma: no cover
+    return False
+  return isinstance(module, JaxbnBatchNorm)
+
+
+def linen_loss(
+  model: nn.Module,
+  loss: Callable[[Any, Any], jax.Array],
+  *,
+  inputs: str = "x",
+  targets: str = "y",
+  metrics: Callable[[Any, Any], Any] | None = None,
+  **apply_kwargs: Any,
+) -> LossFn:
+  """A :func:`full_batch_step` loss function for a ``flax.linen`` model with batch norm.
+
+  Every ``flax.linen.BatchNorm`` / ``jaxbn.linen.BatchNorm`` called in training mode receives the
+  micro-batch's row mask (combined with any mask the model passes), and its exact statistics are
+  reported so that the step updates the running statistics once, from all micro-batches, with
+  the layer's own momentum and running-average convention.
+
+  Args:
+    model: the linen module; called as ``model.apply(variables, batch[inputs], **apply_kwargs)``.
+    loss: ``loss(outputs, batch[targets]) -> per-example losses`` with a leading example axis,
+      e.g. ``optax.softmax_cross_entropy_with_integer_labels``.
+    inputs: key of the inputs in each batch.
+    targets: key of the targets in each batch.
+    metrics: optional ``metrics(outputs, batch[targets]) -> pytree of per-example values``,
+      averaged over valid rows into ``StepMetrics.extra`` (e.g. accuracy).
+    **apply_kwargs: passed to ``model.apply`` for training, e.g. ``train=True``.
+
+  Returns:
+    The loss function, with ``update_batch_stats`` attached as an attribute; pass both to
+    :func:`full_batch_step` (``full_batch_step(f, opt, update_batch_stats=f.update_batch_stats)``).
+  """
+  layers: dict[tuple[str, ...], Any] = {}
+
+  def loss_fn(params, batch_stats, batch, mask):
+    collected: dict[tuple[str, ...], _stats.Stats] = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+      module = context.module
+      if context.method_name != "__call__" or not _is_batch_norm(module):
+        return next_fun(*args, **kwargs)
+      use_ra = kwargs.get("use_running_average", args[1] if len(args) > 1 else None)
+      use_ra = module.use_running_average if use_ra is None else use_ra
+      if use_ra or module.is_initializing():
+        return next_fun(*args, **kwargs)
+      x = jnp.asarray(args[0])
+      rows = mask.reshape(mask.shape + (1,) * (x.ndim - 1))
+      given = kwargs.get("mask")
+      full = rows if given is None else jnp.logical_and(rows, jnp.asarray(given) != 0)
+      kwargs = {**kwargs, "mask": full}
+      path = tuple(module.path)
+      if path in collected:
+        raise ValueError(
+          f"jaxbn.training.linen_loss: the batch norm at {'/'.join(path)} is called more than once per "
+          "forward pass; its running statistics cannot be updated once per step."
+        )
+      axes = tuple(sorted(a % x.ndim for a in np.atleast_1d(module.axis)))
+      collected[path] = _stats.compute_stats(
+        x, axes, mask=full, axis_name=module.axis_name, axis_index_groups=module.axis_index_groups
+      )
+      layers[path] = module
+      return next_fun(*args, **kwargs)
+
+    variables = {"params": params}
+    if batch_stats:
+      variables["batch_stats"] = batch_stats
+    with nn.intercept_methods(interceptor):
+      out = model.apply(variables, batch[inputs], mutable=["batch_stats"], **apply_kwargs)[0]
+    per_example = loss(out, batch[targets])
+    valid = mask.reshape(mask.shape + (1,) * (per_example.ndim - 1))
+    count = jnp.maximum(jnp.sum(mask), 1)
+    value = jnp.sum(jnp.where(valid, per_example, 0)) / (count * (per_example.size // per_example.shape[0]))
+    extra = None
+    if metrics is not None:
+      extra = jax.tree.map(
+        lambda v: jnp.sum(jnp.where(mask.reshape(mask.shape + (1,) * (v.ndim - 1)), v, 0)) / count,
+        metrics(out, batch[targets]),
+      )
+    return value, LossAux(stats=collected or None, metrics=extra)
+
+  def update_batch_stats(batch_stats, merged):
+    new = jax.tree.map(lambda v: v, batch_stats)  # a copy we can assign into
+    for path, stats in merged.items():
+      module = layers[path]
+      node = new
+      for name in path:
+        node = node[name]
+      old = BatchNormState(node["mean"], node["var"], node.get("count", jnp.zeros((), jnp.int32)))
+      state = update_running_stats(
+        old,
+        stats,
+        momentum=module.momentum,
+        running_average=getattr(module, "running_average", "ema"),
+        unbiased_running_var=getattr(module, "unbiased_running_var", False),
+      )
+      node["mean"], node["var"] = state.mean, state.var
+      if "count" in node:
+        node["count"] = state.count
+    return new
+
+  loss_fn.update_batch_stats = update_batch_stats
+  return loss_fn
+
+
+def minibatch_epoch(
+  step: Callable[[TrainState, Any], tuple[TrainState, StepMetrics]],
+  state: TrainState,
+  data: Any,
+  *,
+  batch_size: int,
+  key: jax.Array,
+) -> tuple[TrainState, list[StepMetrics]]:
+  """One epoch of mini-batch SGD with the same step: shuffle, then one update per batch.
+
+  The last batch holds the remainder (never dropped); it has another size, so it compiles once.
+  Use a step built with ``micro_batch_size=None`` (or >= ``batch_size``) for plain mini-batch SGD.
+  """
+  n = _num_rows("jaxbn.training.minibatch_epoch", data)
+  if not isinstance(batch_size, int) or batch_size <= 0:
+    raise ValueError(f"jaxbn.training.minibatch_epoch: batch_size must be a positive int, got {batch_size!r}.")
+  order = jax.random.permutation(key, n)
+  history = []
+  for start in range(0, n, batch_size):
+    batch = jax.tree.map(lambda a, idx=order[start : start + batch_size]: a[idx], data)
+    state, metrics = step(state, batch)
+    history.append(metrics)
+  return state, history

@@ -1,0 +1,205 @@
+"""jaxbn.training: exact accumulated full-batch gradients, batch-norm state, guard, devices, tracing."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxbn
+from jaxbn.training import LossAux, TrainState, full_batch_step, linen_loss, minibatch_epoch
+
+
+def _data(n=10, d=3, classes=4, seed=0):
+  rng = np.random.default_rng(seed)
+  return {
+    "x": jnp.asarray(rng.normal(2.0, 1.5, (n, d)), jnp.float32),
+    "y": jnp.asarray(rng.integers(0, classes, n), jnp.int32),
+  }
+
+
+class MLP(nn.Module):
+  norm: type | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    x = nn.Dense(8, use_bias=self.norm is None)(x)
+    if self.norm is not None:
+      x = self.norm(use_running_average=not train, momentum=0.8)(x)
+    x = nn.tanh(x)
+    x = nn.Dense(8)(x)
+    if self.norm is not None:
+      x = self.norm(use_running_average=not train, momentum=0.8)(x)
+    return nn.Dense(4)(nn.tanh(x))
+
+
+xent = optax.softmax_cross_entropy_with_integer_labels
+
+
+def _setup(norm=None, opt=None, **kw):
+  model = MLP(norm)
+  variables = model.init(jax.random.key(0), _data()["x"], train=False)
+  opt = opt or optax.sgd(0.1, momentum=0.9)
+  loss_fn = linen_loss(model, xent, train=True)
+  step = full_batch_step(loss_fn, opt, update_batch_stats=loss_fn.update_batch_stats, **kw)
+  return model, variables, opt, step
+
+
+@pytest.mark.parametrize("micro", [1, 3, 4, 10, None])
+def test_without_batch_norm_equals_one_step_on_the_whole_dataset(micro):
+  data = _data()
+  model, variables, opt, step = _setup(micro_batch_size=micro)
+  state = TrainState.create(variables["params"], {}, opt)
+
+  def whole(params):
+    return jnp.mean(xent(model.apply({"params": params}, data["x"]), data["y"]))
+
+  loss, grads = jax.value_and_grad(whole)(variables["params"])
+  updates, _ = opt.update(grads, opt.init(variables["params"]), variables["params"])
+  want = optax.apply_updates(variables["params"], updates)
+  state, metrics = step(state, data)
+  np.testing.assert_allclose(metrics.loss, loss, rtol=1e-5)
+  np.testing.assert_allclose(metrics.grad_norm, optax.tree.norm(grads), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("norm", [jaxbn.linen.BatchNorm, nn.BatchNorm], ids=["jaxbn", "flax"])
+def test_batch_norm_ghost_gradients_and_one_exact_running_update(norm):
+  # 10 rows in micro-batches of 4: [0:4], [4:8] and [8:10] (read as [6:10] with rows 6, 7 masked).
+  data = _data()
+  model, variables, opt, step = _setup(norm, opt=optax.sgd(0.1), micro_batch_size=4)
+  params, stats = variables["params"], variables["batch_stats"]
+  state = TrainState.create(params, stats, opt)
+  new_state, metrics = step(state, data)
+
+  parts = [slice(0, 4), slice(4, 8), slice(8, 10)]
+
+  def part_loss(p, sl):
+    out, _ = model.apply({"params": p, "batch_stats": stats}, data["x"][sl], mutable=["batch_stats"])
+    return jnp.mean(xent(out, data["y"][sl]))
+
+  weights = [(sl.stop - sl.start) / 10 for sl in parts]
+  grads = [jax.grad(part_loss)(params, sl) for sl in parts]
+  mean_grad = jax.tree.map(lambda *g: sum(w * gi for w, gi in zip(weights, g)), *grads)
+  want = jax.tree.map(lambda p, g: p - 0.1 * g, params, mean_grad)
+  for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(metrics.loss, sum(w * part_loss(params, sl) for w, sl in zip(weights, parts)), rtol=1e-5)
+
+  # The first batch norm sees Dense_0(x): its running statistics move once, towards the statistics
+  # of ALL 10 rows, not towards an EMA over the three micro-batches.
+  h = data["x"] @ params["Dense_0"]["kernel"]
+  bn0 = new_state.batch_stats["BatchNorm_0"]
+  np.testing.assert_allclose(bn0["mean"], 0.2 * np.asarray(h).mean(0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(bn0["var"], 0.8 + 0.2 * np.asarray(h).var(0), rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_step_changes_nothing():
+  data = _data()
+  _, variables, opt, step = _setup(jaxbn.linen.BatchNorm, opt=optax.adam(1e-2), micro_batch_size=4, donate=False)
+  state = TrainState.create(variables["params"], variables["batch_stats"], opt)
+  state, _ = step(state, data)  # one good step so that every part of the state is non-trivial
+  bad = {**data, "x": data["x"].at[5, 1].set(jnp.nan)}
+  new_state, metrics = step(state, bad)
+  assert bool(metrics.skipped) and int(new_state.skipped) == 1 and int(new_state.step) == int(state.step) == 1
+  for a, b in zip(jax.tree.leaves((new_state.params, new_state.opt_state, new_state.batch_stats)),
+                  jax.tree.leaves((state.params, state.opt_state, state.batch_stats))):  # fmt: skip
+    np.testing.assert_array_equal(a, b)
+  # Without the guard the NaN reaches the batch statistics, as it does in Flax's ImageNet example.
+  _, _, _, unguarded = _setup(
+    jaxbn.linen.BatchNorm, opt=optax.adam(1e-2), micro_batch_size=4, guard=False, donate=False
+  )
+  corrupted, _ = unguarded(state, bad)
+  assert not np.all(np.isfinite(corrupted.batch_stats["BatchNorm_0"]["mean"]))
+
+
+def test_no_retracing_and_donated_state():
+  traces = []
+  data = _data()
+  model = MLP(jaxbn.linen.BatchNorm)
+  variables = model.init(jax.random.key(0), data["x"], train=False)
+  base = linen_loss(model, xent, train=True)
+
+  def counting_loss(*args):
+    traces.append(1)
+    return base(*args)
+
+  opt = optax.sgd(0.1)
+  step = full_batch_step(counting_loss, opt, micro_batch_size=4, update_batch_stats=base.update_batch_stats)
+  state = TrainState.create(variables["params"], variables["batch_stats"], opt)
+  for _ in range(3):
+    old = state
+    state, _ = step(state, data)
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves(old.params))
+  assert len(traces) == 1
+
+
+def test_sharded_data_on_eight_devices_equals_one_device():
+  data = _data(n=32)
+  _, variables, opt, step = _setup(jaxbn.linen.BatchNorm, micro_batch_size=8, donate=False)
+  state = TrainState.create(variables["params"], variables["batch_stats"], opt)
+  want, want_metrics = step(state, data)
+  mesh = jax.make_mesh((8,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
+  sharded = jax.device_put(data, NamedSharding(mesh, P("batch")))
+  got, got_metrics = step(state, sharded)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got_metrics.loss, want_metrics.loss, rtol=1e-6)
+
+
+def test_accumulates_in_float32_for_bfloat16_parameters():
+  data = _data()
+  model = MLP()
+  params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), model.init(jax.random.key(0), data["x"])["params"])
+  opt = optax.sgd(0.1)
+  step = full_batch_step(linen_loss(model, xent), opt, micro_batch_size=3, donate=False)
+  state, metrics = step(TrainState.create(params, {}, opt), data)
+  assert jax.tree.leaves(state.params)[0].dtype == jnp.bfloat16 and np.isfinite(metrics.loss)
+
+
+def test_metrics_are_count_weighted_means():
+  data = _data()
+  model, variables, opt, _ = _setup()
+  accuracy = lambda out, y: (jnp.argmax(out, -1) == y).astype(jnp.float32)
+  loss_fn = linen_loss(model, xent, metrics=accuracy)
+  step = full_batch_step(loss_fn, opt, micro_batch_size=4, donate=False)
+  state = TrainState.create(variables["params"], {}, opt)
+  _, metrics = step(state, data)
+  want = np.mean(np.argmax(model.apply(variables, data["x"]), -1) == np.asarray(data["y"]))
+  np.testing.assert_allclose(metrics.extra, want, rtol=1e-6)
+
+
+def test_minibatch_epoch_visits_every_example_once():
+  data = _data(n=10)
+  seen = []
+
+  def loss_fn(params, batch_stats, batch, mask):
+    jax.debug.callback(lambda v: seen.extend(np.asarray(v).tolist()), batch["x"][:, 0])
+    return jnp.mean((batch["x"] @ params["w"]) ** 2), LossAux()
+
+  opt = optax.sgd(0.01)
+  step = full_batch_step(loss_fn, opt)
+  state, history = minibatch_epoch(
+    step, TrainState.create({"w": jnp.ones(3)}, {}, opt), data, batch_size=4, key=jax.random.key(1)
+  )
+  assert len(history) == 3 and int(state.step) == 3
+  np.testing.assert_allclose(sorted(seen), sorted(np.asarray(data["x"][:, 0]).tolist()), rtol=1e-6)
+
+
+def test_errors():
+  opt = optax.sgd(0.1)
+  with pytest.raises(ValueError, match=r"jaxbn.training.full_batch_step: micro_batch_size must be a positive int"):
+    full_batch_step(lambda *a: (0.0, LossAux()), opt, micro_batch_size=0)
+  model, variables, _, _ = _setup(jaxbn.linen.BatchNorm)
+  step = full_batch_step(linen_loss(model, xent, train=True), opt)
+  state = TrainState.create(variables["params"], variables["batch_stats"], opt)
+  with pytest.raises(ValueError, match=r"no update_batch_stats was given"):
+    step(state, _data())
+  with pytest.raises(ValueError, match=r"same leading \(example\) dimension"):
+    step(state, {"x": jnp.ones((4, 3)), "y": jnp.ones(5, jnp.int32)})
+  with pytest.raises(ValueError, match=r"batch_size must be a positive int"):
+    minibatch_epoch(step, state, _data(), batch_size=0, key=jax.random.key(0))
