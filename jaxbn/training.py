@@ -25,6 +25,7 @@ References:
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -38,7 +39,16 @@ from jax import lax
 from jaxbn import stats as _stats
 from jaxbn.functional import BatchNormState, update_running_stats
 
-__all__ = ["LossAux", "StepMetrics", "TrainState", "full_batch_step", "linen_loss", "minibatch_epoch"]
+__all__ = [
+  "LossAux",
+  "StepMetrics",
+  "TrainState",
+  "full_batch_step",
+  "linen_loss",
+  "minibatch_epoch",
+  "restore_checkpoint",
+  "save_checkpoint",
+]
 
 
 class TrainState(NamedTuple):
@@ -355,3 +365,36 @@ def minibatch_epoch(
     state, metrics = step(state, batch)
     history.append(metrics)
   return state, history
+
+
+# ---- checkpoints ----------------------------------------------------------------------------
+
+
+def save_checkpoint(path: str, state: TrainState) -> None:
+  """Saves the whole ``TrainState`` (params, batch statistics, optimizer state, counters) with Orbax.
+
+  ``path`` must not exist yet; the call returns once the checkpoint is on disk.
+  """
+  import orbax.checkpoint as ocp
+
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.abspath(path), state)
+  checkpointer.wait_until_finished()
+
+
+def restore_checkpoint(path: str, like: TrainState) -> TrainState:
+  """Restores a ``TrainState`` saved by :func:`save_checkpoint`.
+
+  Args:
+    path: the checkpoint's directory.
+    like: a state with the same structure, shapes and dtypes (e.g. a fresh ``TrainState.create``);
+      its values are not used, its shardings are.
+
+  Returns:
+    The saved state, bit for bit, with the tree structure (NamedTuples included) of ``like``.
+  """
+  import orbax.checkpoint as ocp
+
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+  restored = ocp.StandardCheckpointer().restore(os.path.abspath(path), target)
+  return jax.tree.unflatten(jax.tree.structure(like), jax.tree.leaves(restored))
