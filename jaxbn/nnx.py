@@ -27,8 +27,11 @@ from jaxbn.stats import Stats, merge
 
 __all__ = ["BatchNorm"]
 
-# Set by jaxbn.recalibrate while it traces a model: training-mode calls add their batch statistics.
-_MOMENTS_SINK: contextvars.ContextVar[dict[int, Stats] | None] = contextvars.ContextVar("jaxbn_moments", default=None)
+# Set by jaxbn.recalibrate and jaxbn.training while they trace a model: training-mode calls add their
+# batch statistics to the sink and restrict them to the valid rows, when a row mask is given.
+_MOMENTS_SINK: contextvars.ContextVar[tuple[dict[int, Stats], jax.Array | None] | None] = contextvars.ContextVar(
+  "jaxbn_moments", default=None
+)
 
 
 _ZEROS = initializers.zeros_init()
@@ -36,10 +39,14 @@ _ONES = initializers.ones_init()
 
 
 @contextlib.contextmanager
-def collect_moments() -> Iterator[dict[int, Stats]]:
-  """Within the block, training-mode calls record their batch ``Stats`` under ``id(module)``."""
+def collect_moments(row_mask: jax.Array | None = None) -> Iterator[dict[int, Stats]]:
+  """Within the block, training-mode calls record their batch ``Stats`` under ``id(module)``.
+
+  With ``row_mask`` (a boolean vector over the leading axis of the inputs), training-mode calls
+  also use only the marked rows for their statistics, combined with any ``mask`` they are given.
+  """
   sink: dict[int, Stats] = {}
-  token = _MOMENTS_SINK.set(sink)
+  token = _MOMENTS_SINK.set((sink, row_mask))
   try:
     yield sink
   finally:
@@ -210,7 +217,10 @@ class BatchNorm(nnx.Module):
       mask = jnp.asarray(mask, bool)
     has_count = isinstance(getattr(self, "count", None), nnx.BatchStat)
     count = self.count[...] if has_count else jnp.zeros((), jnp.int32)
-    sink = _MOMENTS_SINK.get()
+    sink, row_mask = _MOMENTS_SINK.get() or (None, None)
+    if row_mask is not None and not use_running_average:
+      rows = row_mask.reshape(row_mask.shape + (1,) * (x.ndim - 1))
+      mask = rows if mask is None else jnp.logical_and(mask, rows)
     y, new_state, stats = variants.module_forward(
       fn,
       x,

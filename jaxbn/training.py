@@ -46,6 +46,7 @@ __all__ = [
   "full_batch_step",
   "linen_loss",
   "minibatch_epoch",
+  "nnx_loss",
   "restore_checkpoint",
   "save_checkpoint",
 ]
@@ -127,6 +128,7 @@ def full_batch_step(
   guard: bool = True,
   donate: bool = True,
   jit: bool = True,
+  axis_name: Any = None,
 ) -> Callable[[TrainState, Any], tuple[TrainState, StepMetrics]]:
   """A compiled step that applies one update with the exact mean gradient over all of ``data``.
 
@@ -143,6 +145,11 @@ def full_batch_step(
     guard: skip a step whose loss or gradient is not finite, changing nothing but ``skipped``.
     donate: donate the incoming state's buffers to the new state (do not reuse the old state).
     jit: return the step compiled with ``jax.jit`` (False to wrap it yourself, e.g. in pmap).
+    axis_name: for pmap-style code (``jax.pmap(step, axis_name=...)`` with ``jit=False``, or
+      ``jax.shard_map``): ``data`` is this device's shard, and the loss, gradient and metrics are
+      reduced over the named axis so every device applies the same full-batch update. Batch norms
+      that should use global statistics need the same ``axis_name`` themselves. The primary
+      multi-device path needs none of this: ``jax.jit`` with ``data`` sharded over a mesh.
 
   Returns:
     ``step(state, data) -> (new_state, StepMetrics)``.
@@ -171,6 +178,7 @@ def full_batch_step(
     n = _num_rows(fn, data)
     m = n if micro_batch_size is None else min(micro_batch_size, n)
     k = math.ceil(n / m)
+    total = n if axis_name is None else lax.psum(jnp.float32(n), axis_name)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def micro(carry, i):
@@ -180,12 +188,14 @@ def full_batch_step(
       mask = rows >= i * m  # the last slice re-reads rows of the one before: mask them
       batch = jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, start, m, axis=0), data)
       (loss, aux), grads = grad_fn(state.params, state.batch_stats, batch, mask)
-      w = jnp.sum(mask).astype(jnp.float32) / n
+      w = jnp.sum(mask).astype(jnp.float32) / total
       grads_acc = jax.tree.map(lambda acc, g: acc + w * g.astype(jnp.float32), grads_acc, grads)
       return (grads_acc, loss_acc + w * loss.astype(jnp.float32)), (aux, w)
 
     zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), state.params)
     (grads, loss), (aux, weights) = lax.scan(micro, (zeros, jnp.zeros((), jnp.float32)), jnp.arange(k))
+    if axis_name is not None:
+      grads, loss, weights = _reduce_over_devices(grads, state.params, loss, weights, data, axis_name)
     grads = jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), grads, state.params)
 
     batch_stats = state.batch_stats
@@ -199,6 +209,8 @@ def full_batch_step(
       merged = jax.tree.map(lambda s: _stats.merge_stacked(s), aux.stats, is_leaf=lambda s: isinstance(s, _stats.Stats))
       batch_stats = update_batch_stats(state.batch_stats, merged)
     extra = None if aux.metrics is None else jax.tree.map(lambda v: jnp.tensordot(weights, v, axes=1), aux.metrics)
+    if axis_name is not None and extra is not None:
+      extra = lax.psum(extra, axis_name)
 
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -225,6 +237,24 @@ def full_batch_step(
   if not jit:
     return step
   return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+def _reduce_over_devices(grads, params, loss, weights, data, axis_name):
+  """Sums the devices' weighted contributions (each device's weights are its share of all rows).
+
+  Under ``jax.shard_map``, autodiff already sums the gradient of a parameter that is the same on
+  every device over the axes the data varies over; under ``jax.pmap`` it does not.
+  """
+  from jaxbn._fused import _varying
+
+  data_axes = frozenset().union(*(_varying(leaf) for leaf in jax.tree.leaves(data)))
+  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+
+  def reduce(g, p):
+    missing = tuple(a for a in names if not (a in data_axes and a not in _varying(p)))
+    return lax.psum(g, missing) if missing else g
+
+  return jax.tree.map(reduce, grads, params), lax.psum(loss, axis_name), weights
 
 
 # ---- Flax linen adapter ---------------------------------------------------------------------
@@ -365,6 +395,101 @@ def minibatch_epoch(
     state, metrics = step(state, batch)
     history.append(metrics)
   return state, history
+
+
+# ---- Flax NNX adapter -----------------------------------------------------------------------
+
+
+def nnx_loss(
+  model: Any,
+  loss: Callable[[Any, Any], jax.Array],
+  *,
+  inputs: str = "x",
+  targets: str = "y",
+  metrics: Callable[[Any, Any], Any] | None = None,
+) -> LossFn:
+  """A :func:`full_batch_step` loss function for a ``flax.nnx`` model whose batch norms are jaxbn's.
+
+  The step works on the model's state as pure pytrees: ``params = nnx.state(model, nnx.Param)`` and
+  ``batch_stats = nnx.state(model, nnx.BatchStat)`` (``loss_fn.init_state(optimizer)`` builds the
+  ``TrainState``); write a trained state back with ``nnx.update(model, state.params,
+  state.batch_stats)``. Every :class:`jaxbn.nnx.BatchNorm` runs in training mode on the micro-batch's
+  valid rows and reports its exact statistics, so the running statistics are updated once per step.
+  Other state of the model (e.g. RNG streams) is held fixed.
+
+  Args:
+    model: the ``nnx.Module``; called as ``model(batch[inputs])``.
+    loss: ``loss(outputs, batch[targets]) -> per-example losses``.
+    inputs: key of the inputs in each batch.
+    targets: key of the targets in each batch.
+    metrics: optional ``metrics(outputs, batch[targets]) -> pytree of per-example values``.
+
+  Returns:
+    The loss function, with ``update_batch_stats`` and ``init_state(optimizer)`` attached.
+
+  Raises:
+    TypeError: the model holds a ``flax.nnx.BatchNorm``, whose statistics cannot be merged exactly.
+  """
+  from flax import nnx
+
+  from jaxbn.nnx import BatchNorm, collect_moments
+
+  for path, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.BatchNorm):
+      raise TypeError(
+        f"jaxbn.training.nnx_loss: the model's batch norm at {'/'.join(map(str, path))} is flax.nnx.BatchNorm; "
+        "replace it with jaxbn.nnx.BatchNorm (same arguments and variables) so that its statistics can be "
+        "merged exactly over micro-batches."
+      )
+  graphdef, params, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+
+  def layers(m):
+    return [(tuple(path), node) for path, node in nnx.iter_graph(m) if isinstance(node, BatchNorm)]
+
+  def fresh(*states):
+    # Rebuild the variables at the current trace level: NNX forbids mutating a variable created
+    # at another one (the state arrives from the jitted step, the mutation happens under grad).
+    return [jax.tree.map(lambda a: a, st) for st in states]
+
+  def loss_fn(params, batch_stats, batch, mask):
+    m = nnx.merge(graphdef, *fresh(params, batch_stats, rest))
+    m.train()
+    with collect_moments(row_mask=mask) as sink:
+      out = m(batch[inputs])
+    collected = {path: sink[id(node)] for path, node in layers(m) if id(node) in sink}
+    per_example = loss(out, batch[targets])
+    valid = mask.reshape(mask.shape + (1,) * (per_example.ndim - 1))
+    count = jnp.maximum(jnp.sum(mask), 1)
+    value = jnp.sum(jnp.where(valid, per_example, 0)) / (count * (per_example.size // per_example.shape[0]))
+    extra = None
+    if metrics is not None:
+      extra = jax.tree.map(
+        lambda v: jnp.sum(jnp.where(mask.reshape(mask.shape + (1,) * (v.ndim - 1)), v, 0)) / count,
+        metrics(out, batch[targets]),
+      )
+    return value, LossAux(stats=collected or None, metrics=extra)
+
+  def update_batch_stats(batch_stats, merged):
+    m = nnx.merge(graphdef, *fresh(params, batch_stats, rest))
+    for path, node in layers(m):
+      if path not in merged:
+        continue
+      count = node.count[...] if isinstance(getattr(node, "count", None), nnx.BatchStat) else jnp.zeros((), jnp.int32)
+      state = update_running_stats(
+        BatchNormState(node.mean[...], node.var[...], count),
+        merged[path],
+        momentum=node.momentum,
+        running_average=node.running_average,
+        unbiased_running_var=node.unbiased_running_var,
+      )
+      node.mean[...], node.var[...] = state.mean, state.var
+      if isinstance(getattr(node, "count", None), nnx.BatchStat):
+        node.count[...] = state.count
+    return nnx.state(m, nnx.BatchStat)
+
+  loss_fn.update_batch_stats = update_batch_stats
+  loss_fn.init_state = lambda optimizer: TrainState.create(params, batch_stats, optimizer)
+  return loss_fn
 
 
 # ---- checkpoints ----------------------------------------------------------------------------

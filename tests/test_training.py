@@ -1,5 +1,7 @@
 """jaxbn.training: exact accumulated full-batch gradients, batch-norm state, guard, devices, tracing."""
 
+from functools import partial
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -203,3 +205,82 @@ def test_errors():
     step(state, {"x": jnp.ones((4, 3)), "y": jnp.ones(5, jnp.int32)})
   with pytest.raises(ValueError, match=r"batch_size must be a positive int"):
     minibatch_epoch(step, state, _data(), batch_size=0, key=jax.random.key(0))
+
+
+def test_nnx_model_trains_like_the_same_linen_model():
+  from flax import nnx
+
+  class NnxMLP(nnx.Module):
+    def __init__(self, rngs):
+      self.d0 = nnx.Linear(3, 8, use_bias=False, rngs=rngs)
+      self.bn0 = jaxbn.nnx.BatchNorm(8, momentum=0.8, rngs=rngs)
+      self.d1 = nnx.Linear(8, 8, rngs=rngs)
+      self.bn1 = jaxbn.nnx.BatchNorm(8, momentum=0.8, rngs=rngs)
+      self.d2 = nnx.Linear(8, 4, rngs=rngs)
+
+    def __call__(self, x):
+      return self.d2(nnx.tanh(self.bn1(self.d1(nnx.tanh(self.bn0(self.d0(x)))))))
+
+  data = _data()
+  nnx_model = NnxMLP(nnx.Rngs(0))
+  _, variables, opt, step = _setup(jaxbn.linen.BatchNorm, opt=optax.sgd(0.1), micro_batch_size=4, donate=False)
+  # Same weights in both.
+  p = variables["params"]
+  nnx_model.d0.kernel[...] = p["Dense_0"]["kernel"]
+  nnx_model.d1.kernel[...], nnx_model.d1.bias[...] = p["Dense_1"]["kernel"], p["Dense_1"]["bias"]
+  nnx_model.d2.kernel[...], nnx_model.d2.bias[...] = p["Dense_2"]["kernel"], p["Dense_2"]["bias"]
+  loss_fn = jaxbn.training.nnx_loss(nnx_model, xent)
+  nnx_step = full_batch_step(loss_fn, opt, micro_batch_size=4, update_batch_stats=loss_fn.update_batch_stats)
+  nnx_state = loss_fn.init_state(opt)
+  state = TrainState.create(variables["params"], variables["batch_stats"], opt)
+  for _ in range(2):
+    state, metrics = step(state, data)
+    nnx_state, nnx_metrics = nnx_step(nnx_state, data)
+    np.testing.assert_allclose(nnx_metrics.loss, metrics.loss, rtol=1e-5)
+  np.testing.assert_allclose(
+    nnx_state.params["d1"]["kernel"][...], state.params["Dense_1"]["kernel"], rtol=1e-5, atol=1e-6
+  )
+  np.testing.assert_allclose(
+    nnx_state.batch_stats["bn1"]["var"][...], state.batch_stats["BatchNorm_1"]["var"], rtol=1e-5
+  )
+  nnx.update(nnx_model, nnx_state.params, nnx_state.batch_stats)
+  np.testing.assert_allclose(nnx_model.bn0.mean[...], state.batch_stats["BatchNorm_0"]["mean"], rtol=1e-5, atol=1e-6)
+
+
+def test_nnx_loss_rejects_flax_batch_norm():
+  from flax import nnx
+
+  class Bad(nnx.Module):
+    def __init__(self):
+      self.bn = nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+
+  with pytest.raises(TypeError, match=r"jaxbn.training.nnx_loss: the model's batch norm at bn is flax.nnx.BatchNorm"):
+    jaxbn.training.nnx_loss(Bad(), xent)
+
+
+def test_pmap_style_step_on_eight_devices_equals_one_device():
+  # Device d holds rows d*4..d*4+3; micro-batches of 2 rows per device form global micro-batches of
+  # 16 rows: one device reproduces them with the rows reordered and micro_batch_size=16.
+  data = _data(n=32)
+  model = MLP(partial(jaxbn.linen.BatchNorm, axis_name="batch"))
+  variables = model.init(jax.random.key(0), data["x"], train=False)
+  opt = optax.sgd(0.1, momentum=0.9)
+  loss_fn = linen_loss(model, xent, train=True)
+  step = full_batch_step(
+    loss_fn, opt, micro_batch_size=2, update_batch_stats=loss_fn.update_batch_stats, jit=False, axis_name="batch"
+  )
+  state = TrainState.create(variables["params"], variables["batch_stats"], opt)
+  shards = jax.tree.map(lambda a: a.reshape((8, 4, *a.shape[1:])), data)
+  replicated = jax.tree.map(lambda a: jnp.broadcast_to(a, (8, *a.shape)), state)
+  got, metrics = jax.pmap(step, axis_name="batch")(replicated, shards)
+
+  one_model = MLP(jaxbn.linen.BatchNorm)
+  one_loss = linen_loss(one_model, xent, train=True)
+  one_step = full_batch_step(one_loss, opt, micro_batch_size=16, update_batch_stats=one_loss.update_batch_stats)
+  order = np.concatenate([[d * 4 + k * 2, d * 4 + k * 2 + 1] for k in (0, 1) for d in range(8)])
+  reordered = jax.tree.map(lambda a: a[order], data)
+  want, want_metrics = one_step(TrainState.create(variables["params"], variables["batch_stats"], opt), reordered)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a[0], b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a[7], b, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(metrics.loss[0], want_metrics.loss, rtol=1e-5)
