@@ -8,6 +8,7 @@ Flax modules live in ``jaxbn.linen`` and ``jaxbn.nnx``, Optax transformations in
 from jaxbn import linen as linen
 from jaxbn import nnx as nnx
 from jaxbn import training as training
+from jaxbn import transforms as transforms
 from jaxbn.functional import BatchNormState as BatchNormState
 from jaxbn.functional import batch_norm as batch_norm
 from jaxbn.functional import init_state as init_state
@@ -45,4 +46,5 @@ __all__ = [
   "renorm_schedule",
   "sync_state",
   "training",
+  "transforms",
 ]
