@@ -1,0 +1,165 @@
+"""Helpers shared by the examples: devices, data, progress bars, tables and plots.
+
+Nothing here is part of jaxbn; copy what you need. Importing this module does not initialise JAX's
+backend, so :func:`use_devices` can still create virtual CPU devices when called first in ``main``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pathlib
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+# Published MNIST-1D test accuracies (Greydanus & Kobak, "Scaling Down Deep Learning with MNIST-1D",
+# ICML 2024), in percent.
+MNIST1D_PUBLISHED = (
+  ("logistic regression", 32.0),
+  ("MLP", 68.0),
+  ("CNN", 94.0),
+  ("GRU", 91.0),
+  ("human", 96.0),
+)
+
+
+def output_dir(name: str, out: str | os.PathLike | None) -> pathlib.Path:
+  """The folder an example writes to (``runs/<name>/`` by default), created if missing."""
+  path = pathlib.Path("runs", name) if out is None else pathlib.Path(out)
+  path.mkdir(parents=True, exist_ok=True)
+  return path
+
+
+def use_devices(n: int) -> list[Any]:
+  """The first ``n`` JAX devices; on CPU, ``n`` virtual devices are created if JAX has not started yet.
+
+  Args:
+    n: number of devices wanted, >= 1.
+
+  Returns:
+    A list of ``n`` devices.
+
+  Raises:
+    ValueError: fewer than ``n`` devices exist and JAX's backend is already initialised.
+  """
+  import jax
+
+  if n < 1:
+    raise ValueError(f"--devices must be >= 1, got {n}.")
+  if n > 1:
+    try:
+      # Only possible before the first JAX operation; afterwards JAX raises RuntimeError and the
+      # devices that exist are all there is.
+      jax.config.update("jax_num_cpu_devices", max(n, jax.config.jax_num_cpu_devices))
+    except RuntimeError:
+      pass
+  devices = jax.devices()
+  if len(devices) < n:
+    raise ValueError(
+      f"--devices {n} asked for more devices than JAX has ({len(devices)} {devices[0].platform} device(s)). "
+      "Consider one of the following options: 1. pass --devices "
+      f"{len(devices)} or fewer; 2. run the script in a fresh process, so that it can create virtual CPU "
+      f"devices; 3. set XLA_FLAGS=--xla_force_host_platform_device_count={n} before starting Python."
+    )
+  return devices[:n]
+
+
+def load_mnist1d() -> dict[str, np.ndarray]:
+  """MNIST-1D built locally: 4000 train and 1000 test sequences of length 40, float32 / int32.
+
+  The data set is the published one (``mnist1d``'s default arguments, seed 42). It is built once per
+  process (about 1-2 s) and the arrays are read-only. ``mnist1d.data.make_dataset`` reseeds NumPy's
+  global random generator; its state is restored afterwards so that the caller's NumPy randomness is
+  unaffected.
+
+  Returns:
+    A dict with ``x`` (4000, 40), ``y`` (4000,), ``x_test`` (1000, 40) and ``y_test`` (1000,).
+  """
+  return dict(_build_mnist1d())
+
+
+@functools.cache
+def _build_mnist1d() -> dict[str, np.ndarray]:
+  from mnist1d.data import get_dataset_args, make_dataset
+
+  rng_state = np.random.get_state()  # noqa: NPY002 (mnist1d uses the legacy global RNG)
+  try:
+    data = make_dataset(get_dataset_args())
+  finally:
+    np.random.set_state(rng_state)  # noqa: NPY002
+  arrays = {
+    "x": np.asarray(data["x"], np.float32),
+    "y": np.asarray(data["y"], np.int32),
+    "x_test": np.asarray(data["x_test"], np.float32),
+    "y_test": np.asarray(data["y_test"], np.int32),
+  }
+  for a in arrays.values():
+    a.flags.writeable = False
+  return arrays
+
+
+def progress(iterable: Iterable[Any], *, total: int, desc: str, enabled: bool = True) -> Any:
+  """A tqdm progress bar over ``iterable`` (or ``iterable`` itself when disabled)."""
+  from tqdm.auto import tqdm
+
+  return tqdm(iterable, total=total, desc=desc, disable=not enabled, dynamic_ncols=True)
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  """A plain-text table with right-aligned columns except the first."""
+  cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+  widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+
+  def line(row):
+    return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+
+  rule = "  ".join("-" * w for w in widths)
+  return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
+
+
+def pyplot():
+  """matplotlib's pyplot on the non-interactive Agg backend (works without a display)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  return plt
+
+
+def save_curve(
+  path: os.PathLike,
+  curves: dict[str, Sequence[float] | tuple[Sequence[float], Sequence[float]]],
+  *,
+  title: str,
+  xlabel: str = "step",
+  ylabel: str,
+  logy: bool = False,
+  hlines: dict[str, float] | None = None,
+) -> pathlib.Path:
+  """Writes a PNG with one line per entry of ``curves``, plus optional labelled horizontal lines.
+
+  Each curve is either its y values (plotted at x = 0, 1, ...) or an ``(xs, ys)`` pair.
+  """
+  plt = pyplot()
+  fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+  for label, curve in curves.items():
+    xs, ys = curve if isinstance(curve, tuple) else (np.arange(len(curve)), curve)
+    ax.plot(np.asarray(xs), np.asarray(ys, np.float64), label=label, linewidth=1.5)
+  styles = ("--", ":", "-.", (0, (5, 1, 1, 1)))
+  for i, (label, y) in enumerate((hlines or {}).items()):
+    ax.axhline(y, linestyle=styles[i % len(styles)], linewidth=1.0, color="gray", label=label)
+  if logy:
+    ax.set_yscale("log")
+  ax.set_title(title)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.grid(True, alpha=0.3)
+  if len(curves) + len(hlines or {}) > 1:
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return pathlib.Path(path)

@@ -1,0 +1,188 @@
+"""Smoke tests of the runnable examples at tiny sizes: outputs written, printed and returned numbers sane."""
+
+import contextlib
+import importlib.util
+import io
+import math
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+
+
+def _load(name: str):
+  """Imports examples/<name>.py as a module (the examples import their sibling ``_common``)."""
+  if str(EXAMPLES) not in sys.path:
+    sys.path.insert(0, str(EXAMPLES))
+  spec = importlib.util.spec_from_file_location(f"jaxbn_example_{name}", EXAMPLES / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture(scope="module")
+def full_batch():
+  return _load("full_batch_mnist1d")
+
+
+@pytest.fixture(scope="module")
+def seed_regression():
+  return _load("seed_regression")
+
+
+@pytest.fixture(scope="module")
+def explosion():
+  return _load("gradient_explosion")
+
+
+def _assert_pngs(paths, out):
+  assert paths and all(pathlib.Path(p).parent == pathlib.Path(out) for p in paths)
+  for p in paths:
+    data = pathlib.Path(p).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, p
+
+
+TINY_MNIST1D = ["--steps", "25", "--lr", "0.2", "--train-examples", "400", "--channels", "8", "--eval-every", "5"]
+
+
+@pytest.fixture(scope="module")
+def tiny_mnist1d_run(full_batch, tmp_path_factory):
+  """One tiny single-device run of the main job: (returned dict, printed text, output folder)."""
+  out = tmp_path_factory.mktemp("full_batch_one_device")
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    result = full_batch.main([*TINY_MNIST1D, "--no-progress", "--out", str(out)])
+  return result, printed.getvalue(), out
+
+
+def test_full_batch_mnist1d_trains_and_writes_outputs(tiny_mnist1d_run):
+  result, printed, out = tiny_mnist1d_run
+  _assert_pngs(result["plots"], out)
+  assert {pathlib.Path(p).name for p in result["plots"]} == {"loss.png", "grad_norm.png", "test_accuracy.png"}
+  lines = (out / "metrics.csv").read_text().splitlines()
+  assert lines[0] == "step,loss,grad_norm,train_accuracy,test_accuracy" and len(lines) == 26
+
+  loss, grad_norm = np.array(result["history"]["loss"]), np.array(result["history"]["grad_norm"])
+  assert loss.shape == grad_norm.shape == (25,) and np.all(np.isfinite(loss)) and np.all(grad_norm > 0)
+  assert loss[0] == pytest.approx(math.log(10), abs=0.5)  # ~chance at initialisation
+  assert loss[-1] < 0.8 * loss[0]
+  assert result["eval_steps"] == [5, 10, 15, 20, 25]
+  # 25 steps on 400 examples: above chance (10%) on the 1000 test examples, with running statistics.
+  assert 0.2 < result["test_accuracy"] <= 1.0
+  assert result["train_accuracy"] > 0.35
+
+  # The comparison with the published table is printed.
+  for name in ("logistic regression", "MLP", "CNN", "GRU", "human"):
+    assert f"{name} (published)" in printed
+  assert f"{100 * result['test_accuracy']:.1f}%" in printed
+
+
+def test_full_batch_mnist1d_sharded_batch_matches_one_device(full_batch, tiny_mnist1d_run, tmp_path):
+  # The full batch split over 4 devices (tests/conftest.py provides 8 virtual CPU devices) must follow
+  # the single-device trajectory: batch-norm statistics and gradients are over the global batch.
+  one, _, _ = tiny_mnist1d_run
+  four = full_batch.main([*TINY_MNIST1D, "--devices", "4", "--no-progress", "--out", str(tmp_path)])
+  assert one["devices"] == 1 and four["devices"] == 4
+  np.testing.assert_allclose(four["history"]["loss"], one["history"]["loss"], rtol=1e-4)
+  np.testing.assert_allclose(four["history"]["grad_norm"], one["history"]["grad_norm"], rtol=1e-3)
+  np.testing.assert_allclose(four["test_accuracy_history"], one["test_accuracy_history"], atol=2e-3)
+
+
+def test_full_batch_mnist1d_rejects_bad_device_counts(full_batch, tmp_path):
+  with pytest.raises(ValueError, match=r"--devices 64 asked for more devices than JAX has \(8 cpu"):
+    full_batch.main(["--devices", "64", "--out", str(tmp_path)])
+  with pytest.raises(ValueError, match=r"--devices 3 must divide the number of examples"):
+    full_batch.main(["--devices", "3", "--train-examples", "400", "--out", str(tmp_path)])
+
+
+def test_seed_regression_plain_diverges_batch_norm_converges(seed_regression, tmp_path, capsys):
+  result = seed_regression.main(["--out", str(tmp_path)])
+  printed = capsys.readouterr().out
+  _assert_pngs(result["plots"], tmp_path)
+  runs = result["runs"]
+  assert set(runs) == {"scale 10 / plain", "scale 10 / batch norm", "scale 1 / plain", "scale 1 / batch norm"}
+
+  for scale, xs in (("scale 10", [10, 20, 30, 40, 50]), ("scale 1", [1, 2, 3, 4, 5])):
+    plain, bn = runs[f"{scale} / plain"], runs[f"{scale} / batch norm"]
+    # Exact reference: the Hessian of mean((w x + b - y)^2) in (w, b) is 2 [[E x^2, E x], [E x, 1]].
+    x = np.asarray(xs, np.float64)
+    hessian = 2 * np.array([[np.mean(x**2), np.mean(x)], [np.mean(x), 1.0]])
+    assert plain["max_stable_lr"] == pytest.approx(2 / np.linalg.eigvalsh(hessian).max(), rel=1e-4)
+    assert bn["max_stable_lr"] == pytest.approx(1.0, rel=1e-3)  # Hessian 2 I on normalized inputs
+    assert plain["diverged"] and not bn["diverged"]
+    assert plain["initial_loss"] == bn["initial_loss"] == pytest.approx(np.mean(x**2))
+    # GD on a quadratic with Hessian 2 I at lr 0.1 contracts the error by 0.8 per step: loss x 0.64.
+    assert bn["losses"][10] == pytest.approx(bn["losses"][0] * 0.64**10, rel=1e-3)
+    assert bn["final_loss"] < 1e-6 * bn["initial_loss"]
+    # With the running (cumulative) statistics the trained model predicts y = x.
+    np.testing.assert_allclose(bn["eval_predictions"], x, rtol=1e-3)
+    assert bn["params"]["w"] == pytest.approx(np.std(x), rel=1e-3)
+  assert "diverged" in printed and printed.count(" yes ") == 2 and printed.count(" no ") == 2
+
+
+def test_seed_regression_small_lr_makes_plain_converge(seed_regression, tmp_path):
+  result = seed_regression.main(["--lr", "0.0005", "--steps", "200", "--out", str(tmp_path)])
+  plain = result["runs"]["scale 10 / plain"]
+  assert not plain["diverged"] and plain["final_loss"] < 1e-2 * plain["initial_loss"]
+
+
+def test_seed_regression_runs_as_a_script(tmp_path):
+  proc = subprocess.run(
+    [sys.executable, str(EXAMPLES / "seed_regression.py"), "--steps", "2", "--out", str(tmp_path)],
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert proc.returncode == 0, proc.stderr
+  assert "scale 10 / batch norm" in proc.stdout and (tmp_path / "loss.png").exists()
+
+
+def test_gradient_explosion_measures_growth(explosion, tmp_path, capsys):
+  args = ["--depths", "24", "--width", "48", "--examples", "256", "--steps", "3", "--no-progress"]
+  result = explosion.main([*args, "--out", str(tmp_path)])
+  printed = capsys.readouterr().out
+  _assert_pngs(result["plots"], tmp_path)
+  rows = {(r["depth"], r["variant"]): r for r in result["rows"]}
+  assert set(rows) == {(24, v) for v in ("none", "bn", "bn+res")}
+  assert result["theory_growth"] == pytest.approx(1.2112, abs=1e-4)
+
+  deep = {v: rows[24, v] for v in ("none", "bn", "bn+res")}
+  norms = np.array(result["layer_grad_norms"]["24/bn"])
+  assert norms.shape == (24,) and np.all(np.isfinite(norms))
+  # Batch norm without skips: exponential growth towards the input, near the mean-field rate.
+  assert 1.1 < deep["bn"]["growth_per_layer"] < 1.3
+  assert deep["bn"]["first_over_last"] > 10
+  # Without normalization (He init) and with residual blocks the growth is far smaller.
+  assert deep["none"]["growth_per_layer"] < 1.05
+  assert deep["bn+res"]["first_over_last"] < deep["bn"]["first_over_last"] / 3
+  for r in result["rows"]:
+    assert set(r["final_loss"]) == {"gd", "damped", "clipped"}
+    assert math.isfinite(r["initial_loss"])
+    assert set(r["verdict"].values()) <= {"diverged", "stalled", "trains"}
+  assert "growth/layer" in printed and "+damping b=1" in printed and "+clip 1" in printed
+
+
+@pytest.mark.parametrize(("beta", "clip"), [(0.0, math.inf), (0.5, math.inf), (0.0, 2.0), (0.5, 1.0)])
+def test_gradient_explosion_update_rules(explosion, beta, clip):
+  # One optimizer with traced hyperparameters serves the three rules: beta=0 and clip=inf switch
+  # damping and clipping off. Reference: -lr * clip(g / (1 + beta |g|)) computed by hand.
+  import jax
+  import jax.numpy as jnp
+
+  grads = {"a": jnp.array([3.0, 0.0]), "b": jnp.array([[4.0]])}  # global norm 5
+  lr = 0.1
+
+  @jax.jit
+  def update(beta, clip):
+    tx = explosion.make_optimizer(lr, beta, clip)
+    return tx.update(grads, tx.init(grads), grads)[0]
+
+  updates = update(beta, clip)
+  damped = 5.0 / (1.0 + beta * 5.0)
+  factor = min(damped, clip) / 5.0
+  for k in grads:
+    np.testing.assert_allclose(updates[k], -lr * factor * np.asarray(grads[k]), rtol=1e-6)
