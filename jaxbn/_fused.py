@@ -128,8 +128,11 @@ def _bn_train_bwd(feature_axes, axis_name, groups, out_dtype, fn, res, cotangent
   b = _bshape(x.shape, feature_axes)
   reduce_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
   dy = dy.astype(cdt)
-  xhat = (x.astype(cdt) - mean.reshape(b)) * inv.reshape(b)
-  local = jnp.stack([jnp.sum(dy, axis=reduce_axes), jnp.sum(dy * xhat, axis=reduce_axes)])
+  # sum(dy * xhat) as inv * sum(dy * (x - mean)), and -xhat for dx from a mean XLA cannot merge
+  # with it: no full-size xhat is written to memory between the sums and dx (XLA:CPU).
+  xc, m = x.astype(cdt), lax.optimization_barrier(mean.reshape(b))
+  local = jnp.stack([jnp.sum(dy, axis=reduce_axes), jnp.sum(dy * (xc - m), axis=reduce_axes) * inv])
+  neg_xhat = (m - xc) * inv.reshape(b)
   total, param_grads = local, local
   if axis_name is not None:
     total, everywhere = _sums_across(local, axis_name, groups, fn)
@@ -139,7 +142,7 @@ def _bn_train_bwd(feature_axes, axis_name, groups, out_dtype, fn, res, cotangent
   k = 1.0 / jnp.maximum(count, 1)
   a = (sum_dy * k).reshape(b)
   c = (sum_dy_xhat * k).reshape(b)
-  correction = a + xhat * c
+  correction = a - neg_xhat * c
   if mask is not None:
     correction = jnp.where(mask, correction, 0)
   dx = (dy - correction) * mul.reshape(b)

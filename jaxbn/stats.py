@@ -113,14 +113,17 @@ def local_stats(x: jax.Array, feature_axes: tuple[int, ...], mask: jax.Array | N
   reduce_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
   bshape = tuple(x.shape[a] if a in feature_axes else 1 for a in range(x.ndim))
   shift = lax.stop_gradient(_first_valid(x, mask, feature_axes)).astype(cdt)
-  xs = x.astype(cdt) - shift.reshape(bshape)
+  xc, k = x.astype(cdt), shift.reshape(bshape)
+  # x - K written two ways XLA cannot merge, so that each sum fuses its own subtraction and reads
+  # x once; one shared x - K would be written to memory and read back twice (XLA:CPU).
+  neg, pos = lax.optimization_barrier(k) - xc, xc - k
   if mask is None:
     count = jnp.full(shift.shape, math.prod(x.shape[a] for a in reduce_axes), cdt)
   else:
-    xs = jnp.where(mask, xs, 0)
+    neg, pos = jnp.where(mask, neg, 0), jnp.where(mask, pos, 0)
     count = jnp.sum(jnp.broadcast_to(mask, x.shape), axis=reduce_axes, dtype=cdt)
-  s1 = jnp.sum(xs, axis=reduce_axes)
-  s2 = jnp.sum(xs * xs, axis=reduce_axes)
+  s1 = -jnp.sum(neg, axis=reduce_axes)
+  s2 = jnp.sum(pos * pos, axis=reduce_axes)
   d = s1 / jnp.maximum(count, 1)
   valid = count > 0
   mean = jnp.where(valid, shift + d, 0)
