@@ -140,8 +140,9 @@ def full_batch_step(
     optimizer: any Optax gradient transformation.
     micro_batch_size: rows per micro-batch; None for the whole dataset at once.
     update_batch_stats: ``update_batch_stats(batch_stats, merged_stats) -> batch_stats`` folds
-      the step's merged statistics into the running ones; required when ``LossAux.stats`` is given
-      (:func:`linen_loss` provides it as ``loss_fn.update_batch_stats``).
+      the step's merged statistics into the running ones; required when ``LossAux.stats`` is given.
+      Defaults to ``loss_fn.update_batch_stats``, which :func:`linen_loss` and :func:`nnx_loss`
+      attach.
     guard: skip a step whose loss or gradient is not finite, changing nothing but ``skipped``.
     donate: donate the incoming state's buffers to the new state (do not reuse the old state).
     jit: return the step compiled with ``jax.jit`` (False to wrap it yourself, e.g. in pmap).
@@ -171,6 +172,8 @@ def full_batch_step(
     (1, False)
   """
   fn = "jaxbn.training.full_batch_step"
+  if update_batch_stats is None:
+    update_batch_stats = getattr(loss_fn, "update_batch_stats", None)
   if micro_batch_size is not None and (not isinstance(micro_batch_size, int) or micro_batch_size <= 0):
     raise ValueError(f"{fn}: micro_batch_size must be a positive int or None, got {micro_batch_size!r}.")
 
@@ -192,8 +195,16 @@ def full_batch_step(
       grads_acc = jax.tree.map(lambda acc, g: acc + w * g.astype(jnp.float32), grads_acc, grads)
       return (grads_acc, loss_acc + w * loss.astype(jnp.float32)), (aux, w)
 
-    zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), state.params)
-    (grads, loss), (aux, weights) = lax.scan(micro, (zeros, jnp.zeros((), jnp.float32)), jnp.arange(k))
+    zeros = jax.tree.map(lambda p: _varying_like(jnp.zeros(jnp.shape(p), jnp.float32), p), state.params)
+    # Under jax.shard_map the accumulated loss varies over the data's axes: so must the loop's initial value.
+    init = (zeros, _varying_like(jnp.zeros((), jnp.float32), *jax.tree.leaves(data)))
+    if k == 1:
+      # No loop for one micro-batch: XLA:CPU leaves a convolution's kernel gradient inside a while
+      # loop in a slow, uncanonicalized form (30x slower for a Conv1D), even at trip count 1.
+      (grads, loss), (aux, weights) = micro(init, jnp.int32(0))
+      aux, weights = jax.tree.map(lambda a: jnp.expand_dims(a, 0), (aux, weights))
+    else:
+      (grads, loss), (aux, weights) = lax.scan(micro, init, jnp.arange(k))
     if axis_name is not None:
       grads, loss, weights = _reduce_over_devices(grads, state.params, loss, weights, data, axis_name)
     grads = jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), grads, state.params)
@@ -237,6 +248,14 @@ def full_batch_step(
   if not jit:
     return step
   return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+def _varying_like(x, *like):
+  """``x`` marked as varying over the mesh axes any of ``like`` varies over (``jax.shard_map`` types)."""
+  from jaxbn._fused import _varying
+
+  axes = tuple(sorted(frozenset().union(*(_varying(v) for v in like)) - _varying(x), key=str))
+  return lax.pcast(x, axes, to="varying") if axes else x
 
 
 def _reduce_over_devices(grads, params, loss, weights, data, axis_name):
@@ -297,8 +316,8 @@ def linen_loss(
     **apply_kwargs: passed to ``model.apply`` for training, e.g. ``train=True``.
 
   Returns:
-    The loss function, with ``update_batch_stats`` attached as an attribute; pass both to
-    :func:`full_batch_step` (``full_batch_step(f, opt, update_batch_stats=f.update_batch_stats)``).
+    The loss function, with ``update_batch_stats`` attached as an attribute, which
+    :func:`full_batch_step` picks up.
   """
   layers: dict[tuple[str, ...], Any] = {}
 

@@ -197,7 +197,8 @@ def test_errors():
   with pytest.raises(ValueError, match=r"jaxbn.training.full_batch_step: micro_batch_size must be a positive int"):
     full_batch_step(lambda *a: (0.0, LossAux()), opt, micro_batch_size=0)
   model, variables, _, _ = _setup(jaxbn.linen.BatchNorm)
-  step = full_batch_step(linen_loss(model, xent, train=True), opt)
+  with_stats = linen_loss(model, xent, train=True)
+  step = full_batch_step(lambda *args: with_stats(*args), opt)  # no update_batch_stats to pick up
   state = TrainState.create(variables["params"], variables["batch_stats"], opt)
   with pytest.raises(ValueError, match=r"no update_batch_stats was given"):
     step(state, _data())
