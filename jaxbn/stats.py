@@ -231,10 +231,55 @@ def compute_stats(
   """Local statistics, merged across ``axis_name`` when it is given."""
   if axis_index_groups is not None and axis_name is None:
     raise ValueError(f"{fn}: axis_index_groups={axis_index_groups!r} needs an axis_name to group over.")
+  if axis_name is None:
+    sharded = _sharded_stats(x, feature_axes, mask, fn)
+    if sharded is not None:
+      return sharded
   stats = local_stats(x, feature_axes, mask)
   if axis_name is not None:
     stats = all_reduce(stats, axis_name, axis_index_groups, fn=fn)
   return stats
+
+
+def _mesh_axis_names(entry: Any) -> tuple[str, ...]:
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _sharded_stats(x: jax.Array, feature_axes: tuple[int, ...], mask: jax.Array | None, fn: str) -> Stats | None:
+  """Statistics of ``x`` sharded over Explicit mesh axes along reduced dims, with one collective.
+
+  Left to XLA, the partitioned one-pass formula needs a collective to broadcast the shift, then
+  one for the sums (and one more under a mask). Computing each shard's statistics locally inside
+  ``jax.shard_map`` and merging them with :func:`all_reduce` needs exactly one. Returns None when
+  ``x`` is not sharded that way (Auto meshes carry no sharding at trace time; XLA partitions those).
+  """
+  try:
+    sharding = jax.typeof(x).sharding
+    mesh = sharding.mesh
+  except AttributeError:
+    return None
+  if mesh.empty:
+    return None
+  types = dict(zip(mesh.axis_names, mesh.axis_types))
+  spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+  reduced = tuple(n for a in range(x.ndim) if a not in feature_axes for n in _mesh_axis_names(spec[a]))
+  if not reduced or any(types.get(n) != jax.sharding.AxisType.Explicit for n in reduced):
+    return None
+  PartitionSpec = jax.sharding.PartitionSpec
+  manual = frozenset(n for entry in spec for n in _mesh_axis_names(entry))
+  fspec = PartitionSpec(*(spec[a] for a in feature_axes))
+  axis = reduced[0] if len(reduced) == 1 else reduced
+  out_specs = Stats(fspec, fspec, fspec)
+  if mask is None:
+    body = lambda xs: all_reduce(local_stats(xs, feature_axes, None), axis, fn=fn)
+    return jax.shard_map(body, mesh=mesh, in_specs=PartitionSpec(*spec), out_specs=out_specs, axis_names=manual)(x)
+  mask = jnp.broadcast_to(mask, (1,) * (x.ndim - mask.ndim) + mask.shape)
+  mspec = PartitionSpec(*(spec[d] if mask.shape[d] == x.shape[d] else None for d in range(x.ndim)))
+  mask = jax.sharding.reshard(mask, jax.sharding.NamedSharding(mesh, mspec))
+  body = lambda xs, ms: all_reduce(local_stats(xs, feature_axes, ms), axis, fn=fn)
+  return jax.shard_map(body, mesh=mesh, in_specs=(PartitionSpec(*spec), mspec), out_specs=out_specs, axis_names=manual)(
+    x, mask
+  )
 
 
 def moments(

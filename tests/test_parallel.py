@@ -414,12 +414,6 @@ def test_one_collective_per_layer_forward_at_most_one_backward(style, masked):
   assert 1 <= both - forward <= layers
 
 
-@pytest.mark.xfail(
-  strict=True,
-  reason="under jax.jit with sharded x and no axis_name, XLA partitions local_stats itself: the shift "
-  "(first valid element) is broadcast in one all-reduce before the sums are reduced in a second (a third, "
-  "a min, finds the first valid row under a mask). Fix in jaxbn.stats.compute_stats.",
-)
 def test_jit_sharded_one_collective_per_layer_forward():
   x, _, scale, bias = _data()
   mesh = _mesh(AxisType.Explicit)
