@@ -135,7 +135,8 @@ def full_batch_step(
   Args:
     loss_fn: ``loss_fn(params, batch_stats, batch, mask) -> (loss, LossAux)``. ``batch`` is a
       micro-batch (the pytree ``data`` sliced along its leading axis), ``mask`` a boolean vector
-      marking its valid rows; ``loss`` is the mean loss over the valid rows, and batch norms must
+      marking its valid rows, or None when all are valid (always so when the micro-batch size
+      divides the dataset size); ``loss`` is the mean loss over the valid rows, and batch norms must
       use only valid rows for their statistics. :func:`linen_loss` builds one from a Flax model.
     optimizer: any Optax gradient transformation.
     micro_batch_size: rows per micro-batch; None for the whole dataset at once.
@@ -187,11 +188,13 @@ def full_batch_step(
     def micro(carry, i):
       grads_acc, loss_acc = carry
       start = jnp.minimum(i * m, n - m)
-      rows = start + jnp.arange(m)
-      mask = rows >= i * m  # the last slice re-reads rows of the one before: mask them
+      if n % m:
+        mask = start + jnp.arange(m) >= i * m  # the last slice re-reads rows of the one before: mask them
+        w = jnp.sum(mask).astype(jnp.float32) / total
+      else:
+        mask, w = None, m / total  # every row valid: no mask for the loss or the batch norms to apply
       batch = jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, start, m, axis=0), data)
       (loss, aux), grads = grad_fn(state.params, state.batch_stats, batch, mask)
-      w = jnp.sum(mask).astype(jnp.float32) / total
       grads_acc = jax.tree.map(lambda acc, g: acc + w * g.astype(jnp.float32), grads_acc, grads)
       return (grads_acc, loss_acc + w * loss.astype(jnp.float32)), (aux, w)
 
@@ -276,6 +279,20 @@ def _reduce_over_devices(grads, params, loss, weights, data, axis_name):
   return jax.tree.map(reduce, grads, params), lax.psum(loss, axis_name), weights
 
 
+def _masked_means(loss, metrics, out, targets, mask):
+  """Mean loss (and metrics) over the valid rows; every row when ``mask`` is None."""
+
+  def mean(v):
+    if mask is None:
+      return jnp.mean(v)
+    valid = mask.reshape(mask.shape + (1,) * (v.ndim - 1))
+    per_row = v.size // v.shape[0]
+    return jnp.sum(jnp.where(valid, v, 0)) / (jnp.maximum(jnp.sum(mask), 1) * per_row)
+
+  extra = None if metrics is None else jax.tree.map(mean, metrics(out, targets))
+  return mean(loss(out, targets)), extra
+
+
 # ---- Flax linen adapter ---------------------------------------------------------------------
 
 
@@ -333,10 +350,12 @@ def linen_loss(
       if use_ra or module.is_initializing():
         return next_fun(*args, **kwargs)
       x = jnp.asarray(args[0])
-      rows = mask.reshape(mask.shape + (1,) * (x.ndim - 1))
       given = kwargs.get("mask")
-      full = rows if given is None else jnp.logical_and(rows, jnp.asarray(given) != 0)
-      kwargs = {**kwargs, "mask": full}
+      full = None if given is None else jnp.asarray(given) != 0
+      if mask is not None:
+        rows = mask.reshape(mask.shape + (1,) * (x.ndim - 1))
+        full = rows if full is None else jnp.logical_and(rows, full)
+        kwargs = {**kwargs, "mask": full}
       path = tuple(module.path)
       if path in collected:
         raise ValueError(
@@ -355,16 +374,7 @@ def linen_loss(
       variables["batch_stats"] = batch_stats
     with nn.intercept_methods(interceptor):
       out = model.apply(variables, batch[inputs], mutable=["batch_stats"], **apply_kwargs)[0]
-    per_example = loss(out, batch[targets])
-    valid = mask.reshape(mask.shape + (1,) * (per_example.ndim - 1))
-    count = jnp.maximum(jnp.sum(mask), 1)
-    value = jnp.sum(jnp.where(valid, per_example, 0)) / (count * (per_example.size // per_example.shape[0]))
-    extra = None
-    if metrics is not None:
-      extra = jax.tree.map(
-        lambda v: jnp.sum(jnp.where(mask.reshape(mask.shape + (1,) * (v.ndim - 1)), v, 0)) / count,
-        metrics(out, batch[targets]),
-      )
+    value, extra = _masked_means(loss, metrics, out, batch[targets], mask)
     return value, LossAux(stats=collected or None, metrics=extra)
 
   def update_batch_stats(batch_stats, merged):
@@ -476,16 +486,7 @@ def nnx_loss(
     with collect_moments(row_mask=mask) as sink:
       out = m(batch[inputs])
     collected = {path: sink[id(node)] for path, node in layers(m) if id(node) in sink}
-    per_example = loss(out, batch[targets])
-    valid = mask.reshape(mask.shape + (1,) * (per_example.ndim - 1))
-    count = jnp.maximum(jnp.sum(mask), 1)
-    value = jnp.sum(jnp.where(valid, per_example, 0)) / (count * (per_example.size // per_example.shape[0]))
-    extra = None
-    if metrics is not None:
-      extra = jax.tree.map(
-        lambda v: jnp.sum(jnp.where(mask.reshape(mask.shape + (1,) * (v.ndim - 1)), v, 0)) / count,
-        metrics(out, batch[targets]),
-      )
+    value, extra = _masked_means(loss, metrics, out, batch[targets], mask)
     return value, LossAux(stats=collected or None, metrics=extra)
 
   def update_batch_stats(batch_stats, merged):
