@@ -1,0 +1,752 @@
+"""Full-batch training speed and memory: jaxbn.training.full_batch_step against hand-written Flax + Optax.
+
+A batch-norm 1-D CNN on MNIST-1D-sized data (4000 sequences of length 40, one channel, 10 classes) is
+trained with one update per step from the mean gradient over ALL examples, accumulated over
+micro-batches (500 rows by default; batch norm normalizes each micro-batch with its own statistics,
+i.e. ghost batch norm). Contenders, all doing that same mathematics in the same run:
+
+* ``hand-written`` (the baseline): an idiomatic jitted Flax + Optax step, a ``flax.training.train_state``
+  with ``batch_stats``, ``lax.scan`` over micro-batches, gradients summed and divided by their number,
+  the optimizer applied once, the running statistics threaded through the scan (an EMA per micro-batch,
+  as people write it);
+* ``optax.MultiSteps``: the same optimizer wrapped in ``optax.MultiSteps(every_k_schedule=k)``, and
+  ``k`` calls of a jitted micro-batch step per update (the gradient accumulation users reach for);
+* ``jaxbn``: ``full_batch_step(linen_loss(model, ...), opt, micro_batch_size=m,
+  update_batch_stats=...)`` on the same model (``flax.linen.BatchNorm``), so only the step differs;
+* ``jaxbn + jaxbn BN``: the same with ``jaxbn.linen.BatchNorm`` layers (the whole jaxbn stack).
+
+``--diagnose`` adds variants that take ``full_batch_step`` apart (no guard; the model's batch norms
+not intercepted; ...), used to find where any extra time goes.
+
+Before anything is timed every contender runs a few updates from the same parameters: the loss
+trajectories and the final parameters must agree (the mean gradient is the same), else the run stops.
+The running statistics differ by design: the hand-written loop and MultiSteps fold every micro-batch
+into the EMA (``k`` updates per step), jaxbn folds the exact merged statistics of the whole dataset
+once per step; the difference is reported.
+
+Speed is full-batch updates per second: each repeat runs every contender back to back in a rotating
+order, and the reported ratio is the median over repeats of the time over the hand-written loop's time
+in the same repeat. Memory, from the compiled programs (``memory_analysis()``): arguments, outputs,
+aliased (donated) bytes and temporaries of each jitted function, and an estimate of the peak of the
+device memory during an update: ``arguments + outputs - aliased + temporaries`` of its largest
+program, plus the part of the dataset resident on the device but not an argument (MultiSteps passes
+one micro-batch per call). MultiSteps' accumulator is part of its optimizer state, counted in the
+persistent ``state`` column. On Linux the peak resident-set growth of an update (``VmHWM`` after
+resetting it through ``/proc/self/clear_refs``) is measured too, in a fresh process per contender
+whose allocator maps every buffer over 16 KiB separately (``--rss``; approximate: it also sees
+buffers that the asynchronous dispatch of the next call allocates early).
+
+On CPU, XLA leaves some convolutions of a ``while`` loop's body (here the kernel-gradient and
+input-gradient convolutions inside ``lax.scan``) in a non-canonical layout that its generic, slow
+emitter runs (jax-ml/jax#12868), so the two scanned steps, hand-written and jaxbn alike, are several
+times slower than MultiSteps' separate calls there; on GPUs this does not apply.
+
+Usage::
+
+  python benchmarks/full_batch.py            # full CPU run, two to three minutes on 2 busy cores
+  python benchmarks/full_batch.py --quick    # smoke run, about 15 s of CPU time
+  python benchmarks/full_batch.py --diagnose # add the variants that explain jaxbn's time
+
+Results go to ``benchmarks/results/full_batch[_quick].{json,md}``.
+
+References:
+  Hoffer, Hubara & Soudry, "Train longer, generalize better: closing the generalization gap in large
+  batch training of neural networks", NeurIPS 2017 (ghost batch norm).
+  Geiping, Goldblum, Pope, Moeller & Goldstein, "Stochastic Training is Not Necessary for
+  Generalization", ICLR 2022 (full-batch training with gradient accumulation).
+  Greydanus & Kobak, "Scaling down Deep Learning with MNIST-1D", ICML 2024.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import gc
+import importlib
+import json
+import math
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+from jax import lax
+
+_HERE = pathlib.Path(__file__).resolve().parent
+if str(_HERE.parent) not in sys.path:  # jaxbn when it is not installed
+  sys.path.insert(0, str(_HERE.parent))
+
+import jaxbn  # noqa: E402
+from jaxbn import training  # noqa: E402
+
+BASELINE = "hand-written"
+CONTENDERS = ("hand-written", "optax.MultiSteps", "jaxbn", "jaxbn + jaxbn BN")
+DIAGNOSTICS = ("hand-written + jaxbn BN", "jaxbn guard=False", "jaxbn no interception")
+NOTES = {
+  "hand-written": "jitted Flax + Optax step: lax.scan over micro-batches, summed gradients, one optimizer "
+  "update, EMA of the running statistics per micro-batch (flax.linen.BatchNorm)",
+  "optax.MultiSteps": "optax.MultiSteps(opt, every_k_schedule=k): k jitted micro-batch steps per update, "
+  "EMA per micro-batch (flax.linen.BatchNorm)",
+  "jaxbn": "jaxbn.training.full_batch_step(linen_loss(model)) on the same flax.linen.BatchNorm model: guard, "
+  "masks, exact once-per-step running statistics",
+  "jaxbn + jaxbn BN": "the same with jaxbn.linen.BatchNorm layers",
+  "hand-written + jaxbn BN": "the hand-written step with jaxbn.linen.BatchNorm layers (diagnostic)",
+  "jaxbn guard=False": "full_batch_step(..., guard=False) (diagnostic: cost of the guard)",
+  "jaxbn no interception": "full_batch_step with a plain loss (no linen_loss interceptor, no mask in the batch "
+  "norms, running statistics not updated) (diagnostic: cost of linen_loss)",
+}
+
+NUM_CLASSES = 10
+MOMENTUM = 0.9
+LEARNING_RATE = 0.05
+# Agreement with the baseline after the check updates (max |a - b| / max |b| over the parameters,
+# and over the losses): the mean gradient is the same, so only float rounding may differ.
+TOLERANCE = 1e-3
+
+
+# ------------------------------------------------------------------------------------------------
+# Data and model
+# ------------------------------------------------------------------------------------------------
+
+
+def make_data(examples: int, length: int, seed: int = 0, mnist1d: bool = False) -> dict[str, jax.Array]:
+  """``{"x": (examples, length, 1) float32, "y": (examples,) int32}``.
+
+  By default random sequences of MNIST-1D's shape: a per-class template plus noise, so that the
+  loss has something to learn. ``mnist1d=True`` builds the real MNIST-1D training set instead
+  (needs the ``mnist1d`` package; 4000 examples of length 40).
+  """
+  if mnist1d:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    state = np.random.get_state()  # noqa: NPY002 (make_dataset reseeds NumPy's global generator)
+    d = make_dataset(get_dataset_args())
+    np.random.set_state(state)  # noqa: NPY002
+    x, y = d["x"][:examples], d["y"][:examples]
+  else:
+    rng = np.random.default_rng(seed)
+    templates = rng.standard_normal((NUM_CLASSES, length))
+    y = rng.integers(0, NUM_CLASSES, examples)
+    x = templates[y] + 1.5 * rng.standard_normal((examples, length))
+  return {"x": jnp.asarray(x[..., None], jnp.float32), "y": jnp.asarray(y, jnp.int32)}
+
+
+class CNN(nn.Module):
+  """MNIST-1D's small CNN with batch norm: three strided convolutions, each followed by batch norm and
+  relu, global average pooling and a dense classifier."""
+
+  norm: Callable[..., nn.Module] = nn.BatchNorm
+  channels: int = 32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+    for kernel in (5, 3, 3):
+      x = nn.Conv(self.channels, (kernel,), strides=(2,), padding="SAME", use_bias=False)(x)
+      x = self.norm(use_running_average=not train, momentum=MOMENTUM)(x)
+      x = nn.relu(x)
+    return nn.Dense(NUM_CLASSES)(jnp.mean(x, axis=1))
+
+
+def _xent(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def make_optimizer() -> optax.GradientTransformation:
+  return optax.sgd(LEARNING_RATE, momentum=0.9, nesterov=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Contenders. Each is a fresh state and an update that applies ONE full-batch step to it.
+# ------------------------------------------------------------------------------------------------
+
+
+class FlaxState(train_state.TrainState):
+  """Flax's TrainState with the running statistics, as in Flax's ImageNet example."""
+
+  batch_stats: Any = None
+
+
+@dataclasses.dataclass
+class Contender:
+  """One way to run a full-batch update.
+
+  Attributes:
+    name: label in the tables.
+    init: ``init(params, batch_stats) -> state``, a fresh state with its own buffers.
+    update: ``update(state) -> (state, losses)``: one full-batch update through the programs in
+      ``fns``; ``losses`` as returned by the call(s), averaged by :func:`mean_loss`.
+    fns: the jitted functions an update calls, by label; :func:`compile_contender` replaces them by
+      their compiled executables, so that each program compiles once.
+    program_args: ``program_args(state) -> {label: (args, calls per update)}``, example arguments.
+    params: ``params(state)``; batch_stats: ``batch_stats(state)``; opt_state: ``opt_state(state)``.
+    resident_bytes: device bytes of the dataset that stay resident but are not an argument of the
+      largest program.
+  """
+
+  name: str
+  init: Callable[[Any, Any], Any]
+  update: Callable[[Any], tuple[Any, Any]]
+  fns: dict[str, Any]
+  program_args: Callable[[Any], dict[str, tuple[tuple[Any, ...], int]]]
+  params: Callable[[Any], Any]
+  batch_stats: Callable[[Any], Any]
+  opt_state: Callable[[Any], Any]
+  resident_bytes: int = 0
+
+
+def _copy(tree: Any) -> Any:
+  return jax.tree.map(lambda a: jnp.array(a, copy=True), tree)
+
+
+def _flax_state(model: nn.Module, params: Any, batch_stats: Any, tx: optax.GradientTransformation) -> FlaxState:
+  return FlaxState.create(apply_fn=model.apply, params=_copy(params), tx=tx, batch_stats=_copy(batch_stats))
+
+
+def hand_written(model: nn.Module, data: dict[str, jax.Array], micro: int, name: str = BASELINE) -> Contender:
+  """The idiomatic jitted step: scan over micro-batches, sum gradients, one optimizer update."""
+  n = data["x"].shape[0]
+  if n % micro:
+    raise ValueError(f"the hand-written loop needs micro_batch_size ({micro}) to divide the examples ({n})")
+  k = n // micro
+  tx = make_optimizer()
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def train_step(state: FlaxState, x: jax.Array, y: jax.Array) -> tuple[FlaxState, jax.Array]:
+    def micro_step(carry, batch):
+      grads, batch_stats, loss_sum = carry
+      bx, by = batch
+
+      def loss_fn(params):
+        logits, updates = state.apply_fn(
+          {"params": params, "batch_stats": batch_stats}, bx, train=True, mutable=["batch_stats"]
+        )
+        return jnp.mean(_xent(logits, by)), updates["batch_stats"]
+
+      (loss, batch_stats), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+      return (jax.tree.map(jnp.add, grads, g), batch_stats, loss_sum + loss), None
+
+    batches = (x.reshape(k, micro, *x.shape[1:]), y.reshape(k, micro))
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, batch_stats, loss_sum), _ = lax.scan(micro_step, (zeros, state.batch_stats, 0.0), batches)
+    grads = jax.tree.map(lambda g: g / k, grads)
+    return state.apply_gradients(grads=grads, batch_stats=batch_stats), loss_sum / k
+
+  fns = {"step": train_step}
+  return Contender(
+    name=name,
+    init=lambda params, batch_stats: _flax_state(model, params, batch_stats, tx),
+    update=lambda state: fns["step"](state, data["x"], data["y"]),
+    fns=fns,
+    program_args=lambda state: {"step": ((state, data["x"], data["y"]), 1)},
+    params=lambda s: s.params,
+    batch_stats=lambda s: s.batch_stats,
+    opt_state=lambda s: s.opt_state,
+  )
+
+
+def multi_steps(model: nn.Module, data: dict[str, jax.Array], micro: int) -> Contender:
+  """``optax.MultiSteps``: k jitted micro-batch steps per update, the data split once on the device."""
+  n = data["x"].shape[0]
+  if n % micro:
+    raise ValueError(f"MultiSteps needs micro_batch_size ({micro}) to divide the examples ({n})")
+  k = n // micro
+  tx = optax.MultiSteps(make_optimizer(), every_k_schedule=k)
+  batches = [(data["x"][i * micro : (i + 1) * micro], data["y"][i * micro : (i + 1) * micro]) for i in range(k)]
+  batches = jax.block_until_ready(jax.device_put(batches))
+
+  @functools.partial(jax.jit, donate_argnums=0)
+  def train_step(state: FlaxState, x: jax.Array, y: jax.Array) -> tuple[FlaxState, jax.Array]:
+    def loss_fn(params):
+      logits, updates = state.apply_fn(
+        {"params": params, "batch_stats": state.batch_stats}, x, train=True, mutable=["batch_stats"]
+      )
+      return jnp.mean(_xent(logits, y)), updates["batch_stats"]
+
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return state.apply_gradients(grads=grads, batch_stats=batch_stats), loss
+
+  fns = {"micro step": train_step}
+
+  def update(state):
+    losses = []
+    for x, y in batches:
+      state, loss = fns["micro step"](state, x, y)
+      losses.append(loss)
+    return state, losses
+
+  micro_bytes = sum(a.nbytes for a in batches[0])
+  return Contender(
+    name="optax.MultiSteps",
+    init=lambda params, batch_stats: _flax_state(model, params, batch_stats, tx),
+    update=update,
+    fns=fns,
+    program_args=lambda state: {"micro step": ((state, *batches[0]), k)},
+    params=lambda s: s.params,
+    batch_stats=lambda s: s.batch_stats,
+    opt_state=lambda s: s.opt_state,
+    resident_bytes=sum(a.nbytes for a in data.values()) - micro_bytes,
+  )
+
+
+def _jaxbn_contender(
+  name: str, step: Callable[..., Any], data: dict[str, jax.Array], tx: optax.GradientTransformation
+) -> Contender:
+  fns = {"step": step}
+
+  def update(state):
+    state, metrics = fns["step"](state, data)
+    return state, metrics.loss
+
+  return Contender(
+    name=name,
+    init=lambda params, batch_stats: training.TrainState.create(params, batch_stats, tx),
+    update=update,
+    fns=fns,
+    program_args=lambda state: {"step": ((state, data), 1)},
+    params=lambda s: s.params,
+    batch_stats=lambda s: s.batch_stats,
+    opt_state=lambda s: s.opt_state,
+  )
+
+
+def jaxbn_step(model: nn.Module, data: dict[str, jax.Array], micro: int, name: str = "jaxbn", **kw: Any) -> Contender:
+  """``full_batch_step(linen_loss(model))``: what a jaxbn user writes."""
+  tx = make_optimizer()
+  loss_fn = training.linen_loss(model, _xent, train=True)
+  step = training.full_batch_step(
+    loss_fn, tx, micro_batch_size=micro, update_batch_stats=loss_fn.update_batch_stats, **kw
+  )
+  return _jaxbn_contender(name, step, data, tx)
+
+
+def jaxbn_plain_loss(model: nn.Module, data: dict[str, jax.Array], micro: int) -> Contender:
+  """``full_batch_step`` with a plain loss: no interceptor, no masks, running statistics kept as they are.
+
+  Valid only when ``micro`` divides the examples (every row of every micro-batch is valid). A
+  diagnostic: it shows what ``linen_loss`` costs on top of the step itself.
+  """
+  tx = make_optimizer()
+
+  def loss_fn(params, batch_stats, batch, mask):
+    del mask  # every row is valid: micro divides the examples
+    logits, _ = model.apply(
+      {"params": params, "batch_stats": batch_stats}, batch["x"], train=True, mutable=["batch_stats"]
+    )
+    return jnp.mean(_xent(logits, batch["y"])), training.LossAux()
+
+  step = training.full_batch_step(loss_fn, tx, micro_batch_size=micro)
+  return _jaxbn_contender("jaxbn no interception", step, data, tx)
+
+
+def build_contenders(
+  names: Sequence[str], data: dict[str, jax.Array], micro: int, channels: int
+) -> tuple[dict[str, Contender], dict[str, nn.Module]]:
+  """The contenders asked for, and the models they train (flax or jaxbn batch norm)."""
+  models = {"flax": CNN(nn.BatchNorm, channels), "jaxbn": CNN(jaxbn.linen.BatchNorm, channels)}
+  factories: dict[str, Callable[[], Contender]] = {
+    "hand-written": lambda: hand_written(models["flax"], data, micro),
+    "optax.MultiSteps": lambda: multi_steps(models["flax"], data, micro),
+    "jaxbn": lambda: jaxbn_step(models["flax"], data, micro),
+    "jaxbn + jaxbn BN": lambda: jaxbn_step(models["jaxbn"], data, micro, name="jaxbn + jaxbn BN"),
+    "hand-written + jaxbn BN": lambda: hand_written(models["jaxbn"], data, micro, name="hand-written + jaxbn BN"),
+    "jaxbn guard=False": lambda: jaxbn_step(models["flax"], data, micro, name="jaxbn guard=False", guard=False),
+    "jaxbn no interception": lambda: jaxbn_plain_loss(models["flax"], data, micro),
+  }
+  unknown = [n for n in names if n not in factories]
+  if unknown:
+    raise SystemExit(f"unknown contenders {unknown}; choose from {list(factories)}")
+  return {n: factories[n]() for n in names}, models
+
+
+# ------------------------------------------------------------------------------------------------
+# Agreement, memory, timing
+# ------------------------------------------------------------------------------------------------
+
+
+def mean_loss(losses: Any) -> float:
+  return float(np.mean([float(v) for v in (losses if isinstance(losses, list) else [losses])]))
+
+
+def _rel(a: Any, b: Any) -> float:
+  errs = [
+    float(np.max(np.abs(np.asarray(u, np.float64) - np.asarray(v, np.float64))))
+    / max(float(np.max(np.abs(np.asarray(v, np.float64)))), 1e-30)
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+  ]
+  return max(errs)
+
+
+def check_agreement(contenders: dict[str, Contender], params: Any, batch_stats: Any, steps: int) -> dict[str, Any]:
+  """Runs ``steps`` updates of every contender from the same start; the losses and parameters must agree."""
+  runs = {}
+  for name, c in contenders.items():
+    state = c.init(params, batch_stats)
+    losses = []
+    for _ in range(steps):
+      state, loss = c.update(state)
+      losses.append(mean_loss(loss))
+    runs[name] = (losses, c.params(state), c.batch_stats(state))
+  ref_losses, ref_params, ref_stats = runs[BASELINE]
+  out = {}
+  for name, (losses, p, s) in runs.items():
+    loss_err = max(abs(a - b) for a, b in zip(losses, ref_losses)) / max(abs(b) for b in ref_losses)
+    out[name] = {
+      "losses": losses,
+      "loss_rel_diff": loss_err,
+      "params_rel_diff": _rel(p, ref_params),
+      # Not checked: the running statistics are updated differently by design (see the docstring).
+      "batch_stats_rel_diff": _rel(s, ref_stats),
+    }
+  bad = {n: r for n, r in out.items() if not (r["loss_rel_diff"] <= TOLERANCE and r["params_rel_diff"] <= TOLERANCE)}
+  if bad:
+    raise AssertionError(
+      f"contenders disagree with {BASELINE} after {steps} updates (tolerance {TOLERANCE}): "
+      + "; ".join(f"{n}: loss {r['loss_rel_diff']:.2e}, params {r['params_rel_diff']:.2e}" for n, r in bad.items())
+    )
+  return out
+
+
+def _tree_bytes(tree: Any) -> int:
+  return int(sum(np.size(a) * np.dtype(jnp.result_type(a)).itemsize for a in jax.tree.leaves(tree)))
+
+
+def compile_contender(c: Contender, state: Any) -> dict[str, Any]:
+  """Compiles the contender's programs (once; later calls use the executables) and returns their memory.
+
+  Returns:
+    Per program the compiled argument, output, aliased (donated) and temporary bytes; the bytes of
+    the state kept between updates (and of MultiSteps' accumulator within it); and the peak estimate
+    of one update (see the module docstring).
+  """
+  programs = {}
+  for label, (args, calls) in c.program_args(state).items():
+    c.fns[label] = compiled = c.fns[label].lower(*args).compile()
+    analysis = compiled.memory_analysis()
+    if analysis is None:  # pragma: no cover - backends without memory analysis
+      programs[label] = {"calls_per_update": calls}
+      continue
+    programs[label] = {
+      "calls_per_update": calls,
+      "argument_bytes": int(analysis.argument_size_in_bytes),
+      "output_bytes": int(analysis.output_size_in_bytes),
+      "alias_bytes": int(analysis.alias_size_in_bytes),
+      "temp_bytes": int(analysis.temp_size_in_bytes),
+    }
+  peak = max(
+    (p["argument_bytes"] + p["output_bytes"] - p["alias_bytes"] + p["temp_bytes"] for p in programs.values()),
+    default=-1,
+  )
+  opt_state = c.opt_state(state)
+  acc = opt_state.acc_grads if isinstance(opt_state, optax.MultiStepsState) else None
+  return {
+    "programs": programs,
+    "state_bytes": _tree_bytes((c.params(state), c.batch_stats(state), opt_state)),
+    "accumulator_bytes": _tree_bytes(acc) if acc is not None else 0,
+    "temp_bytes": max((p.get("temp_bytes", -1) for p in programs.values()), default=-1),
+    "peak_bytes": peak + c.resident_bytes if peak >= 0 else -1,
+  }
+
+
+def _time_updates(c: Contender, state: Any, number: int) -> tuple[Any, float]:
+  start = time.perf_counter()
+  for _ in range(number):
+    state, _ = c.update(state)
+  jax.block_until_ready(state)
+  return state, (time.perf_counter() - start) / number
+
+
+def time_contenders(
+  contenders: dict[str, Contender], params: Any, batch_stats: Any, repeats: int, min_time: float
+) -> tuple[dict[str, list[float]], int]:
+  """Seconds per full-batch update of every contender, ``repeats`` times, in a rotating order."""
+  states = {n: c.init(params, batch_stats) for n, c in contenders.items()}
+  for n, c in contenders.items():  # warm-up (compiles) and a first estimate
+    states[n], _ = _time_updates(c, states[n], 1)
+  states[BASELINE], t = _time_updates(contenders[BASELINE], states[BASELINE], 1)
+  number = max(1, math.ceil(min_time / max(t, 1e-6)))
+  times: dict[str, list[float]] = {n: [] for n in contenders}
+  names = list(contenders)
+  for r in range(repeats):
+    for n in names[r % len(names) :] + names[: r % len(names)]:
+      states[n], t = _time_updates(contenders[n], states[n], number)
+      times[n].append(t)
+    print(f"  repeat {r + 1}/{repeats} done", file=sys.stderr, flush=True)
+  return times, number
+
+
+# ------------------------------------------------------------------------------------------------
+# Peak resident-set growth, one fresh process per contender (Linux)
+# ------------------------------------------------------------------------------------------------
+
+
+def _status_kib(field: str) -> int:
+  with open("/proc/self/status") as f:
+    return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def rss_growth(c: Contender, params: Any, batch_stats: Any, updates: int = 3) -> int:
+  """Bytes by which the resident set's high-water mark grows during an update (the largest of ``updates``).
+
+  Meaningful when the process runs with ``MALLOC_MMAP_THRESHOLD_`` small (as :func:`rss_in_subprocesses`
+  sets it): every large buffer is then mapped when allocated and unmapped when freed, so the resident
+  set follows the live buffers instead of what the allocator keeps cached.
+  """
+  state = c.init(params, batch_stats)
+  compile_contender(c, state)
+  state, _ = c.update(state)
+  jax.block_until_ready(state)
+  growth = 0
+  for _ in range(updates):
+    gc.collect()
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")  # resets VmHWM to the current resident set (Linux >= 4.0)
+    state, _ = c.update(state)
+    jax.block_until_ready(state)
+    growth = max(growth, (_status_kib("VmHWM") - before) * 1024)
+  return growth
+
+
+def rss_in_subprocesses(names: Sequence[str], argv: Sequence[str]) -> dict[str, int | None]:
+  out: dict[str, int | None] = {}
+  for name in names:
+    cmd = [sys.executable, __file__, *argv, "--rss-child", name]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "16384"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("rss_growth_bytes ")]
+    out[name] = int(lines[-1].split()[1]) if proc.returncode == 0 and lines else None
+    if out[name] is None:
+      print(f"note: RSS measurement of {name} failed: {proc.stderr[-500:]}", file=sys.stderr)
+  return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Report
+# ------------------------------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  versions = {}
+  for mod in ("jax", "jaxlib", "flax", "optax", "jaxbn"):
+    try:
+      versions[mod] = importlib.import_module(mod).__version__
+    except (ImportError, AttributeError):
+      versions[mod] = None
+  try:
+    load = os.getloadavg()[0]
+  except OSError:
+    load = None
+  return {
+    "backend": jax.default_backend(),
+    "device": jax.devices()[0].device_kind,
+    "cpu": cpu,
+    "cpu_count": os.cpu_count(),
+    "load_average_1min": load,
+    "python": platform.python_version(),
+    "versions": versions,
+    "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+  }
+
+
+def summarize(times: dict[str, list[float]], mem: dict[str, Any], agree: dict[str, Any]) -> dict[str, Any]:
+  base = np.asarray(times[BASELINE])
+  out = {}
+  for name, ts in times.items():
+    ratios = np.asarray(ts) / base
+    m = mem[name]
+    out[name] = {
+      "time_s": float(np.median(ts)),
+      "steps_per_s": float(1.0 / np.median(ts)),
+      "time_ratio": float(np.median(ratios)),
+      "time_ratio_q25": float(np.percentile(ratios, 25)),
+      "time_ratio_q75": float(np.percentile(ratios, 75)),
+      "times_s": [float(t) for t in ts],
+      **m,
+      "peak_ratio": m["peak_bytes"] / mem[BASELINE]["peak_bytes"] if mem[BASELINE]["peak_bytes"] > 0 else None,
+      "agreement": agree[name],
+    }
+  return out
+
+
+def evaluate_targets(results: dict[str, Any], lib: str = "jaxbn") -> dict[str, Any]:
+  """The issue's targets: no slower than the hand-written loop, less memory than MultiSteps."""
+  out = {}
+  r = results.get(lib)
+  if r is None:
+    return out
+  # "No slower": within the noise of interleaved medians on a shared machine.
+  out["time_ratio_vs_hand_written<=1.05"] = {"value": r["time_ratio"], "ok": r["time_ratio"] <= 1.05}
+  ms = results.get("optax.MultiSteps")
+  if ms is not None and ms["peak_bytes"] > 0:
+    ratio = r["peak_bytes"] / ms["peak_bytes"]
+    out["peak_bytes_vs_multisteps<1"] = {"value": ratio, "ok": ratio < 1.0}
+    sratio = r["state_bytes"] / ms["state_bytes"]
+    out["state_bytes_vs_multisteps<1"] = {"value": sratio, "ok": sratio < 1.0}
+  return out
+
+
+def _kib(b: int | None) -> str:
+  return "n/a" if b is None or b < 0 else f"{b / 1024:.0f}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+  m, cfg, res = result["machine"], result["config"], result["results"]
+  load = m.get("load_average_1min")
+  lines = [
+    f"Machine: {m['device']} ({m['backend']}; {m['cpu']}, {m['cpu_count']} cores"
+    + (f", load average {load:.1f}" if load is not None else "")
+    + f"), jax {m['versions']['jax']}, flax {m['versions']['flax']}, optax {m['versions']['optax']}; {m['date']}.",
+    "",
+    f"Data: {cfg['examples']} x {cfg['length']} x 1 ({cfg['data']}), {NUM_CLASSES} classes; CNN with "
+    f"{cfg['channels']} channels; micro-batches of {cfg['micro_batch_size']} ({cfg['micro_batches']} per update); "
+    f"{cfg['repeats']} interleaved repeats of {result['number']} update(s); medians of per-repeat ratios to {BASELINE}.",
+    "",
+    "| contender | updates/s | time ratio (q25-q75) | peak est. KiB | peak ratio | state KiB (accum.) "
+    "| largest temp KiB | RSS growth KiB | loss diff | params diff |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+  ]
+  for name, r in res.items():
+    a = r["agreement"]
+    acc = f" ({_kib(r['accumulator_bytes'])})" if r["accumulator_bytes"] else ""
+    pr = "n/a" if r["peak_ratio"] is None else f"{r['peak_ratio']:.2f}"
+    lines.append(
+      f"| {name} | {r['steps_per_s']:.1f} | {r['time_ratio']:.2f} ({r['time_ratio_q25']:.2f}-{r['time_ratio_q75']:.2f}) "
+      f"| {_kib(r['peak_bytes'])} | {pr} | {_kib(r['state_bytes'])}{acc} | {_kib(r['temp_bytes'])} "
+      f"| {_kib(r.get('rss_growth_bytes'))} | {a['loss_rel_diff']:.1e} | {a['params_rel_diff']:.1e} |"
+    )
+  lines += [
+    "",
+    "Peak est.: arguments + outputs - donated + temporaries of the largest compiled program of an update, plus "
+    "dataset bytes resident but not passed to it. State: params, batch statistics and optimizer state kept "
+    "between updates (MultiSteps' gradient accumulator in brackets). Loss/params diff: max relative difference "
+    f"to {BASELINE} after {cfg['check_steps']} updates from the same start. Running statistics differ by design "
+    "(EMA per micro-batch vs one exact update per step); their relative difference: "
+    + ", ".join(f"{n} {r['agreement']['batch_stats_rel_diff']:.2f}" for n, r in res.items() if n != BASELINE)
+    + ".",
+    "",
+  ]
+  if result.get("targets"):
+    lines += ["**Targets (jaxbn)**", ""]
+    for name, t in result["targets"].items():
+      lines.append(f"- {name}: {t['value']:.3f} {'met' if t['ok'] else 'NOT met'}")
+    lines.append("")
+  lines += ["Contenders:", ""] + [f"- {n}: {NOTES[n]}" for n in res]
+  return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--quick", action="store_true", help="smaller data and fewer repeats (smoke run, < 20 s)")
+  p.add_argument("--diagnose", action="store_true", help=f"add the diagnostic variants {', '.join(DIAGNOSTICS)}")
+  p.add_argument("--contenders", type=lambda s: tuple(s.split(",")), help="comma-separated subset (baseline kept)")
+  p.add_argument("--examples", type=int, help="dataset size (4000)")
+  p.add_argument("--length", type=int, default=40, help="sequence length (40)")
+  p.add_argument("--micro-batch", type=int, help="micro-batch size (500)")
+  p.add_argument("--channels", type=int, help="CNN channels (32)")
+  p.add_argument("--repeats", type=int, help="interleaved repeats")
+  p.add_argument("--check-steps", type=int, default=3, help="updates compared before timing")
+  p.add_argument("--mnist1d", action="store_true", help="train on the real MNIST-1D (needs the mnist1d package)")
+  p.add_argument("--rss", action=argparse.BooleanOptionalAction, default=None, help="measure RSS growth (Linux)")
+  p.add_argument("--rss-child", help=argparse.SUPPRESS)
+  p.add_argument("--out", type=pathlib.Path, default=_HERE / "results", help="folder for the JSON and Markdown")
+  return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  args = parse_args(argv)
+  if args.quick:
+    mode, defaults = "quick", dict(examples=512, micro=128, channels=8, repeats=3, min_time=0.02, rss=False)
+  else:
+    mode, defaults = "full", dict(examples=4000, micro=500, channels=32, repeats=9, min_time=0.3, rss=True)
+  examples = args.examples or defaults["examples"]
+  micro = args.micro_batch or defaults["micro"]
+  channels = args.channels or defaults["channels"]
+  repeats = args.repeats or defaults["repeats"]
+  names = list(args.contenders or CONTENDERS) + (list(DIAGNOSTICS) if args.diagnose else [])
+  names = [BASELINE] + [n for n in dict.fromkeys(names) if n != BASELINE]
+  if args.rss_child:
+    names = [args.rss_child]
+
+  data = make_data(examples, args.length, mnist1d=args.mnist1d)
+  length = int(data["x"].shape[1])  # MNIST-1D's own length with --mnist1d
+  contenders, models = build_contenders(names, data, micro, channels)
+  variables = jax.jit(functools.partial(models["flax"].init, train=False))(jax.random.key(0), data["x"][:2])
+  params, batch_stats = variables["params"], variables["batch_stats"]
+
+  if args.rss_child:
+    print(f"rss_growth_bytes {rss_growth(contenders[args.rss_child], params, batch_stats)}")
+    return {}
+
+  start = time.perf_counter()
+  print("compiling", file=sys.stderr, flush=True)
+  mem = {name: compile_contender(c, c.init(params, batch_stats)) for name, c in contenders.items()}
+  print(f"checking agreement over {args.check_steps} updates", file=sys.stderr, flush=True)
+  agree = check_agreement(contenders, params, batch_stats, args.check_steps)
+  print(f"compiled and checked in {time.perf_counter() - start:.0f} s; timing", file=sys.stderr, flush=True)
+  times, number = time_contenders(contenders, params, batch_stats, repeats, defaults["min_time"])
+  results = summarize(times, mem, agree)
+  measure_rss = defaults["rss"] if args.rss is None else args.rss
+  if measure_rss and sys.platform.startswith("linux"):
+    print("measuring RSS growth, one process per contender", file=sys.stderr, flush=True)
+    child_argv = [a for a in argv if a not in ("--rss", "--no-rss")]
+    for name, b in rss_in_subprocesses(list(contenders), child_argv).items():
+      results[name]["rss_growth_bytes"] = b
+
+  result: dict[str, Any] = {
+    "machine": machine_info(),
+    "config": {
+      "mode": mode,
+      "examples": examples,
+      "length": length,
+      "data": "MNIST-1D" if args.mnist1d else "random, MNIST-1D-shaped",
+      "micro_batch_size": micro,
+      "micro_batches": math.ceil(examples / micro),
+      "channels": channels,
+      "optimizer": f"sgd(lr={LEARNING_RATE}, momentum=0.9, nesterov=True)",
+      "batch_norm_momentum": MOMENTUM,
+      "repeats": repeats,
+      "check_steps": args.check_steps,
+    },
+    "baseline": BASELINE,
+    "contenders": list(contenders),
+    "number": number,
+    "results": results,
+    "targets": evaluate_targets(results),
+  }
+  result["wall_s"] = time.perf_counter() - start
+  args.out.mkdir(parents=True, exist_ok=True)
+  stem = args.out / ("full_batch_quick" if args.quick else "full_batch")
+  stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+  text = markdown(result)
+  stem.with_suffix(".md").write_text(text)
+  print(text)
+  print(f"wrote {stem}.json and {stem}.md in {result['wall_s']:.0f} s", file=sys.stderr)
+  return result
+
+
+if __name__ == "__main__":
+  main()
