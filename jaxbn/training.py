@@ -248,9 +248,25 @@ def full_batch_step(
     metrics = StepMetrics(loss, grad_norm, optax.tree.norm(updates), ~applied, extra)
     return new_state, metrics
 
+  def checked_step(state: TrainState, data: Any) -> tuple[TrainState, StepMetrics]:
+    try:
+      return step(state, data)
+    except Exception as err:
+      if type(err).__name__ != "ShardingTypeError":
+        raise
+      raise ValueError(
+        f"{fn}: JAX could not partition the step for data sharded over Explicit mesh axes "
+        "(jax.make_mesh's default): Flax layers contract over the sharded batch axis in their "
+        "backward pass. Consider one of the following options:\n"
+        "  1. shard the data over a mesh with Auto axes: jax.make_mesh(shape, names, "
+        "axis_types=(jax.sharding.AxisType.Auto,) * len(names));\n"
+        "  2. run the step per device: full_batch_step(..., axis_name=name, jit=False) inside "
+        "jax.shard_map or jax.pmap, with the batch norms' axis_name set to the same name."
+      ) from err
+
   if not jit:
-    return step
-  return jax.jit(step, donate_argnums=(0,) if donate else ())
+    return checked_step
+  return jax.jit(checked_step, donate_argnums=(0,) if donate else ())
 
 
 def _varying_like(x, *like):

@@ -2,7 +2,8 @@
 
 Run as ``python tests/_multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUT.npz``: the process sets
 up ``jax.distributed`` over gloo on 127.0.0.1 with 4 CPU devices of its own, runs :func:`train_step`
-on the global mesh of all processes' devices, and process 0 saves the results. The test runs the
+and :func:`full_batch_step` on the global mesh of all processes' devices, and process 0 saves the
+results. The test runs the
 same :func:`train_step` in one process with 8 devices and compares. Importing this module has no
 side effects.
 """
@@ -92,6 +93,53 @@ def train_step(mesh, style: str) -> dict[str, np.ndarray]:
   return out
 
 
+def full_batch_step(mesh) -> dict[str, np.ndarray]:
+  """Two steps of ``jaxbn.training.full_batch_step`` (micro-batches of 8 rows) on data sharded over ``mesh``.
+
+  ``mesh`` is a 1-D Auto-axis mesh named ``"batch"``, or None for one device.
+  """
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from jax.experimental import multihost_utils
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  import jaxbn
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+      x = nn.Dense(HIDDEN, use_bias=False)(x)
+      return nn.Dense(HIDDEN)(nn.relu(jaxbn.linen.BatchNorm(use_running_average=not train, momentum=0.9)(x)))
+
+  data = problem()
+  model = Net()
+  variables = model.init(jax.random.key(0), jnp.asarray(data["x"]), train=False)
+  opt = optax.sgd(LEARNING_RATE, momentum=0.9)
+  loss_fn = jaxbn.training.linen_loss(model, lambda out, t: jnp.sum((out - t) ** 2, -1), targets="target", train=True)
+  step = jaxbn.training.full_batch_step(loss_fn, opt, micro_batch_size=8, donate=False)
+
+  def put(a, spec):
+    if mesh is None:
+      return jnp.asarray(a)
+    return jax.make_array_from_callback(a.shape, NamedSharding(mesh, spec), lambda index: a[index])
+
+  state = jaxbn.training.TrainState.create(variables["params"], variables["batch_stats"], opt)
+  state = jax.tree.map(lambda a: put(np.asarray(a), P()), state)
+  batch = {"x": put(data["x"], P("batch")), "target": put(data["target"], P("batch"))}
+  losses = []
+  for _ in range(2):
+    state, metrics = step(state, batch)
+    losses.append(metrics.loss)
+  fetch = np.asarray if mesh is None or jax.process_count() == 1 else _fetch(multihost_utils)
+  leaves = jax.tree.leaves((state.params, state.batch_stats))
+  out = {f"leaf{i}": fetch(leaf) for i, leaf in enumerate(leaves)}
+  out["losses"] = np.stack([fetch(v) for v in losses])
+  return out
+
+
 def _fetch(multihost_utils):
   def fetch(a):
     if a.is_fully_replicated:
@@ -116,6 +164,8 @@ def main(argv: list[str]) -> None:
   results = {}
   for style in ("jit", "batch_map"):
     results.update({f"{style}/{k}": v for k, v in train_step(mesh, style).items()})
+  auto = jax.make_mesh((jax.device_count(),), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
+  results.update({f"full_batch/{k}": v for k, v in full_batch_step(auto).items()})
   if process_id == 0:
     np.savez(out_path, **results)
   jax.distributed.shutdown()

@@ -94,6 +94,13 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path):
       np.testing.assert_allclose(
         multi[f"{style}/{key}"], want, **TOL, err_msg=f"2 processes x 4 devices, {style}: {key}"
       )
+  # jaxbn.training.full_batch_step on data sharded over both processes' devices.
+  reference = worker.full_batch_step(None)
+  auto = jax.make_mesh((8,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
+  single = worker.full_batch_step(auto)
+  for key, want in reference.items():
+    np.testing.assert_allclose(single[key], want, **TOL, err_msg=f"full_batch_step, 1 process x 8 devices: {key}")
+    np.testing.assert_allclose(multi[f"full_batch/{key}"], want, **TOL, err_msg=f"full_batch_step, 2 x 4: {key}")
   # The step changed what it should: parameters moved, running statistics left their initial values.
   assert np.abs(multi["batch_map/param_kernel"] - worker.problem()["kernel"]).max() > 1e-3
   assert np.abs(multi["batch_map/state_mean"]).max() > 1e-3

@@ -285,3 +285,12 @@ def test_pmap_style_step_on_eight_devices_equals_one_device():
     np.testing.assert_allclose(a[0], b, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(a[7], b, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(metrics.loss[0], want_metrics.loss, rtol=1e-5)
+
+
+def test_explicit_mesh_data_gets_a_clear_error():
+  data = _data(n=32)
+  _, variables, opt, step = _setup(jaxbn.linen.BatchNorm, micro_batch_size=8, donate=False)
+  state = TrainState.create(variables["params"], variables["batch_stats"], opt)
+  sharded = jax.device_put(data, NamedSharding(jax.make_mesh((8,), ("batch",)), P("batch")))
+  with pytest.raises(ValueError, match=r"(?s)jaxbn.training.full_batch_step: .*Explicit mesh axes.*AxisType.Auto"):
+    step(state, sharded)
