@@ -129,6 +129,7 @@ def full_batch_step(
   donate: bool = True,
   jit: bool = True,
   axis_name: Any = None,
+  loop: str = "scan",
 ) -> Callable[[TrainState, Any], tuple[TrainState, StepMetrics]]:
   """A compiled step that applies one update with the exact mean gradient over all of ``data``.
 
@@ -147,6 +148,12 @@ def full_batch_step(
     guard: skip a step whose loss or gradient is not finite, changing nothing but ``skipped``.
     donate: donate the incoming state's buffers to the new state (do not reuse the old state).
     jit: return the step compiled with ``jax.jit`` (False to wrap it yourself, e.g. in pmap).
+    loop: ``"scan"`` (default) runs the micro-batches in a ``lax.scan`` inside one compiled step;
+      ``"host"`` calls one compiled micro-batch program per micro-batch from Python (accumulators
+      donated) and one compiled update. Same numbers; ``"host"`` avoids slow convolution layouts
+      XLA:CPU picks inside loops (3x faster for the benchmark CNN of ``benchmarks/full_batch.py`` with
+      8 micro-batches, on a 2-core CPU) but cannot
+      be traced into ``jax.pmap``/``jax.shard_map``.
     axis_name: for pmap-style code (``jax.pmap(step, axis_name=...)`` with ``jit=False``, or
       ``jax.shard_map``): ``data`` is this device's shard, and the loss, gradient and metrics are
       reduced over the named axis so every device applies the same full-batch update. Batch norms
@@ -175,57 +182,51 @@ def full_batch_step(
   fn = "jaxbn.training.full_batch_step"
   if update_batch_stats is None:
     update_batch_stats = getattr(loss_fn, "update_batch_stats", None)
+  if loop not in ("scan", "host"):
+    raise ValueError(f"{fn}: loop must be 'scan' or 'host', got {loop!r}.")
+  if loop == "host" and (axis_name is not None or not jit):
+    raise ValueError(
+      f"{fn}: loop='host' runs compiled pieces from Python, so it cannot be traced into pmap or "
+      "shard_map: use loop='scan' with axis_name=... and jit=False there."
+    )
   if micro_batch_size is not None and (not isinstance(micro_batch_size, int) or micro_batch_size <= 0):
     raise ValueError(f"{fn}: micro_batch_size must be a positive int or None, got {micro_batch_size!r}.")
 
-  def step(state: TrainState, data: Any) -> tuple[TrainState, StepMetrics]:
+  def sizes(data):
     n = _num_rows(fn, data)
     m = n if micro_batch_size is None else min(micro_batch_size, n)
-    k = math.ceil(n / m)
+    return n, m, math.ceil(n / m)
+
+  def micro_terms(state, data, i):
+    """Loss, aux, gradient and weight (share of all rows) of micro-batch ``i``."""
+    n, m, _ = sizes(data)
     total = n if axis_name is None else lax.psum(jnp.float32(n), axis_name)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-    def micro(carry, i):
-      grads_acc, loss_acc = carry
-      start = jnp.minimum(i * m, n - m)
-      if n % m:
-        mask = start + jnp.arange(m) >= i * m  # the last slice re-reads rows of the one before: mask them
-        w = jnp.sum(mask).astype(jnp.float32) / total
-      else:
-        mask, w = None, m / total  # every row valid: no mask for the loss or the batch norms to apply
-      batch = jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, start, m, axis=0), data)
-      (loss, aux), grads = grad_fn(state.params, state.batch_stats, batch, mask)
-      grads_acc = jax.tree.map(lambda acc, g: acc + w * g.astype(jnp.float32), grads_acc, grads)
-      return (grads_acc, loss_acc + w * loss.astype(jnp.float32)), (aux, w)
-
-    zeros = jax.tree.map(lambda p: _varying_like(jnp.zeros(jnp.shape(p), jnp.float32), p), state.params)
-    # Under jax.shard_map the accumulated loss varies over the data's axes: so must the loop's initial value.
-    init = (zeros, _varying_like(jnp.zeros((), jnp.float32), *jax.tree.leaves(data)))
-    if k == 1:
-      # No loop for one micro-batch: XLA:CPU leaves a convolution's kernel gradient inside a while
-      # loop in a slow, uncanonicalized form (30x slower for a Conv1D), even at trip count 1.
-      (grads, loss), (aux, weights) = micro(init, jnp.int32(0))
-      aux, weights = jax.tree.map(lambda a: jnp.expand_dims(a, 0), (aux, weights))
+    start = jnp.minimum(i * m, n - m)
+    if n % m:
+      mask = start + jnp.arange(m) >= i * m  # the last slice re-reads rows of the one before: mask them
+      w = jnp.sum(mask).astype(jnp.float32) / total
     else:
-      (grads, loss), (aux, weights) = lax.scan(micro, init, jnp.arange(k))
-    if axis_name is not None:
-      grads, loss, weights = _reduce_over_devices(grads, state.params, loss, weights, data, axis_name)
-    grads = jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), grads, state.params)
+      mask, w = None, jnp.float32(m) / total  # every row valid: no mask for the loss or the batch norms
+    batch = jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, start, m, axis=0), data)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.batch_stats, batch, mask)
+    return loss, aux, grads, w
 
+  def finish(state, data, grads, loss, stats, extra):
+    """One optimizer update from the accumulated gradient and merged statistics, under the guard."""
+    if axis_name is not None:
+      grads, loss = _reduce_over_devices(grads, state.params, loss, data, axis_name)
+      if extra is not None:
+        extra = lax.psum(extra, axis_name)
+    grads = jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), grads, state.params)
     batch_stats = state.batch_stats
-    if aux.stats is not None:
+    if stats is not None:
       if update_batch_stats is None:
         raise ValueError(
           f"{fn}: the loss function returns batch statistics (LossAux.stats) but no update_batch_stats "
           "was given to fold them into the running statistics. Pass update_batch_stats=..., or build "
           "the loss with jaxbn.training.linen_loss, which provides it."
         )
-      merged = jax.tree.map(lambda s: _stats.merge_stacked(s), aux.stats, is_leaf=lambda s: isinstance(s, _stats.Stats))
-      batch_stats = update_batch_stats(state.batch_stats, merged)
-    extra = None if aux.metrics is None else jax.tree.map(lambda v: jnp.tensordot(weights, v, axes=1), aux.metrics)
-    if axis_name is not None and extra is not None:
-      extra = lax.psum(extra, axis_name)
-
+      batch_stats = update_batch_stats(state.batch_stats, stats)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
@@ -245,8 +246,46 @@ def full_batch_step(
       state.step + applied.astype(jnp.int32),
       state.skipped + (~applied).astype(jnp.int32),
     )
-    metrics = StepMetrics(loss, grad_norm, optax.tree.norm(updates), ~applied, extra)
-    return new_state, metrics
+    return new_state, StepMetrics(loss, grad_norm, optax.tree.norm(updates), ~applied, extra)
+
+  def step(state: TrainState, data: Any) -> tuple[TrainState, StepMetrics]:
+    _, _, k = sizes(data)
+
+    def micro(carry, i):
+      grads_acc, loss_acc = carry
+      loss, aux, grads, w = micro_terms(state, data, i)
+      grads_acc = jax.tree.map(lambda acc, g: acc + w * g.astype(jnp.float32), grads_acc, grads)
+      return (grads_acc, loss_acc + w * loss.astype(jnp.float32)), (aux, w)
+
+    zeros = jax.tree.map(lambda p: _varying_like(jnp.zeros(jnp.shape(p), jnp.float32), p), state.params)
+    # Under jax.shard_map the accumulated loss varies over the data's axes: so must the loop's initial value.
+    init = (zeros, _varying_like(jnp.zeros((), jnp.float32), *jax.tree.leaves(data)))
+    if k == 1:
+      # No loop for one micro-batch: XLA:CPU leaves a convolution's kernel gradient inside a while
+      # loop in a slow, uncanonicalized form (30x slower for a Conv1D), even at trip count 1.
+      (grads, loss), (aux, weights) = micro(init, jnp.int32(0))
+      aux, weights = jax.tree.map(lambda a: jnp.expand_dims(a, 0), (aux, weights))
+    else:
+      (grads, loss), (aux, weights) = lax.scan(micro, init, jnp.arange(k))
+    stats = None
+    if aux.stats is not None:
+      stats = jax.tree.map(_stats.merge_stacked, aux.stats, is_leaf=lambda s: isinstance(s, _stats.Stats))
+    extra = None if aux.metrics is None else jax.tree.map(lambda v: jnp.tensordot(weights, v, axes=1), aux.metrics)
+    return finish(state, data, grads, loss, stats, extra)
+
+  def host_micro(state, data, acc, i):
+    grads_acc, loss_acc, stats_acc, extra_acc = acc
+    loss, aux, grads, w = micro_terms(state, data, i)
+    grads_acc = jax.tree.map(lambda a, g: a + w * g.astype(jnp.float32), grads_acc, grads)
+    if aux.stats is not None:
+      stats_acc = jax.tree.map(_stats.merge, stats_acc, aux.stats, is_leaf=lambda s: isinstance(s, _stats.Stats))
+    if aux.metrics is not None:
+      extra_acc = jax.tree.map(lambda a, v: a + w * v, extra_acc, aux.metrics)
+    return grads_acc, loss_acc + w * loss.astype(jnp.float32), stats_acc, extra_acc
+
+  def host_finish(state, data, acc):
+    grads, loss, stats, extra = acc
+    return finish(state, data, grads, loss, stats, extra)
 
   def checked_step(state: TrainState, data: Any) -> tuple[TrainState, StepMetrics]:
     try:
@@ -264,9 +303,25 @@ def full_batch_step(
         "jax.shard_map or jax.pmap, with the batch norms' axis_name set to the same name."
       ) from err
 
-  if not jit:
-    return checked_step
-  return jax.jit(checked_step, donate_argnums=(0,) if donate else ())
+  if loop == "scan":
+    if not jit:
+      return checked_step
+    return jax.jit(checked_step, donate_argnums=(0,) if donate else ())
+
+  micro_jit = jax.jit(host_micro, donate_argnums=(2,))
+  finish_jit = jax.jit(host_finish, donate_argnums=(0, 2) if donate else (2,))
+
+  def host_step(state: TrainState, data: Any) -> tuple[TrainState, StepMetrics]:
+    _, _, k = sizes(data)
+    aux = jax.eval_shape(lambda s, d: micro_terms(s, d, jnp.int32(0)), state, data)[1]
+    zeros = lambda tree: jax.tree.map(lambda a: jnp.zeros(jnp.shape(a), jnp.float32), tree)
+    # Empty statistics (count 0) merge exactly with the first micro-batch's.
+    acc = (zeros(state.params), jnp.zeros((), jnp.float32), zeros(aux.stats), zeros(aux.metrics))
+    for i in range(k):
+      acc = micro_jit(state, data, acc, jnp.int32(i))
+    return finish_jit(state, data, acc)
+
+  return host_step
 
 
 def _varying_like(x, *like):
@@ -277,7 +332,7 @@ def _varying_like(x, *like):
   return lax.pcast(x, axes, to="varying") if axes else x
 
 
-def _reduce_over_devices(grads, params, loss, weights, data, axis_name):
+def _reduce_over_devices(grads, params, loss, data, axis_name):
   """Sums the devices' weighted contributions (each device's weights are its share of all rows).
 
   Under ``jax.shard_map``, autodiff already sums the gradient of a parameter that is the same on
@@ -292,7 +347,7 @@ def _reduce_over_devices(grads, params, loss, weights, data, axis_name):
     missing = tuple(a for a in names if not (a in data_axes and a not in _varying(p)))
     return lax.psum(g, missing) if missing else g
 
-  return jax.tree.map(reduce, grads, params), lax.psum(loss, axis_name), weights
+  return jax.tree.map(reduce, grads, params), lax.psum(loss, axis_name)
 
 
 def _masked_means(loss, metrics, out, targets, mask):

@@ -294,3 +294,25 @@ def test_explicit_mesh_data_gets_a_clear_error():
   sharded = jax.device_put(data, NamedSharding(jax.make_mesh((8,), ("batch",)), P("batch")))
   with pytest.raises(ValueError, match=r"(?s)jaxbn.training.full_batch_step: .*Explicit mesh axes.*AxisType.Auto"):
     step(state, sharded)
+
+
+@pytest.mark.parametrize("micro", [4, 5])
+def test_host_loop_equals_scan(micro):
+  data = _data()
+  accuracy = lambda out, y: (jnp.argmax(out, -1) == y).astype(jnp.float32)
+  model = MLP(jaxbn.linen.BatchNorm)
+  variables = model.init(jax.random.key(0), data["x"], train=False)
+  opt = optax.adam(1e-2)
+  loss_fn = linen_loss(model, xent, metrics=accuracy, train=True)
+  results = []
+  for loop in ("scan", "host"):
+    step = full_batch_step(loss_fn, opt, micro_batch_size=micro, loop=loop)
+    state = TrainState.create(variables["params"], variables["batch_stats"], opt)
+    for _ in range(2):
+      state, metrics = step(state, data)
+    results.append((state, metrics))
+  (a, ma), (b, mb) = results
+  for x, y in zip(jax.tree.leaves((a, ma)), jax.tree.leaves((b, mb))):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match=r"loop='host' .* cannot be traced into pmap"):
+    full_batch_step(loss_fn, opt, loop="host", axis_name="batch", jit=False)
