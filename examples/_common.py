@@ -66,6 +66,43 @@ def use_devices(n: int) -> list[Any]:
   return devices[:n]
 
 
+def parallel_devices(n: int | None = None) -> list[Any]:
+  """Devices for a multi-device demonstration: the accelerators when there are enough, else virtual CPUs.
+
+  Args:
+    n: number of devices, >= 1; None for all accelerators when at least two are present, else 8.
+
+  Returns:
+    A list of ``n`` devices of one platform: the default backend's when it is not the CPU and has
+    ``n`` (or, for None, at least two) devices, otherwise CPU devices (virtual ones are created if
+    JAX has not started yet).
+
+  Raises:
+    ValueError: ``n < 1``, or fewer than ``n`` CPU devices exist and JAX's backend is already initialised.
+  """
+  import jax
+
+  if n is not None and n < 1:
+    raise ValueError(f"--devices must be >= 1, got {n}.")
+  try:
+    # Only possible before the first JAX operation; it affects the CPU backend alone.
+    jax.config.update("jax_num_cpu_devices", max(n or 8, jax.config.jax_num_cpu_devices))
+  except RuntimeError:
+    pass
+  default = jax.devices()
+  if default[0].platform != "cpu" and len(default) >= (n or 2):
+    return default[: n or len(default)]
+  cpus = jax.devices("cpu")
+  if len(cpus) < (n or 8):
+    raise ValueError(
+      f"--devices {n or 8} asked for more CPU devices than JAX has ({len(cpus)}). Consider one of the "
+      f"following options: 1. pass --devices {len(cpus)} or fewer; 2. run the script in a fresh process, so "
+      f"that it can create virtual CPU devices; 3. set XLA_FLAGS=--xla_force_host_platform_device_count={n or 8} "
+      "before starting Python."
+    )
+  return cpus[: n or 8]
+
+
 def load_mnist1d() -> dict[str, np.ndarray]:
   """MNIST-1D built locally: 4000 train and 1000 test sequences of length 40, float32 / int32.
 
@@ -138,10 +175,12 @@ def save_curve(
   ylabel: str,
   logy: bool = False,
   hlines: dict[str, float] | None = None,
+  markers: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None,
 ) -> pathlib.Path:
-  """Writes a PNG with one line per entry of ``curves``, plus optional labelled horizontal lines.
+  """Writes a PNG with one line per entry of ``curves``, plus optional labelled horizontal lines and markers.
 
-  Each curve is either its y values (plotted at x = 0, 1, ...) or an ``(xs, ys)`` pair.
+  Each curve is either its y values (plotted at x = 0, 1, ...) or an ``(xs, ys)`` pair; each entry of
+  ``markers`` is an ``(xs, ys)`` pair drawn as unconnected points (listed in the legend even when empty).
   """
   plt = pyplot()
   fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
@@ -151,13 +190,18 @@ def save_curve(
   styles = ("--", ":", "-.", (0, (5, 1, 1, 1)))
   for i, (label, y) in enumerate((hlines or {}).items()):
     ax.axhline(y, linestyle=styles[i % len(styles)], linewidth=1.0, color="gray", label=label)
+  for i, (label, (xs, ys)) in enumerate((markers or {}).items()):
+    color = f"C{(len(curves) + i) % 10}"  # after the curves' colors
+    ax.scatter(
+      np.asarray(xs), np.asarray(ys, np.float64), marker="ov^sD"[i % 5], s=24, zorder=3, color=color, label=label
+    )
   if logy:
     ax.set_yscale("log")
   ax.set_title(title)
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
   ax.grid(True, alpha=0.3)
-  if len(curves) + len(hlines or {}) > 1:
+  if len(curves) + len(hlines or {}) + len(markers or {}) > 1:
     ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path)

@@ -20,6 +20,7 @@ def _load(name: str):
     sys.path.insert(0, str(EXAMPLES))
   spec = importlib.util.spec_from_file_location(f"jaxbn_example_{name}", EXAMPLES / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses (flax modules) look their module up while being defined
   spec.loader.exec_module(module)
   return module
 
@@ -64,7 +65,7 @@ def test_full_batch_mnist1d_trains_and_writes_outputs(tiny_mnist1d_run):
   _assert_pngs(result["plots"], out)
   assert {pathlib.Path(p).name for p in result["plots"]} == {"loss.png", "grad_norm.png", "test_accuracy.png"}
   lines = (out / "metrics.csv").read_text().splitlines()
-  assert lines[0] == "step,loss,grad_norm,train_accuracy,test_accuracy" and len(lines) == 26
+  assert lines[0] == "step,loss,grad_norm,train_accuracy,test_accuracy,skipped,clipped" and len(lines) == 26
 
   loss, grad_norm = np.array(result["history"]["loss"]), np.array(result["history"]["grad_norm"])
   assert loss.shape == grad_norm.shape == (25,) and np.all(np.isfinite(loss)) and np.all(grad_norm > 0)
@@ -97,6 +98,72 @@ def test_full_batch_mnist1d_rejects_bad_device_counts(full_batch, tmp_path):
     full_batch.main(["--devices", "64", "--out", str(tmp_path)])
   with pytest.raises(ValueError, match=r"--devices 3 must divide the number of examples"):
     full_batch.main(["--devices", "3", "--train-examples", "400", "--out", str(tmp_path)])
+
+
+def test_full_batch_mnist1d_micro_batches(full_batch, tiny_mnist1d_run, tmp_path, capsys):
+  # Micro-batches of 100 rows: the gradient is accumulated over all 400 rows, batch norm uses ghost
+  # batches of 100, so the trajectory is close to, but not the same as, the whole-batch one.
+  one, _, _ = tiny_mnist1d_run
+  args = [*TINY_MNIST1D, "--steps", "6", "--micro-batch-size", "100", "--no-progress", "--out", str(tmp_path)]
+  ghost = full_batch.main(args)  # the later --steps wins
+  assert "micro-batches of 100" in capsys.readouterr().out
+  loss = np.array(ghost["history"]["loss"])
+  assert loss.shape == (6,) and np.all(np.isfinite(loss)) and loss[-1] < loss[0]
+  # At the same initial parameters only the batch-norm statistics differ: per 100 rows, not per 400.
+  whole = one["history"]["loss"][0]
+  assert loss[0] == pytest.approx(whole, rel=0.05) and abs(loss[0] - whole) > 1e-4
+
+
+def test_full_batch_mnist1d_guard_skips_non_finite_steps(full_batch, tmp_path, capsys, monkeypatch):
+  # One NaN in the training inputs makes every full-batch loss NaN: the step's guard skips them all,
+  # so the parameters and running statistics (hence the test accuracy) never change.
+  real = full_batch._common.load_mnist1d()
+  x = np.array(real["x"])
+  x[3, 7] = np.nan
+  monkeypatch.setattr(full_batch._common, "load_mnist1d", lambda: {**real, "x": x})
+  args = ["--steps", "3", "--train-examples", "400", "--channels", "8", "--no-progress", "--out", str(tmp_path)]
+  result = full_batch.main(args)
+  assert result["skipped_steps"] == 3 and result["applied_steps"] == 0
+  assert result["history"]["skipped"] == [True, True, True] and np.all(np.isnan(result["history"]["loss"]))
+  assert len(set(result["test_accuracy_history"])) == 1
+  assert "steps skipped by the guard: 3" in capsys.readouterr().out
+  assert [line.split(",")[-2] for line in (tmp_path / "metrics.csv").read_text().splitlines()[1:]] == ["1"] * 3
+  _assert_pngs(result["plots"], tmp_path)
+
+
+@pytest.fixture(scope="module")
+def multi_device():
+  return _load("multi_device")
+
+
+def test_multi_device_styles_agree_with_one_device(multi_device, capsys):
+  args = ["--devices", "4", "--steps", "2", "--examples", "400", "--micro-batch-size", "100", "--bn-rows", "64"]
+  result = multi_device.main(args)
+  printed = capsys.readouterr().out
+  assert result["devices"] == 4 and set(result["diffs"]) == set(multi_device.STYLES)
+  synced, local = multi_device.STYLES[:-1], multi_device.STYLES[-1]
+  for style in synced:
+    assert style in printed
+    assert result["relative"][style] < 1e-5, (style, result["diffs"][style])
+  # Without the batch norms' axis_name every device normalizes with its own rows' statistics.
+  assert result["relative"][local] > 1e-2
+  assert result["diffs"][local]["bn output"] > 1e-2 and result["diffs"][local]["step bn stats"] > 1e-3
+  assert "4 of 4 synced styles agree" in printed
+
+
+def test_multi_device_order_rebuilds_the_single_device_micro_batches(multi_device):
+  # 10 rows, micro-batches of 4 ([0:4], [4:8], [8:10]) over 2 devices: device 0 holds the first half
+  # of each, device 1 the second.
+  order = multi_device.device_major_order(10, 4, 2)
+  np.testing.assert_array_equal(order, [0, 1, 4, 5, 8, 2, 3, 6, 7, 9])
+  np.testing.assert_array_equal(multi_device.device_major_order(12, 12, 3), np.arange(12))
+
+
+def test_multi_device_rejects_bad_sizes(multi_device):
+  with pytest.raises(ValueError, match=r"--devices 64 asked for more CPU devices than JAX has \(8\)"):
+    multi_device.main(["--devices", "64"])
+  with pytest.raises(ValueError, match=r"--micro-batch-size 100 must be divisible by the number of devices \(8\)"):
+    multi_device.main(["--devices", "8", "--examples", "800", "--micro-batch-size", "100"])
 
 
 def test_seed_regression_plain_diverges_batch_norm_converges(seed_regression, tmp_path, capsys):
