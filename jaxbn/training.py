@@ -309,11 +309,18 @@ def full_batch_step(
     return jax.jit(checked_step, donate_argnums=(0,) if donate else ())
 
   micro_jit = jax.jit(host_micro, donate_argnums=(2,))
-  finish_jit = jax.jit(host_finish, donate_argnums=(0, 2) if donate else (2,))
+  finish_jit = jax.jit(host_finish, donate_argnums=(0,) if donate else ())
+  whole_jit = jax.jit(checked_step, donate_argnums=(0,) if donate else ())
+  aux_shapes: dict[Any, Any] = {}
 
   def host_step(state: TrainState, data: Any) -> tuple[TrainState, StepMetrics]:
     _, _, k = sizes(data)
-    aux = jax.eval_shape(lambda s, d: micro_terms(s, d, jnp.int32(0)), state, data)[1]
+    if k == 1:  # one micro-batch: the single compiled step has no loop to avoid
+      return whole_jit(state, data)
+    key = jax.tree.structure((state, data)), tuple((a.shape, a.dtype) for a in jax.tree.leaves((state, data)))
+    if key not in aux_shapes:
+      aux_shapes[key] = jax.eval_shape(lambda s, d: micro_terms(s, d, jnp.int32(0)), state, data)[1]
+    aux = aux_shapes[key]
     zeros = lambda tree: jax.tree.map(lambda a: jnp.zeros(jnp.shape(a), jnp.float32), tree)
     # Empty statistics (count 0) merge exactly with the first micro-batch's.
     acc = (zeros(state.params), jnp.zeros((), jnp.float32), zeros(aux.stats), zeros(aux.metrics))
