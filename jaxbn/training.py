@@ -328,6 +328,7 @@ def full_batch_step(
       acc = micro_jit(state, data, acc, jnp.int32(i))
     return finish_jit(state, data, acc)
 
+  host_step.programs = {"micro-batch": micro_jit, "update": finish_jit}  # for inspection, e.g. memory
   return host_step
 
 
