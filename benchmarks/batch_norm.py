@@ -33,14 +33,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import functools
 import importlib
 import json
 import math
-import os
 import pathlib
-import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -55,6 +52,7 @@ for _path in (_HERE, _HERE.parent):  # _models, and jaxbn when it is not install
   if str(_path) not in sys.path:
     sys.path.insert(0, str(_path))
 
+import _machine  # noqa: E402
 import _models  # noqa: E402
 
 import jaxbn  # noqa: E402
@@ -489,28 +487,7 @@ def bandwidth_rows(g: Group, copy_bw: float) -> dict[str, Any]:
 
 
 def machine_info() -> dict[str, Any]:
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
-  versions = {}
-  for mod in ("jax", "jaxlib", "flax", "haiku", "equinox", "jaxbn"):
-    try:
-      versions[mod] = importlib.import_module(mod).__version__
-    except (ImportError, AttributeError):
-      versions[mod] = None
-  dev = jax.devices()[0]
-  return {
-    "backend": jax.default_backend(),
-    "device": dev.device_kind,
-    "cpu": cpu,
-    "cpu_count": os.cpu_count(),
-    "python": platform.python_version(),
-    "versions": versions,
-    "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-  }
+  return _machine.machine_info(("jax", "jaxlib", "flax", "haiku", "equinox", "jaxbn"))
 
 
 def evaluate_targets(cases: list[dict[str, Any]], lib: str = "jaxbn") -> dict[str, Any]:

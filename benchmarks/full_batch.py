@@ -61,15 +61,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import functools
 import gc
-import importlib
 import json
 import math
 import os
 import pathlib
-import platform
 import subprocess
 import sys
 import time
@@ -85,8 +82,11 @@ from flax.training import train_state
 from jax import lax
 
 _HERE = pathlib.Path(__file__).resolve().parent
-if str(_HERE.parent) not in sys.path:  # jaxbn when it is not installed
-  sys.path.insert(0, str(_HERE.parent))
+for _path in (_HERE, _HERE.parent):  # _machine, and jaxbn when it is not installed
+  if str(_path) not in sys.path:
+    sys.path.insert(0, str(_path))
+
+import _machine  # noqa: E402
 
 import jaxbn  # noqa: E402
 from jaxbn import training  # noqa: E402
@@ -538,32 +538,7 @@ def rss_in_subprocesses(names: Sequence[str], argv: Sequence[str]) -> dict[str, 
 
 
 def machine_info() -> dict[str, Any]:
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
-  versions = {}
-  for mod in ("jax", "jaxlib", "flax", "optax", "jaxbn"):
-    try:
-      versions[mod] = importlib.import_module(mod).__version__
-    except (ImportError, AttributeError):
-      versions[mod] = None
-  try:
-    load = os.getloadavg()[0]
-  except OSError:
-    load = None
-  return {
-    "backend": jax.default_backend(),
-    "device": jax.devices()[0].device_kind,
-    "cpu": cpu,
-    "cpu_count": os.cpu_count(),
-    "load_average_1min": load,
-    "python": platform.python_version(),
-    "versions": versions,
-    "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-  }
+  return _machine.machine_info(("jax", "jaxlib", "flax", "optax", "jaxbn"))
 
 
 def summarize(times: dict[str, list[float]], mem: dict[str, Any], agree: dict[str, Any]) -> dict[str, Any]:
