@@ -101,13 +101,12 @@ def _bshape(x_shape, feature_axes):
 
 
 def _forward(x, scale, bias, mask, epsilon, feature_axes, axis_name, groups, out_dtype, fn):
+  from jaxbn.functional import normalize  # functional imports this module
+
   stats = compute_stats(x, feature_axes, mask=mask, axis_name=axis_name, axis_index_groups=groups, fn=fn)
-  cdt = stats.mean.dtype
-  inv = lax.rsqrt(stats.var + jnp.asarray(epsilon, cdt))
-  b = _bshape(x.shape, feature_axes)
-  mul = inv * scale.astype(cdt)
-  y = (x.astype(cdt) - stats.mean.reshape(b)) * mul.reshape(b) + bias.astype(cdt).reshape(b)
-  return y.astype(out_dtype), stats, inv
+  y = normalize(x, stats.mean, stats.var, scale, bias, feature_axes=feature_axes, epsilon=epsilon, dtype=out_dtype)
+  inv = lax.rsqrt(stats.var + jnp.asarray(epsilon, stats.mean.dtype))  # the same rsqrt: XLA computes it once
+  return y, stats, inv
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
