@@ -10,11 +10,32 @@ Local statistics are computed in ONE pass over ``x`` with shifted sums
 element of the batch. Because ``K`` is a sample of the data, ``x - K`` is of the order of the
 standard deviation and the variance ``S2/n - (S1/n)**2`` does not cancel catastrophically, even when
 ``|mean| / std`` is 1e5 in float32 (the textbook ``E[x^2] - E[x]^2`` returns 4.0 for a true 1.0
-already at 1e4).
+already at 1e4). Parts that are merged keep their mean as ``K + S1/n`` until the merge, which
+subtracts the shifts of two parts exactly: rounding each part's mean to float32 first would cost
+1e-3 of the variance at ``|mean| / std = 1e5``.
 
-Across devices the per-device summaries are exchanged with ONE collective (a ``psum`` of each
-device's ``3 x C`` floats placed in its own row) and merged locally, which is exact for uneven
-counts and needs no second round trip.
+Across devices, every style needs ONE collective per call:
+
+* ``axis_name`` (``jax.shard_map``, ``jax.pmap``, ``jax.vmap``): each device writes its ``4 x C``
+  summary into its own row and the rows are summed with one ``psum``; every device then merges
+  all rows locally, exactly for uneven counts and with no second round trip.
+* ``jax.jit``, no ``axis_name``, reduced dimensions sharded over Explicit mesh axes: the same,
+  inside a ``jax.shard_map`` built from the sharding in the array's type.
+* ``jax.jit``, no ``axis_name``, a mesh with Auto axes (``jax.make_mesh(..., axis_types=Auto)``,
+  ``jax.sharding.Mesh(devices, names)``): the type names the mesh but not the sharding, which XLA
+  chooses later. The leading reduced axis is split into ``G`` chunks (``G`` the number of devices
+  along Auto axes, or the largest divisor of it that divides the axis), each chunk summarised
+  around its own first valid element, and the ``G x 4 x C`` summaries are constrained to be
+  replicated along the chunk axis before the merge: one all-gather when the batch is block-sharded
+  over any subset of the mesh axes, none when it is replicated. A single global shift cannot do
+  this: it must reach every device before the sums start, a second round trip (and a third under a
+  mask, to find the first valid element), which is what XLA's own partitioning of the one-pass
+  formula costs.
+
+Where nothing at trace time names a mesh (``jax.jit(in_shardings=...)`` called on host arrays
+without ``jax.set_mesh``), or where the sharded reduced axis is not the leading one (spatial
+partitioning), XLA partitions the one-pass formula itself: still exact, with two collectives (the
+shift, then the sums). On one device there is no chunking and no extra pass over ``x``.
 """
 
 from __future__ import annotations
@@ -68,19 +89,18 @@ def _gather(x: jax.Array, index: tuple[Any, ...]) -> jax.Array:
   return x[index]
 
 
-def _feature_index(x_shape, feature_axes):
-  """Open-mesh index arrays selecting every feature position."""
-  fshape = tuple(x_shape[a] for a in feature_axes)
-  grids = jnp.meshgrid(*[jnp.arange(s) for s in fshape], indexing="ij")
-  return dict(zip(feature_axes, grids)), fshape
-
-
 def _first_valid(x: jax.Array, mask: jax.Array | None, feature_axes: tuple[int, ...]) -> jax.Array:
-  """Per feature, the first element of ``x`` (row-major over the reduced axes) where ``mask`` holds."""
-  reduce_axes = [a for a in range(x.ndim) if a not in feature_axes]
-  fidx, fshape = _feature_index(x.shape, feature_axes)
+  """Per feature, the first element of ``x`` (row-major over the reduced axes) where ``mask`` holds.
+
+  A gather whose feature axes are batch dimensions: XLA's partitioner keeps it local wherever ``x``
+  is sharded along the feature axes (the chunk axis of :func:`_chunked_stats` is one), and where
+  ``x`` is sharded along a reduced axis it moves the C values in one all-reduce (a plain slice
+  ``x[0]`` takes two there, one per use of the shift).
+  """
+  reduce_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
+  fshape = tuple(x.shape[a] for a in feature_axes)
   if mask is None:
-    ridx = {a: 0 for a in reduce_axes}
+    index = [jnp.zeros(fshape, jnp.int32)] * len(reduce_axes)
   else:
     # Flat position along the reduced axes, minimised over valid elements: a reduction, so it works
     # on sharded inputs without reshaping them.
@@ -91,23 +111,31 @@ def _first_valid(x: jax.Array, mask: jax.Array | None, feature_axes: tuple[int, 
       jnp.zeros(x.shape, jnp.int32),
     )
     big = jnp.iinfo(jnp.int32).max
-    first = jnp.min(jnp.where(mask, pos, big), axis=tuple(reduce_axes)) if reduce_axes else pos
+    first = jnp.min(jnp.where(mask, pos, big), axis=reduce_axes) if reduce_axes else pos
     first = jnp.where(first == big, 0, first)
-    ridx = {a: (first // int(s)) % x.shape[a] for a, s in zip(reduce_axes, strides)}
-  index = tuple(fidx[a] if a in fidx else ridx[a] for a in range(x.ndim))
-  return _gather(x, index).reshape(fshape)
+    index = [(first // int(s)) % x.shape[a] for a, s in zip(reduce_axes, strides)]
+  if _is_explicitly_sharded(x):
+    fidx = jnp.meshgrid(*[jnp.arange(n) for n in fshape], indexing="ij")
+    full = dict(zip(reduce_axes, index)) | dict(zip(feature_axes, fidx))
+    return _gather(x, tuple(full[a] for a in range(x.ndim))).reshape(fshape)
+  dnums = lax.GatherDimensionNumbers(
+    offset_dims=(),
+    collapsed_slice_dims=reduce_axes,
+    start_index_map=reduce_axes,
+    operand_batching_dims=tuple(feature_axes),
+    start_indices_batching_dims=tuple(range(len(feature_axes))),
+  )
+  indices = jnp.stack(index, axis=-1) if index else jnp.zeros((*fshape, 0), jnp.int32)
+  return lax.gather(x, indices, dnums, (1,) * x.ndim, mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
 
-def local_stats(x: jax.Array, feature_axes: tuple[int, ...], mask: jax.Array | None = None) -> Stats:
-  """Statistics of the valid elements of ``x`` on this device, reduced over the non-feature axes.
+def _parts(x: jax.Array, feature_axes: tuple[int, ...], mask: jax.Array | None) -> jax.Array:
+  """Rows ``(count, shift, offset, m2)`` stacked on a new axis 0; the mean is ``shift + offset``.
 
-  Args:
-    x: floating input.
-    feature_axes: sorted, non-negative feature axes.
-    mask: optional boolean array broadcastable to ``x``; True marks valid elements.
-
-  Returns:
-    ``Stats`` with the feature shape, in float32 (float64 for float64 input).
+  The mean is kept as two numbers until the end: ``shift`` is a sample of the data and ``offset`` is
+  small, so merging parts whose means are far from 0 subtracts their shifts exactly instead of losing
+  the low digits of each mean to float32 rounding (1e-3 of a unit variance at ``|mean| = 1e5``).
+  All four are 0 where the count is 0.
   """
   cdt = _checks.stats_dtype(x.dtype)
   reduce_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
@@ -126,9 +154,23 @@ def local_stats(x: jax.Array, feature_axes: tuple[int, ...], mask: jax.Array | N
   s2 = jnp.sum(pos * pos, axis=reduce_axes)
   d = s1 / jnp.maximum(count, 1)
   valid = count > 0
-  mean = jnp.where(valid, shift + d, 0)
-  m2 = jnp.where(valid, jnp.maximum(s2 - s1 * d, 0), 0)
-  return Stats(count, mean, m2)
+  m2 = jnp.maximum(s2 - s1 * d, 0)
+  return jnp.stack([count, *(jnp.where(valid, v, 0) for v in (shift, d, m2))])
+
+
+def local_stats(x: jax.Array, feature_axes: tuple[int, ...], mask: jax.Array | None = None) -> Stats:
+  """Statistics of the valid elements of ``x`` on this device, reduced over the non-feature axes.
+
+  Args:
+    x: floating input.
+    feature_axes: sorted, non-negative feature axes.
+    mask: optional boolean array broadcastable to ``x``; True marks valid elements.
+
+  Returns:
+    ``Stats`` with the feature shape, in float32 (float64 for float64 input).
+  """
+  count, shift, offset, m2 = _parts(x, feature_axes, mask)
+  return Stats(count, shift + offset, m2)
 
 
 def merge(a: Stats, b: Stats) -> Stats:
@@ -143,18 +185,30 @@ def merge_stacked(stats: Stats, weights: jax.Array | None = None) -> Stats:
   means are large and nearly equal (|mean| >> std) do not lose the digits that matter.
   """
   count, mean, m2 = stats
+  return _merge_rows(jnp.stack([count, mean, jnp.zeros_like(mean), m2], axis=1), weights)
+
+
+def _merge_rows(rows: jax.Array, weights: jax.Array | None = None) -> Stats:
+  """Exact merge of the parts ``rows[i] = (count, shift, offset, m2)`` (see :func:`_parts`).
+
+  Deviations are taken from the mean of the largest part, shifts and offsets subtracted separately
+  (Chan et al. 1983, with the mean carried as ``shift + offset``). Parts with weight or count 0 do
+  not enter, whatever their other rows hold.
+  """
+  count, hi, lo, m2 = (rows[:, i] for i in range(4))
   if weights is not None:
-    w = weights.reshape((-1,) + (1,) * (count.ndim - 1)).astype(count.dtype)
-    count, m2 = count * w, m2 * w
+    count = count * weights.reshape((-1,) + (1,) * (count.ndim - 1)).astype(count.dtype)
+  part = count > 0
   total = jnp.sum(count, axis=0)
-  ref = jnp.take_along_axis(mean, jnp.argmax(count, axis=0)[None], axis=0)[0]
-  delta = mean - ref
-  dmean = jnp.sum(count * delta, axis=0) / jnp.maximum(total, 1)
-  out_mean = ref + dmean
+  largest = jnp.argmax(count, axis=0)[None]
+  ref_hi = jnp.take_along_axis(hi, largest, axis=0)[0]
+  ref_lo = jnp.take_along_axis(lo, largest, axis=0)[0]
+  delta = (hi - ref_hi) + (lo - ref_lo)
+  dmean = jnp.sum(jnp.where(part, count * delta, 0), axis=0) / jnp.maximum(total, 1)
   dev = delta - dmean
-  out_m2 = jnp.sum(m2, axis=0) + jnp.sum(count * dev * dev, axis=0)
+  out_m2 = jnp.sum(jnp.where(part, m2 + count * dev * dev, 0), axis=0)
   valid = total > 0
-  return Stats(total, jnp.where(valid, out_mean, 0), jnp.where(valid, out_m2, 0))
+  return Stats(total, jnp.where(valid, ref_hi + (ref_lo + dmean), 0), jnp.where(valid, out_m2, 0))
 
 
 def _group_weights(fn: str, axis_name: Hashable, groups: Sequence[Sequence[int]], size: int) -> jax.Array:
@@ -212,11 +266,22 @@ def all_reduce(
   is applied after the exchange, so it works identically under ``jax.pmap``, ``jax.shard_map`` and
   ``jax.vmap`` (``shard_map`` has no grouped ``psum``).
   """
-  gathered = gather_rows(jnp.stack(list(stats)), axis_name, fn=fn)
+  count, mean, m2 = stats
+  return _all_reduce_rows(jnp.stack([count, mean, jnp.zeros_like(mean), m2]), axis_name, axis_index_groups, fn)
+
+
+def _all_reduce_rows(
+  rows: jax.Array,
+  axis_name: Hashable | tuple[Hashable, ...],
+  axis_index_groups: Sequence[Sequence[int]] | None,
+  fn: str,
+) -> Stats:
+  """:func:`all_reduce` of this device's :func:`_parts`."""
+  gathered = gather_rows(rows, axis_name, fn=fn)
   weights = None
   if axis_index_groups is not None:
     weights = _group_weights(fn, axis_name, axis_index_groups, gathered.shape[0])
-  return merge_stacked(Stats(gathered[:, 0], gathered[:, 1], gathered[:, 2]), weights)
+  return _merge_rows(gathered, weights)
 
 
 def compute_stats(
@@ -231,14 +296,12 @@ def compute_stats(
   """Local statistics, merged across ``axis_name`` when it is given."""
   if axis_index_groups is not None and axis_name is None:
     raise ValueError(f"{fn}: axis_index_groups={axis_index_groups!r} needs an axis_name to group over.")
-  if axis_name is None:
-    sharded = _sharded_stats(x, feature_axes, mask, fn)
-    if sharded is not None:
-      return sharded
-  stats = local_stats(x, feature_axes, mask)
   if axis_name is not None:
-    stats = all_reduce(stats, axis_name, axis_index_groups, fn=fn)
-  return stats
+    return _all_reduce_rows(_parts(x, feature_axes, mask), axis_name, axis_index_groups, fn)
+  stats = _sharded_stats(x, feature_axes, mask, fn)
+  if stats is None:
+    stats = _chunked_stats(x, feature_axes, mask)
+  return local_stats(x, feature_axes, mask) if stats is None else stats
 
 
 def _mesh_axis_names(entry: Any) -> tuple[str, ...]:
@@ -250,8 +313,8 @@ def _sharded_stats(x: jax.Array, feature_axes: tuple[int, ...], mask: jax.Array 
 
   Left to XLA, the partitioned one-pass formula needs a collective to broadcast the shift, then
   one for the sums (and one more under a mask). Computing each shard's statistics locally inside
-  ``jax.shard_map`` and merging them with :func:`all_reduce` needs exactly one. Returns None when
-  ``x`` is not sharded that way (Auto meshes carry no sharding at trace time; XLA partitions those).
+  ``jax.shard_map`` and merging them as :func:`all_reduce` does needs exactly one. Returns None when
+  ``x`` is not sharded that way (Auto axes carry no sharding at trace time: see :func:`_chunked_stats`).
   """
   try:
     sharding = jax.typeof(x).sharding
@@ -271,15 +334,60 @@ def _sharded_stats(x: jax.Array, feature_axes: tuple[int, ...], mask: jax.Array 
   axis = reduced[0] if len(reduced) == 1 else reduced
   out_specs = Stats(fspec, fspec, fspec)
   if mask is None:
-    body = lambda xs: all_reduce(local_stats(xs, feature_axes, None), axis, fn=fn)
+    body = lambda xs: _all_reduce_rows(_parts(xs, feature_axes, None), axis, None, fn)
     return jax.shard_map(body, mesh=mesh, in_specs=PartitionSpec(*spec), out_specs=out_specs, axis_names=manual)(x)
   mask = jnp.broadcast_to(mask, (1,) * (x.ndim - mask.ndim) + mask.shape)
   mspec = PartitionSpec(*(spec[d] if mask.shape[d] == x.shape[d] else None for d in range(x.ndim)))
   mask = jax.sharding.reshard(mask, jax.sharding.NamedSharding(mesh, mspec))
-  body = lambda xs, ms: all_reduce(local_stats(xs, feature_axes, ms), axis, fn=fn)
+  body = lambda xs, ms: _all_reduce_rows(_parts(xs, feature_axes, ms), axis, None, fn)
   return jax.shard_map(body, mesh=mesh, in_specs=(PartitionSpec(*spec), mspec), out_specs=out_specs, axis_names=manual)(
     x, mask
   )
+
+
+def _auto_mesh(x: jax.Array) -> tuple[Any, int]:
+  """The mesh ``x`` is typed with (or the context mesh) and the number of devices along its Auto axes."""
+  try:
+    mesh = jax.typeof(x).sharding.mesh
+  except AttributeError:
+    mesh = None
+  if mesh is None or mesh.empty:
+    mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return None, 1
+  sizes = [s for s, t in zip(mesh.axis_sizes, mesh.axis_types) if t == jax.sharding.AxisType.Auto]
+  return mesh, math.prod(sizes)
+
+
+def _chunked_stats(x: jax.Array, feature_axes: tuple[int, ...], mask: jax.Array | None) -> Stats | None:
+  """Statistics of ``x`` on a mesh with Auto axes, with one collective whatever XLA's sharding of ``x``.
+
+  The leading reduced axis is split into ``G`` chunks, ``G`` the number of devices along the Auto
+  axes (or its largest divisor that divides the axis). Each chunk gets its own shifted sums, with its
+  own first valid element as shift, so a chunk held by one device needs nothing from the others.
+  The ``G`` small summaries are then made replicated along the chunk axis (one all-gather where they
+  were sharded, nothing where they were not) and merged exactly on every device. Returns None when
+  there is nothing to split.
+  """
+  mesh, devices = _auto_mesh(x)
+  reduce_axes = [a for a in range(x.ndim) if a not in feature_axes]
+  if devices <= 1 or not reduce_axes:
+    return None
+  r = reduce_axes[0]
+  g = math.gcd(x.shape[r], devices)
+  if g <= 1:
+    return None
+  split = lambda shape: shape[:r] + ((g, shape[r] // g) if shape[r] > 1 else (1, 1)) + shape[r + 1 :]
+  xs = x.reshape(split(x.shape))
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, (1,) * (x.ndim - mask.ndim) + mask.shape)
+    mask = mask.reshape(split(mask.shape))
+  chunk_features = tuple(sorted([a + (a > r) for a in feature_axes] + [r]))
+  rows = jnp.moveaxis(_parts(xs, chunk_features, mask), 1 + chunk_features.index(r), 0)  # (g, 4, *features)
+  PartitionSpec = jax.sharding.PartitionSpec
+  spec = PartitionSpec(None, None, *(PartitionSpec.UNCONSTRAINED,) * len(feature_axes))
+  rows = lax.with_sharding_constraint(rows, jax.sharding.NamedSharding(mesh, spec))
+  return _merge_rows(rows)
 
 
 def moments(

@@ -126,7 +126,12 @@ def _run_mapped(transform):
 
 
 def _run_jit(axis_type, shape=(D,), names=("d",)):
-  mesh = _mesh(axis_type, shape, names)
+  return _run_jit_on(_mesh(axis_type, shape, names))
+
+
+def _run_jit_on(mesh):
+  """No axis_name: inputs sharded along the batch over every mesh axis, XLA partitions the rest."""
+  names = mesh.axis_names
   batch = names[0] if len(names) == 1 else names
   put = lambda a: None if a is None else jax.device_put(a, NamedSharding(mesh, P(batch)))
   return _local(None), put
@@ -151,12 +156,14 @@ STYLES = {
   "jit-explicit": lambda: _run_jit(AxisType.Explicit),
   "jit-auto": lambda: _run_jit(AxisType.Auto),
   "jit-explicit-2d": lambda: _run_jit(AxisType.Explicit, (2, 4), ("a", "b")),
+  "jit-auto-2d": lambda: _run_jit(AxisType.Auto, (2, 4), ("a", "b")),
+  "jit-auto-Mesh": lambda: _run_jit_on(jax.sharding.Mesh(np.array(jax.devices()), ("d",))),
   "batch_map-explicit": lambda: _run_batch_map(AxisType.Explicit),
   "batch_map-auto": lambda: _run_batch_map(AxisType.Auto),
 }
 
 
-FULL = ("shard_map-explicit", "pmap", "jit-explicit", "batch_map-auto")
+FULL = ("shard_map-explicit", "pmap", "jit-explicit", "jit-auto", "batch_map-auto")
 CASES = [(style, True) for style in STYLES] + [(style, False) for style in FULL]
 
 
@@ -204,8 +211,11 @@ def test_moments_every_style_matches_one_device():
   mesh = _mesh(AxisType.Explicit)
   put = lambda a: jax.device_put(a, NamedSharding(mesh, P("d")))
   local = lambda x, m: jaxbn.moments(x, mask=m, axis_name="d")
+  auto = _mesh(AxisType.Auto)
+  put_auto = lambda a: jax.device_put(a, NamedSharding(auto, P("d")))
   got = {
     "shard_map": jax.jit(jax.shard_map(local, mesh=mesh, in_specs=P("d"), out_specs=P()))(put(x), put(mask)),
+    "jit-auto": jax.jit(lambda x, m: jaxbn.moments(x, mask=m))(put_auto(x), put_auto(mask)),
     "pmap": [a[0] for a in jax.pmap(local, axis_name="d")(x.reshape(D, R, C), mask.reshape(D, R, 1))],
     "vmap": [a[3] for a in jax.jit(jax.vmap(local, axis_name="d"))(x.reshape(D, R, C), mask.reshape(D, R, 1))],
     "jit": jax.jit(lambda x, m: jaxbn.moments(x, mask=m))(put(x), put(mask)),
@@ -376,12 +386,14 @@ def _collectives(compiled) -> int:
   return len(_COLLECTIVE.findall(compiled.as_text()))
 
 
-def _two_layers(axis_name, groups=None):
+def _two_layers(axis_name, groups=None, fused=None):
   state = jaxbn.init_state(C)
 
   def f(x, s, b, m):
     for _ in range(2):
-      x, _ = jaxbn.batch_norm(x, state, s, b, training=True, mask=m, axis_name=axis_name, axis_index_groups=groups)
+      x, _ = jaxbn.batch_norm(
+        x, state, s, b, training=True, mask=m, axis_name=axis_name, axis_index_groups=groups, fused=fused
+      )
       x = jnp.tanh(x)
     return x
 
@@ -407,18 +419,74 @@ def test_one_collective_per_layer_forward_at_most_one_backward(style, masked):
     mapped = jax.shard_map(_two_layers("d", groups), mesh=mesh, in_specs=(P("d"), P(), P(), mspec), out_specs=P("d"))
     put = lambda a: None if a is None else jax.device_put(a, NamedSharding(mesh, P("d")))
     args = (put(x), scale, bias, put(mask))
-  forward = _collectives(jax.jit(mapped).lower(*args).compile())
+  _assert_one_collective_per_layer_each_way(mapped, args, layers)
+
+
+def _assert_one_collective_per_layer_each_way(f, args, layers):
+  """``layers`` collectives in the compiled forward pass, between 1 and ``layers`` more with the backward."""
+  forward = _collectives(jax.jit(f).lower(*args).compile())
   assert forward == layers
-  loss = lambda x, s, b, m: jnp.sum(mapped(x, s, b, m) ** 2)
+  loss = lambda x, s, b, m: jnp.sum(f(x, s, b, m) ** 2)
   both = _collectives(jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile())
   assert 1 <= both - forward <= layers
 
 
-def test_jit_sharded_one_collective_per_layer_forward():
+JIT_MESHES = {
+  "explicit": lambda: _mesh(AxisType.Explicit),
+  "auto": lambda: _mesh(AxisType.Auto),
+  "auto-Mesh": lambda: jax.sharding.Mesh(np.array(jax.devices()), ("d",)),
+  "auto-2d": lambda: _mesh(AxisType.Auto, (2, 4), ("a", "b")),
+}
+JIT_CASES = [
+  ("explicit", False, None),
+  ("explicit", True, None),
+  ("auto", False, None),
+  ("auto", True, None),
+  ("auto", True, False),
+  ("auto-Mesh", True, None),
+  ("auto-2d", True, False),
+]
+
+
+@pytest.mark.parametrize(
+  ("mesh", "masked", "fused"), JIT_CASES, ids=[f"{m}-{'mask' if k else 'full'}-fused={f}" for m, k, f in JIT_CASES]
+)
+def test_jit_sharded_one_collective_per_layer_forward_at_most_one_backward(mesh, masked, fused):
+  """No axis_name, batch sharded over the mesh: Explicit axes via shard_map, Auto axes via chunked statistics."""
+  layers = 2
+  mesh = JIT_MESHES[mesh]()
   x, _, scale, bias = _data()
-  mesh = _mesh(AxisType.Explicit)
-  xs = jax.device_put(x, NamedSharding(mesh, P("d")))
-  assert _collectives(jax.jit(_two_layers(None)).lower(xs, scale, bias, None).compile()) == 2
+  put = lambda a: None if a is None else jax.device_put(a, NamedSharding(mesh, P(mesh.axis_names)))
+  args = (put(x), scale, bias, put(_mask() if masked else None))
+  f = _two_layers(None, fused=fused)
+  _assert_one_collective_per_layer_each_way(f, args, layers)
+
+
+AUTO_LAYOUTS = {
+  # name: (shape, feature axis, spec over a (4, 2) Auto mesh ("data", "model"), collectives expected)
+  "batch-on-data": ((12, 4), -1, P("data"), 1),  # 12 rows: chunks of 3, one per "data" shard
+  "batch-on-data-features-on-model": ((16, 4), -1, P("data", "model"), 1),
+  "NCHW-batch-on-both": ((16, 4, 5, 3), 1, P(("data", "model")), 1),
+  "replicated": ((16, 4), -1, P(), 0),
+  "height-on-both": ((3, 16, 5, 4), -1, P(None, ("data", "model")), None),  # not the leading axis: XLA's way
+}
+
+
+@pytest.mark.parametrize("layout", list(AUTO_LAYOUTS))
+def test_jit_auto_mesh_layouts_exact(layout):
+  shape, axis, spec, expected = AUTO_LAYOUTS[layout]
+  mesh = _mesh(AxisType.Auto, (4, 2), ("data", "model"))
+  rng = np.random.default_rng(11)
+  x = (1e4 + rng.normal(size=shape)).astype(np.float32)
+  mask = rng.random(shape[:1] + (1,) * (len(shape) - 1)) > 0.3
+  mask[:1] = False  # the first chunk's shift must come from a later row
+  f = jax.jit(lambda x, m: jaxbn.moments(x, axis=axis, mask=m))
+  args = (jax.device_put(x, NamedSharding(mesh, spec)), jax.device_put(mask, NamedSharding(mesh, P(*spec[:1]))))
+  want = f(*(jax.device_put(a, jax.devices()[0]) for a in (x, mask)))
+  for g, r in zip(f(*args), want, strict=True):
+    np.testing.assert_allclose(g, r, rtol=1e-5)
+  if expected is not None:
+    assert _collectives(f.lower(*args).compile()) == expected
 
 
 # --- sync_state -----------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import jaxbn
 from jaxbn import stats
@@ -75,6 +77,40 @@ def test_bfloat16_input_accumulates_in_float32():
   rmean, rvar, _ = reference_moments(np.asarray(x.astype(jnp.float32)), (1,))
   np.testing.assert_allclose(var, rvar, rtol=1e-4)
   np.testing.assert_allclose(mean, rmean, rtol=1e-6)
+
+
+def _moments_on_8_devices(style, x, mask):
+  """jaxbn.moments under jax.jit of a batch split in 8 row blocks, one per device."""
+  axis_type = {"jit-explicit": AxisType.Explicit, "jit-auto": AxisType.Auto}[style]
+  mesh = jax.make_mesh((8,), ("d",), axis_types=(axis_type,))
+  put = lambda a: None if a is None else jax.device_put(a, NamedSharding(mesh, P("d")))
+  return jax.jit(lambda x, m: jaxbn.moments(x, mask=m))(put(x), put(mask))
+
+
+@pytest.mark.parametrize("style", ["jit-auto", "jit-explicit"])  # jit-explicit merges as shard_map does
+@pytest.mark.parametrize("offset", [1e4, 1e5])
+def test_cross_device_variance_accurate_at_large_mean(style, offset):
+  # Each device (or chunk) summarises its rows around its own first valid row; merging those
+  # summaries must not round each part's mean to float32 first (an error of 1e-3 of the variance
+  # at 1e5, as large as the one-pass formula's own error budget).
+  rng = np.random.default_rng(11)
+  x = (offset + rng.normal(0.0, 1.0, (64, 8))).astype(np.float32)
+  mask = np.concatenate([np.arange(8) < v for v in (8, 0, 1, 3, 8, 2, 5, 4)])[:, None]
+  mean, var, count = _moments_on_8_devices(style, x, mask)
+  rmean, rvar, rn = reference_moments(x, (1,), mask)
+  assert np.max(np.abs(np.asarray(var) / rvar - 1)) <= 1e-5
+  np.testing.assert_allclose(mean, rmean, rtol=1e-7)
+  np.testing.assert_array_equal(count, rn)
+
+
+def test_cross_device_bfloat16_at_mean_100():
+  rng = np.random.default_rng(12)
+  x = jnp.asarray(100.0 + rng.normal(0.0, 1.0, (2048, 16)), jnp.bfloat16)
+  mean, var, _ = _moments_on_8_devices("jit-auto", x, None)
+  assert mean.dtype == var.dtype == jnp.float32
+  rmean, rvar, _ = reference_moments(np.asarray(x.astype(jnp.float32)), (1,))
+  np.testing.assert_allclose(var, rvar, rtol=1e-5)
+  np.testing.assert_allclose(mean, rmean, rtol=1e-7)
 
 
 def test_float64_statistics_stay_float64():
