@@ -2,13 +2,19 @@
 
 The core is pure functions over arrays and NamedTuple states (``batch_norm``, ``moments``); the
 Flax modules live in ``jaxbn.linen`` and ``jaxbn.nnx``, Optax transformations in
-``jaxbn.transforms``, full-batch steps in ``jaxbn.training``.
+``jaxbn.transforms``, full-batch steps in ``jaxbn.training``, stability diagnostics (per-layer
+norms, sharpness) in ``jaxbn.diagnostics``.
 """
 
+from jaxbn import diagnostics as diagnostics
 from jaxbn import linen as linen
 from jaxbn import nnx as nnx
 from jaxbn import training as training
 from jaxbn import transforms as transforms
+from jaxbn.diagnostics import hessian_vector_product as hessian_vector_product
+from jaxbn.diagnostics import norms_by_layer as norms_by_layer
+from jaxbn.diagnostics import stability_threshold as stability_threshold
+from jaxbn.diagnostics import top_hessian_eigenvalue as top_hessian_eigenvalue
 from jaxbn.functional import BatchNormState as BatchNormState
 from jaxbn.functional import batch_norm as batch_norm
 from jaxbn.functional import init_state as init_state
@@ -33,18 +39,23 @@ __all__ = [
   "batch_map",
   "batch_norm",
   "batch_renorm",
+  "diagnostics",
   "fold_batch_norm",
   "fold_batch_norms",
   "ghost_batch_norm",
+  "hessian_vector_product",
   "init_state",
   "linen",
   "moments",
   "nnx",
+  "norms_by_layer",
   "paper_dmax",
   "paper_rmax",
   "recalibrate",
   "renorm_schedule",
+  "stability_threshold",
   "sync_state",
+  "top_hessian_eigenvalue",
   "training",
   "transforms",
 ]

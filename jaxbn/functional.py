@@ -229,7 +229,46 @@ def batch_norm(
     Ioffe & Szegedy, "Batch Normalization: Accelerating Deep Network Training by Reducing Internal
     Covariate Shift", 2015.
   """
-  fn = "jaxbn.batch_norm"
+  return _batch_norm(
+    "jaxbn.batch_norm",
+    x,
+    state,
+    scale,
+    bias,
+    training=training,
+    axis=axis,
+    momentum=momentum,
+    epsilon=epsilon,
+    mask=mask,
+    axis_name=axis_name,
+    axis_index_groups=axis_index_groups,
+    running_average=running_average,
+    unbiased_running_var=unbiased_running_var,
+    dtype=dtype,
+    fused=fused,
+  )[:2]
+
+
+def _batch_norm(
+  fn: str,
+  x: Any,
+  state: BatchNormState,
+  scale: Any,
+  bias: Any,
+  *,
+  training: bool,
+  axis: int | Sequence[int],
+  momentum: Any,
+  epsilon: Any,
+  mask: Any,
+  axis_name: Hashable | None,
+  axis_index_groups: Sequence[Sequence[int]] | None,
+  running_average: RunningAverage,
+  unbiased_running_var: bool,
+  dtype: Any,
+  fused: bool | None = None,
+) -> tuple[jax.Array, BatchNormState, Stats | None]:
+  """:func:`batch_norm`, also returning the batch ``Stats`` it used (None in evaluation)."""
   x = _checks.floating_input(fn, x)
   axes = _checks.feature_axes(fn, x.ndim, axis)
   fshape = tuple(x.shape[a] for a in axes)
@@ -248,7 +287,7 @@ def batch_norm(
 
   if not training:
     mean, var = state.mean.astype(cdt), state.var.astype(cdt)
-    return normalize(x, mean, var, scale, bias, feature_axes=axes, epsilon=epsilon, dtype=dtype), state
+    return normalize(x, mean, var, scale, bias, feature_axes=axes, epsilon=epsilon, dtype=dtype), state, None
 
   def plain():
     stats = compute_stats(x, axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups, fn=fn)
@@ -281,4 +320,4 @@ def batch_norm(
   new_state = update_running_stats(
     state, stats, momentum=momentum, running_average=running_average, unbiased_running_var=unbiased_running_var
   )
-  return y, new_state
+  return y, new_state, stats

@@ -29,6 +29,7 @@ import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -36,8 +37,11 @@ import numpy as np
 import optax
 from jax import lax
 
+from jaxbn import _checks, _hooks, diagnostics
 from jaxbn import stats as _stats
 from jaxbn.functional import BatchNormState, update_running_stats
+from jaxbn.linen import MOMENTS
+from jaxbn.linen import BatchNorm as JaxbnBatchNorm
 
 __all__ = [
   "LossAux",
@@ -49,6 +53,7 @@ __all__ = [
   "nnx_loss",
   "restore_checkpoint",
   "save_checkpoint",
+  "sharpness",
 ]
 
 
@@ -94,13 +99,30 @@ class LossAux(NamedTuple):
 
 
 class StepMetrics(NamedTuple):
-  """Per-step metrics: mean loss, gradient and update global norms, whether the step was skipped."""
+  """Per-step metrics.
+
+  Attributes:
+    loss: mean loss over all rows.
+    grad_norm: global norm of the full-batch gradient.
+    update_norm: global norm of the optimizer's update.
+    skipped: whether the guard skipped the step.
+    extra: count-weighted means of the loss function's ``LossAux.metrics``.
+    layer_grad_norms: with ``layer_norms=True``, the gradient's norm per layer
+      (:func:`jaxbn.norms_by_layer`).
+    layer_param_norms: with ``layer_norms=True``, the new parameters' norm per layer.
+    sharpness: with ``sharpness_every=k``, the top Hessian eigenvalue of the full-batch objective at
+      the step's starting parameters on steps where ``state.step % k == 0``, NaN on the others;
+      compare it with :func:`jaxbn.stability_threshold`.
+  """
 
   loss: jax.Array
   grad_norm: jax.Array
   update_norm: jax.Array
   skipped: jax.Array
   extra: Any = None
+  layer_grad_norms: Any = None
+  layer_param_norms: Any = None
+  sharpness: Any = None
 
 
 LossFn = Callable[[Any, Any, Any, jax.Array], tuple[jax.Array, LossAux]]
@@ -130,6 +152,10 @@ def full_batch_step(
   jit: bool = True,
   axis_name: Any = None,
   loop: str = "scan",
+  bn_mode: str = "ghost",
+  layer_norms: bool = False,
+  sharpness_every: int | None = None,
+  sharpness_iters: int = 20,
 ) -> Callable[[TrainState, Any], tuple[TrainState, StepMetrics]]:
   """A compiled step that applies one update with the exact mean gradient over all of ``data``.
 
@@ -154,6 +180,19 @@ def full_batch_step(
       XLA:CPU picks inside loops (3x faster for the benchmark CNN of ``benchmarks/full_batch.py`` with
       8 micro-batches, on a 2-core CPU) but cannot
       be traced into ``jax.pmap``/``jax.shard_map``.
+    bn_mode: what batch norm means under micro-batching. ``"ghost"`` (default): each micro-batch
+      is normalized with its own statistics (ghost batches of the partition above), one forward and
+      backward sweep over the data. ``"exact"``: every layer normalizes with its statistics over the
+      WHOLE dataset (all micro-batches, all devices), and the gradient is that objective's exact
+      gradient, equal to one ordinary batch-norm pass over the entire dataset as a single batch;
+      memory stays that of one micro-batch. It costs ``2L + 1`` sweeps for ``L`` batch-norm layers
+      (see :func:`_exact_gradient`), needs jaxbn's batch-norm modules (``jaxbn.linen.BatchNorm``,
+      ``jaxbn.nnx.BatchNorm``) without ghost batches or renormalization, and ``loop="scan"``.
+    layer_norms: add per-layer gradient and parameter norms to the metrics.
+    sharpness_every: every ``k`` applied steps, add the top Hessian eigenvalue of the same full-batch
+      objective (Lanczos on Hessian-vector products through this accumulated gradient) to the
+      metrics; ``loop="scan"`` only.
+    sharpness_iters: Lanczos iterations (Hessian-vector products) per sharpness estimate.
     axis_name: for pmap-style code (``jax.pmap(step, axis_name=...)`` with ``jit=False``, or
       ``jax.shard_map``): ``data`` is this device's shard, and the loss, gradient and metrics are
       reduced over the named axis so every device applies the same full-batch update. Batch norms
@@ -180,10 +219,18 @@ def full_batch_step(
     (1, False)
   """
   fn = "jaxbn.training.full_batch_step"
+  sharpness_options = {"num_iters": sharpness_iters}
   if update_batch_stats is None:
     update_batch_stats = getattr(loss_fn, "update_batch_stats", None)
+  if bn_mode not in ("ghost", "exact"):
+    raise ValueError(f"{fn}: bn_mode must be 'ghost' or 'exact', got {bn_mode!r}.")
   if loop not in ("scan", "host"):
     raise ValueError(f"{fn}: loop must be 'scan' or 'host', got {loop!r}.")
+  if loop == "host" and bn_mode == "exact":
+    raise ValueError(
+      f"{fn}: bn_mode='exact' runs its statistics, loss and adjoint sweeps inside one compiled step; "
+      "use loop='scan' (the default) with it."
+    )
   if loop == "host" and (axis_name is not None or not jit):
     raise ValueError(
       f"{fn}: loop='host' runs compiled pieces from Python, so it cannot be traced into pmap or "
@@ -192,24 +239,14 @@ def full_batch_step(
   if micro_batch_size is not None and (not isinstance(micro_batch_size, int) or micro_batch_size <= 0):
     raise ValueError(f"{fn}: micro_batch_size must be a positive int or None, got {micro_batch_size!r}.")
 
-  def sizes(data):
-    n = _num_rows(fn, data)
-    m = n if micro_batch_size is None else min(micro_batch_size, n)
-    return n, m, math.ceil(n / m)
-
-  def micro_terms(state, data, i):
-    """Loss, aux, gradient and weight (share of all rows) of micro-batch ``i``."""
-    n, m, _ = sizes(data)
-    total = n if axis_name is None else lax.psum(jnp.float32(n), axis_name)
-    start = jnp.minimum(i * m, n - m)
-    if n % m:
-      mask = start + jnp.arange(m) >= i * m  # the last slice re-reads rows of the one before: mask them
-      w = jnp.sum(mask).astype(jnp.float32) / total
-    else:
-      mask, w = None, jnp.float32(m) / total  # every row valid: no mask for the loss or the batch norms
-    batch = jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, start, m, axis=0), data)
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.batch_stats, batch, mask)
-    return loss, aux, grads, w
+  sizes, micro_terms, gradient = _gradient_fns(fn, loss_fn, micro_batch_size, bn_mode, axis_name)
+  if sharpness_every is not None and (not isinstance(sharpness_every, int) or sharpness_every <= 0):
+    raise ValueError(f"{fn}: sharpness_every must be a positive int or None, got {sharpness_every!r}.")
+  if sharpness_every is not None and loop == "host":
+    raise ValueError(
+      f"{fn}: sharpness_every needs the whole gradient in one compiled program (loop='scan'); with "
+      "loop='host', compute it every k steps with jaxbn.training.sharpness(...)."
+    )
 
   def finish(state, data, grads, loss, stats, extra):
     """One optimizer update from the accumulated gradient and merged statistics, under the guard."""
@@ -246,36 +283,28 @@ def full_batch_step(
       state.step + applied.astype(jnp.int32),
       state.skipped + (~applied).astype(jnp.int32),
     )
-    return new_state, StepMetrics(loss, grad_norm, optax.tree.norm(updates), ~applied, extra)
+    metrics = StepMetrics(loss, grad_norm, optax.tree.norm(updates), ~applied, extra)
+    if layer_norms:
+      metrics = metrics._replace(
+        layer_grad_norms=diagnostics.norms_by_layer(grads), layer_param_norms=diagnostics.norms_by_layer(params)
+      )
+    if sharpness_every is not None:
+      due = state.step % sharpness_every == 0
+      value = lax.cond(
+        due,
+        lambda: _sharpness(gradient, state.params, state.batch_stats, data, axis_name, **sharpness_options)[0],
+        lambda: jnp.full((), jnp.nan, jnp.float32),
+      )
+      metrics = metrics._replace(sharpness=value)
+    return new_state, metrics
 
   def step(state: TrainState, data: Any) -> tuple[TrainState, StepMetrics]:
-    _, _, k = sizes(data)
-
-    def micro(carry, i):
-      grads_acc, loss_acc = carry
-      loss, aux, grads, w = micro_terms(state, data, i)
-      grads_acc = jax.tree.map(lambda acc, g: acc + w * g.astype(jnp.float32), grads_acc, grads)
-      return (grads_acc, loss_acc + w * loss.astype(jnp.float32)), (aux, w)
-
-    zeros = jax.tree.map(lambda p: _varying_like(jnp.zeros(jnp.shape(p), jnp.float32), p), state.params)
-    # Under jax.shard_map the accumulated loss varies over the data's axes: so must the loop's initial value.
-    init = (zeros, _varying_like(jnp.zeros((), jnp.float32), *jax.tree.leaves(data)))
-    if k == 1:
-      # No loop for one micro-batch: XLA:CPU leaves a convolution's kernel gradient inside a while
-      # loop in a slow, uncanonicalized form (30x slower for a Conv1D), even at trip count 1.
-      (grads, loss), (aux, weights) = micro(init, jnp.int32(0))
-      aux, weights = jax.tree.map(lambda a: jnp.expand_dims(a, 0), (aux, weights))
-    else:
-      (grads, loss), (aux, weights) = lax.scan(micro, init, jnp.arange(k))
-    stats = None
-    if aux.stats is not None:
-      stats = jax.tree.map(_stats.merge_stacked, aux.stats, is_leaf=lambda s: isinstance(s, _stats.Stats))
-    extra = None if aux.metrics is None else jax.tree.map(lambda v: jnp.tensordot(weights, v, axes=1), aux.metrics)
+    loss, grads, stats, extra = gradient(state.params, state.batch_stats, data)
     return finish(state, data, grads, loss, stats, extra)
 
   def host_micro(state, data, acc, i):
     grads_acc, loss_acc, stats_acc, extra_acc = acc
-    loss, aux, grads, w = micro_terms(state, data, i)
+    loss, aux, grads, w = micro_terms(state.params, state.batch_stats, data, i)
     grads_acc = jax.tree.map(lambda a, g: a + w * g.astype(jnp.float32), grads_acc, grads)
     if aux.stats is not None:
       stats_acc = jax.tree.map(_stats.merge, stats_acc, aux.stats, is_leaf=lambda s: isinstance(s, _stats.Stats))
@@ -319,7 +348,9 @@ def full_batch_step(
       return whole_jit(state, data)
     key = jax.tree.structure((state, data)), tuple((a.shape, a.dtype) for a in jax.tree.leaves((state, data)))
     if key not in aux_shapes:
-      aux_shapes[key] = jax.eval_shape(lambda s, d: micro_terms(s, d, jnp.int32(0)), state, data)[1]
+      aux_shapes[key] = jax.eval_shape(lambda s, d: micro_terms(s.params, s.batch_stats, d, jnp.int32(0)), state, data)[
+        1
+      ]
     aux = aux_shapes[key]
     zeros = lambda tree: jax.tree.map(lambda a: jnp.zeros(jnp.shape(a), jnp.float32), tree)
     # Empty statistics (count 0) merge exactly with the first micro-batch's.
@@ -332,6 +363,227 @@ def full_batch_step(
   return host_step
 
 
+def _gradient_fns(fn, loss_fn, micro_batch_size, bn_mode, axis_name):
+  """``sizes(data)``, ``micro_terms(params, batch_stats, data, i)`` and ``gradient(params, batch_stats, data)``.
+
+  ``gradient`` returns the mean loss, the float32 gradient (this device's share under ``axis_name``),
+  the merged statistics for the running update and the count-weighted metrics of the full-batch
+  objective: ghost batches per micro-batch, or batch norm over the whole dataset (``bn_mode='exact'``).
+  """
+
+  def sizes(data):
+    n = _num_rows(fn, data)
+    m = n if micro_batch_size is None else min(micro_batch_size, n)
+    return n, m, math.ceil(n / m)
+
+  def micro_slice(data, i):
+    """Micro-batch ``i``: its rows, its row mask (None when all are valid) and its share of all rows."""
+    n, m, _ = sizes(data)
+    total = n if axis_name is None else lax.psum(jnp.float32(n), axis_name)
+    start = jnp.minimum(i * m, n - m)
+    if n % m:
+      mask = start + jnp.arange(m) >= i * m  # the last slice re-reads rows of the one before: mask them
+      w = jnp.sum(mask).astype(jnp.float32) / total
+    else:
+      mask, w = None, jnp.float32(m) / total  # every row valid: no mask for the loss or the batch norms
+    batch = jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, start, m, axis=0), data)
+    return batch, mask, w
+
+  def micro_terms(params, batch_stats, data, i):
+    """Loss, aux, gradient and weight (share of all rows) of micro-batch ``i``."""
+    batch, mask, w = micro_slice(data, i)
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats, batch, mask)
+    return loss, aux, grads, w
+
+  def gradient(params, batch_stats, data):
+    _, _, k = sizes(data)
+    if bn_mode == "exact":
+      return _exact_gradient(loss_fn, params, batch_stats, k, lambda i: micro_slice(data, i), axis_name, data)
+
+    def micro(carry, i):
+      grads_acc, loss_acc = carry
+      loss, aux, grads, w = micro_terms(params, batch_stats, data, i)
+      grads_acc = jax.tree.map(lambda acc, g: acc + w * g.astype(jnp.float32), grads_acc, grads)
+      return (grads_acc, loss_acc + w * loss.astype(jnp.float32)), (aux, w)
+
+    zeros = jax.tree.map(lambda p: _varying_like(jnp.zeros(jnp.shape(p), jnp.float32), p), params)
+    # Under jax.shard_map the accumulated loss varies over the data's axes: so must the loop's initial value.
+    init = (zeros, _varying_like(jnp.zeros((), jnp.float32), *jax.tree.leaves(data)))
+    if k == 1:
+      # No loop for one micro-batch: XLA:CPU leaves a convolution's kernel gradient inside a while
+      # loop in a slow, uncanonicalized form (30x slower for a Conv1D), even at trip count 1.
+      (grads, loss), (aux, weights) = micro(init, jnp.int32(0))
+      aux, weights = jax.tree.map(lambda a: jnp.expand_dims(a, 0), (aux, weights))
+    else:
+      (grads, loss), (aux, weights) = lax.scan(micro, init, jnp.arange(k))
+    stats = None
+    if aux.stats is not None:
+      stats = jax.tree.map(_stats.merge_stacked, aux.stats, is_leaf=lambda s: isinstance(s, _stats.Stats))
+    extra = None if aux.metrics is None else jax.tree.map(lambda v: jnp.tensordot(weights, v, axes=1), aux.metrics)
+    return loss, grads, stats, extra
+
+  return sizes, micro_terms, gradient
+
+
+def _sharpness(gradient, params, batch_stats, data, axis_name, **options):
+  """Top Hessian eigenvalue (and vector) of the full-batch objective whose gradient ``gradient`` accumulates."""
+
+  def grad_fn(p):
+    grads = gradient(p, batch_stats, data)[1]
+    return grads if axis_name is None else _sum_over_devices(grads, p, data, axis_name)
+
+  return diagnostics.top_hessian_eigenvalue(grad_fn, params, **options)
+
+
+class _ExactHook:
+  """Supplies full-data statistics to the first batch-norm calls; collects or differentiates the next.
+
+  Calls are numbered in order. Calls before ``len(given)`` normalize with ``given[j]``; call
+  ``target`` records either its statistics (``cotangent`` None, a statistics sweep) or the scalar
+  whose gradient is the vector-Jacobian product of the full-data statistics with ``cotangent``
+  (an adjoint sweep); later calls keep their own statistics (their work is dead code).
+  """
+
+  def __init__(self, given, target=None, cotangent=None, axis_name=None):
+    self.given, self.target, self.cotangent, self.axis_name = given, target, cotangent, axis_name
+    self.calls = 0
+    self.out = None
+
+  def __call__(self, x, axes, mask):
+    j = self.calls
+    self.calls += 1
+    if j < len(self.given):
+      return self.given[j]
+    if j != self.target:
+      return None
+    if self.cotangent is None:
+      self.out = _stats.compute_stats(x, axes, mask=mask, axis_name=self.axis_name)
+      return self.out
+    # d mean / dx_i = 1/N and d var / dx_i = 2 (x_i - mean)/N (the mean's own dependence cancels), so
+    # the gradient of this sum over the micro-batch is its share of the VJP with (t_mean, t_var).
+    t_mean, t_var, mean, count = self.cotangent
+    cdt = _checks.stats_dtype(x.dtype)
+    bshape = tuple(x.shape[a] if a in axes else 1 for a in range(x.ndim))
+    xc = x.astype(cdt)
+    terms = (t_mean.reshape(bshape) * xc + t_var.reshape(bshape) * (xc - mean.reshape(bshape)) ** 2) / jnp.maximum(
+      count, 1
+    ).reshape(bshape)
+    if mask is not None:
+      terms = jnp.where(mask, terms, 0)
+    self.out = jnp.sum(terms)
+    return None
+
+
+def _exact_gradient(loss_fn, params, batch_stats, k, micro, axis_name, data):
+  """Loss, gradient, full-data statistics and metrics of batch norm over the WHOLE dataset.
+
+  With ``S_l`` the statistics (mean, variance) of batch-norm layer ``l`` over all rows, and ``F``
+  the mean loss with every ``S`` held fixed, the objective is ``F(params, S(params))`` where
+  ``S_l = G_l(params, S_1..S_{l-1})``. The forward pass needs one sweep over the micro-batches per
+  layer (layer ``l``'s statistics depend on the normalized outputs before it); the gradient is
+  ``dF/dparams + sum_l lam_l . dG_l/dparams`` with the adjoints ``lam_l = dF/dS_l +
+  sum_{m>l} lam_m . dG_m/dS_l``, solved from the last layer down (the system is triangular), one
+  vector-Jacobian sweep per layer. In all ``L`` statistics sweeps, one loss-and-gradient sweep and
+  ``L`` adjoint sweeps, each holding one micro-batch's activations at a time.
+  """
+  fn = "jaxbn.training.full_batch_step"
+
+  def run(hook, p, batch, mask):
+    with _hooks.stats_hook(hook):
+      out = loss_fn(p, batch_stats, batch, mask)
+    return out
+
+  def given(diff, counts):
+    return [_stats.Stats(c, m, v * c) for (m, v), c in zip(diff, counts, strict=True)]
+
+  def sweep(body, carry_init=None):
+    """``body(i) -> (carry_term, stacked)``: carry terms summed, stacked outputs stacked over micro-batches."""
+    if k == 1:
+      c, ys = body(jnp.int32(0))
+      return c, jax.tree.map(lambda a: jnp.expand_dims(a, 0), ys)
+
+    def f(carry, i):
+      c, ys = body(i)
+      return (None if carry is None else jax.tree.map(jnp.add, carry, c)), ys
+
+    return lax.scan(f, carry_init, jnp.arange(k))
+
+  # Number of batch-norm calls, from one traced forward pass.
+  probe = _ExactHook([])
+  batch0, mask0, _ = micro(jnp.int32(0))
+  aux_shape = jax.eval_shape(lambda p, b, m: run(probe, p, b, m)[1], params, batch0, mask0)
+  num_layers = probe.calls
+  if num_layers == 0 and aux_shape.stats is not None:
+    raise ValueError(
+      f"{fn}: bn_mode='exact' needs the model's batch norms to be jaxbn's (jaxbn.linen.BatchNorm or "
+      "jaxbn.nnx.BatchNorm, in training mode); the loss function reports batch statistics but no jaxbn "
+      "batch norm was called."
+    )
+
+  # Forward: one statistics sweep per layer.
+  diff, counts = [], []
+  for layer in range(num_layers):
+
+    def stats_body(i, layer=layer):
+      batch, mask, _ = micro(i)
+      hook = _ExactHook(given(diff, counts), target=layer, axis_name=axis_name)
+      run(hook, params, batch, mask)
+      return None, hook.out
+
+    _, stacked = sweep(stats_body)
+    full = _stats.merge_stacked(stacked)
+    diff.append((full.mean, full.var))
+    counts.append(full.count)
+
+  # Loss and the partial gradients with respect to the parameters and to every layer's statistics.
+  def weighted_loss(p, d, batch, mask, w):
+    loss, aux = run(_ExactHook(given(d, counts)), p, batch, mask)
+    return w * loss.astype(jnp.float32), (loss, aux)
+
+  def loss_body(i):
+    batch, mask, w = micro(i)
+    (_, (loss, aux)), (g_params, g_diff) = jax.value_and_grad(weighted_loss, argnums=(0, 1), has_aux=True)(
+      params, diff, batch, mask, w
+    )
+    g_params = jax.tree.map(lambda g: g.astype(jnp.float32), g_params)
+    return g_params, (w, loss.astype(jnp.float32), g_diff, aux)
+
+  zeros = jax.tree.map(lambda p: _varying_like(jnp.zeros(jnp.shape(p), jnp.float32), p), params)
+  grads, (weights, losses, g_diff, aux) = sweep(loss_body, zeros)
+  loss = jnp.dot(weights, losses)
+  adjoint = [jax.tree.map(lambda a: jnp.sum(a, 0), t) for t in g_diff]
+  if axis_name is not None:
+    adjoint = _sum_over_devices(adjoint, diff, data, axis_name)
+
+  # Adjoint sweeps, last layer first: lam_m is complete once every layer after m has contributed.
+  for layer in reversed(range(num_layers)):
+    t_mean, t_var = adjoint[layer]
+    cotangent = (t_mean, t_var, lax.stop_gradient(diff[layer][0]), counts[layer])
+
+    def vjp_term(p, d, batch, mask, layer=layer, cotangent=cotangent):
+      hook = _ExactHook(given(d, counts[:layer]), target=layer, cotangent=cotangent, axis_name=axis_name)
+      run(hook, p, batch, mask)
+      return hook.out
+
+    def adjoint_body(i, vjp_term=vjp_term, layer=layer):
+      batch, mask, _ = micro(i)
+      g_params, g_diff = jax.grad(vjp_term, argnums=(0, 1))(params, diff[:layer], batch, mask)
+      return jax.tree.map(lambda g: g.astype(jnp.float32), g_params), g_diff
+
+    g_params, g_diff = sweep(adjoint_body, zeros)
+    grads = jax.tree.map(jnp.add, grads, g_params)
+    if layer:
+      g_diff = [jax.tree.map(lambda a: jnp.sum(a, 0), t) for t in g_diff]
+      if axis_name is not None:
+        g_diff = _sum_over_devices(g_diff, diff[:layer], data, axis_name)
+      adjoint[:layer] = jax.tree.map(jnp.add, adjoint[:layer], g_diff)
+
+  # Every micro-batch reports the same (full-data) statistics; metrics are averaged by row share.
+  stats = None if aux.stats is None else jax.tree.map(lambda a: a[0], aux.stats)
+  extra = None if aux.metrics is None else jax.tree.map(lambda v: jnp.tensordot(weights, v, axes=1), aux.metrics)
+  return loss, grads, stats, extra
+
+
 def _varying_like(x, *like):
   """``x`` marked as varying over the mesh axes any of ``like`` varies over (``jax.shard_map`` types)."""
   from jaxbn._fused import _varying
@@ -340,10 +592,10 @@ def _varying_like(x, *like):
   return lax.pcast(x, axes, to="varying") if axes else x
 
 
-def _reduce_over_devices(grads, params, loss, data, axis_name):
-  """Sums the devices' weighted contributions (each device's weights are its share of all rows).
+def _sum_over_devices(grads, primals, data, axis_name):
+  """Sums the devices' contributions to the gradients with respect to ``primals``.
 
-  Under ``jax.shard_map``, autodiff already sums the gradient of a parameter that is the same on
+  Under ``jax.shard_map``, autodiff already sums the gradient of a value that is the same on
   every device over the axes the data varies over; under ``jax.pmap`` it does not.
   """
   from jaxbn._fused import _varying
@@ -355,7 +607,12 @@ def _reduce_over_devices(grads, params, loss, data, axis_name):
     missing = tuple(a for a in names if not (a in data_axes and a not in _varying(p)))
     return lax.psum(g, missing) if missing else g
 
-  return jax.tree.map(reduce, grads, params), lax.psum(loss, axis_name)
+  return jax.tree.map(reduce, grads, primals)
+
+
+def _reduce_over_devices(grads, params, loss, data, axis_name):
+  """Sums the devices' weighted contributions (each device's weights are its share of all rows)."""
+  return _sum_over_devices(grads, params, data, axis_name), lax.psum(loss, axis_name)
 
 
 def _masked_means(loss, metrics, out, targets, mask):
@@ -376,13 +633,7 @@ def _masked_means(loss, metrics, out, targets, mask):
 
 
 def _is_batch_norm(module: Any) -> bool:
-  if isinstance(module, nn.BatchNorm):
-    return True
-  try:
-    from jaxbn.linen import BatchNorm as JaxbnBatchNorm
-  except ImportError:  # pragma: no cover
-    return False
-  return isinstance(module, JaxbnBatchNorm)
+  return isinstance(module, (nn.BatchNorm, JaxbnBatchNorm))
 
 
 def linen_loss(
@@ -436,23 +687,40 @@ def linen_loss(
         full = rows if full is None else jnp.logical_and(rows, full)
         kwargs = {**kwargs, "mask": full}
       path = tuple(module.path)
-      if path in collected:
+      if path in layers:
         raise ValueError(
           f"jaxbn.training.linen_loss: the batch norm at {'/'.join(path)} is called more than once per "
           "forward pass; its running statistics cannot be updated once per step."
+        )
+      layers[path] = module
+      if isinstance(module, JaxbnBatchNorm):
+        return next_fun(*args, **kwargs)  # reports the statistics it used in the MOMENTS collection
+      if _hooks.current() is not None:
+        raise TypeError(
+          f"jaxbn.training.linen_loss: the batch norm at {'/'.join(path)} is flax.linen.BatchNorm, which "
+          "cannot normalize with statistics over the whole dataset (bn_mode='exact'); replace it with "
+          "jaxbn.linen.BatchNorm (same arguments and variables)."
         )
       axes = tuple(sorted(a % x.ndim for a in np.atleast_1d(module.axis)))
       collected[path] = _stats.compute_stats(
         x, axes, mask=full, axis_name=module.axis_name, axis_index_groups=module.axis_index_groups
       )
-      layers[path] = module
       return next_fun(*args, **kwargs)
 
     variables = {"params": params}
     if batch_stats:
       variables["batch_stats"] = batch_stats
+    layers.clear()
     with nn.intercept_methods(interceptor):
-      out = model.apply(variables, batch[inputs], mutable=["batch_stats"], **apply_kwargs)[0]
+      out, updates = model.apply(variables, batch[inputs], mutable=["batch_stats", MOMENTS], **apply_kwargs)
+    moments = flax.core.unfreeze(updates.get(MOMENTS, {}))
+    for path in layers:
+      node = moments
+      for name in path:
+        node = node.get(name, {}) if isinstance(node, dict) else {}
+      if "count" in node:
+        collected[path] = _stats.Stats(node["count"], node["mean"], node["m2"])
+    collected = {path: collected[path] for path in layers if path in collected}  # in call order
     value, extra = _masked_means(loss, metrics, out, batch[targets], mask)
     return value, LossAux(stats=collected or None, metrics=extra)
 
@@ -478,6 +746,63 @@ def linen_loss(
 
   loss_fn.update_batch_stats = update_batch_stats
   return loss_fn
+
+
+def sharpness(
+  loss_fn: LossFn,
+  *,
+  micro_batch_size: int | None = None,
+  bn_mode: str = "ghost",
+  axis_name: Any = None,
+  num_iters: int = 20,
+  method: str = "lanczos",
+  jit: bool = True,
+) -> Callable[..., tuple[jax.Array, Any]]:
+  """The sharpness of the full-batch objective that :func:`full_batch_step` minimizes.
+
+  The top Hessian eigenvalue of the mean loss over all of ``data``, by
+  :func:`jaxbn.top_hessian_eigenvalue` on Hessian-vector products of the same accumulated gradient
+  (micro-batches, devices and ``bn_mode`` as in the step). Full-batch gradient descent with
+  learning rate ``lr`` is stable on a quadratic while it stays below ``2 / lr``
+  (:func:`jaxbn.stability_threshold`); Cohen et al. (ICLR 2021) show networks rise to that edge.
+
+  Args:
+    loss_fn: the step's loss function (e.g. from :func:`linen_loss`).
+    micro_batch_size: as in :func:`full_batch_step`.
+    bn_mode: ``"ghost"`` or ``"exact"``, as in :func:`full_batch_step`.
+    axis_name: as in :func:`full_batch_step`, for pmap-style use (then pass ``jit=False``).
+    num_iters: Lanczos iterations (Hessian-vector products).
+    method: ``"lanczos"`` or ``"power"``.
+    jit: return the function compiled with ``jax.jit``.
+
+  Returns:
+    ``fn(state, data, init=None) -> (eigenvalue, eigenvector)``; ``init`` warm-starts from a
+    previous eigenvector.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, jaxbn
+    >>> def loss_fn(params, batch_stats, batch, mask):  # 3 rows in micro-batches of 2: a mask
+    ...   err = (batch["x"] @ params["w"]) ** 2
+    ...   return jnp.sum(jnp.where(mask, err, 0)) / jnp.sum(mask), jaxbn.training.LossAux()
+    >>> data = {"x": jnp.diag(jnp.array([1.0, 2.0, 3.0]))}
+    >>> state = jaxbn.training.TrainState.create({"w": jnp.ones(3)}, {}, optax.sgd(0.1))
+    >>> value, _ = jaxbn.training.sharpness(loss_fn, micro_batch_size=2)(state, data)
+    >>> round(float(value), 4)  # Hessian 2/3 * diag(1, 4, 9)
+    6.0
+  """
+  fn = "jaxbn.training.sharpness"
+  if bn_mode not in ("ghost", "exact"):
+    raise ValueError(f"{fn}: bn_mode must be 'ghost' or 'exact', got {bn_mode!r}.")
+  if micro_batch_size is not None and (not isinstance(micro_batch_size, int) or micro_batch_size <= 0):
+    raise ValueError(f"{fn}: micro_batch_size must be a positive int or None, got {micro_batch_size!r}.")
+  _, _, gradient = _gradient_fns(fn, loss_fn, micro_batch_size, bn_mode, axis_name)
+
+  def run(state: TrainState, data: Any, init: Any = None) -> tuple[jax.Array, Any]:
+    return _sharpness(
+      gradient, state.params, state.batch_stats, data, axis_name, num_iters=num_iters, method=method, init=init
+    )
+
+  return jax.jit(run) if jit else run
 
 
 def minibatch_epoch(

@@ -25,11 +25,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbn import _checks
+from jaxbn import _checks, _hooks
 from jaxbn.functional import (
   RUNNING_AVERAGES,
   BatchNormState,
   RunningAverage,
+  _batch_norm,
   batch_norm,
   normalize,
   update_running_stats,
@@ -465,6 +466,26 @@ def needs_count(running_average: str, renorm: bool, rmax: Any, dmax: Any) -> boo
   return running_average != "ema" or (renorm and (callable(rmax) or callable(dmax)))
 
 
+def _hooked_forward(fn, hook, x, scale, bias, *, axis, epsilon, dtype, mask, ghost_batch_size, renorm):
+  """``(y, stats)`` normalized with the statistics ``hook`` supplies, or None when it supplies none."""
+  x = _checks.floating_input(fn, x)
+  axes = tuple(sorted(_checks.feature_axes(fn, x.ndim, axis)))
+  mask = _checks.mask_for(fn, mask, x.shape)
+  stats = hook(x, axes, mask)
+  if stats is None:
+    return None
+  if ghost_batch_size is not None or renorm:
+    setting = f"ghost_batch_size={ghost_batch_size!r}" if ghost_batch_size is not None else "renorm=True"
+    raise ValueError(
+      f"{fn}: the training loop supplies statistics over the whole dataset (bn_mode='exact'), which "
+      f"this layer's {setting} would redefine; use ghost_batch_size=None and renorm=False with bn_mode='exact'."
+    )
+  cdt = _checks.stats_dtype(x.dtype)
+  mean, var = stats.mean.astype(cdt), stats.var.astype(cdt)
+  y = normalize(x, mean, var, scale, bias, feature_axes=axes, epsilon=epsilon, dtype=dtype)
+  return y, stats
+
+
 def module_forward(
   fn: str,
   x: jax.Array,
@@ -497,8 +518,30 @@ def module_forward(
   if not training:
     y, new_state = batch_norm(x, state, scale, bias, training=False, **common)
     return y, new_state, None
+  hook = _hooks.current()
+  if hook is not None:
+    given = _hooked_forward(
+      fn,
+      hook,
+      x,
+      scale,
+      bias,
+      axis=axis,
+      epsilon=epsilon,
+      dtype=dtype,
+      mask=mask,
+      ghost_batch_size=ghost_batch_size,
+      renorm=renorm,
+    )
+    if given is not None:
+      y, stats = given
+      new_state = update_running_stats(
+        state, stats, momentum=momentum, running_average=running_average, unbiased_running_var=unbiased_running_var
+      )
+      return y, new_state, stats if want_stats else None
   if ghost_batch_size is None and not renorm:
-    y, new_state = batch_norm(
+    y, new_state, stats = _batch_norm(
+      fn,
       x,
       state,
       scale,
@@ -512,17 +555,7 @@ def module_forward(
       unbiased_running_var=unbiased_running_var,
       **common,
     )
-    stats = None
-    if want_stats:
-      stats = compute_stats(
-        x,
-        tuple(sorted(_checks.feature_axes(fn, x.ndim, axis))),
-        mask=mask,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        fn=fn,
-      )
-    return y, new_state, stats
+    return y, new_state, stats if want_stats else None
   x, cfg = _check(fn, x, state, scale, bias, axis, momentum, epsilon, running_average, mask)
   if ghost_batch_size is not None:
     _check_ghost_size(fn, ghost_batch_size, x, cfg.axes)

@@ -1,0 +1,39 @@
+"""A context through which a training loop supplies the batch statistics of jaxbn's batch-norm layers.
+
+While a hook is installed, every training-mode call of a jaxbn module (``jaxbn.linen.BatchNorm``,
+``jaxbn.nnx.BatchNorm``) asks it, in call order, for the statistics to normalize with:
+``hook(x, feature_axes, mask) -> Stats | None``. ``None`` keeps the layer's own batch statistics;
+a ``Stats`` replaces them (differentiably: gradients flow into its ``mean`` and ``m2``) and feeds
+the running update. :mod:`jaxbn.training` uses it for batch norm with statistics over a whole
+dataset that is processed in micro-batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+
+from jaxbn.stats import Stats
+
+StatsHook = Callable[[jax.Array, tuple[int, ...], Any], Stats | None]
+
+_HOOK: contextvars.ContextVar[StatsHook | None] = contextvars.ContextVar("jaxbn_stats_hook", default=None)
+
+
+def current() -> StatsHook | None:
+  """The installed hook, or None."""
+  return _HOOK.get()
+
+
+@contextlib.contextmanager
+def stats_hook(hook: StatsHook) -> Iterator[StatsHook]:
+  """Installs ``hook`` for the training-mode batch-norm calls traced within the block."""
+  token = _HOOK.set(hook)
+  try:
+    yield hook
+  finally:
+    _HOOK.reset(token)

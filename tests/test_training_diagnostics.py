@@ -1,0 +1,111 @@
+"""Stability diagnostics of the full-batch step: sharpness of its objective, per-layer norms."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import jaxbn
+from jaxbn.training import TrainState, full_batch_step, linen_loss, sharpness
+
+xent = optax.softmax_cross_entropy_with_integer_labels
+
+
+class Net(nn.Module):
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    for width in (6, 5):
+      x = nn.Dense(width)(x)
+      x = jaxbn.linen.BatchNorm(use_running_average=not train, axis_name=self.axis_name)(x)
+      x = jnp.tanh(x)
+    return nn.Dense(3)(x)
+
+
+def _setup(n=24):
+  rng = np.random.default_rng(0)
+  data = {"x": jnp.asarray(rng.normal(size=(n, 4)) + 2.0, jnp.float32), "y": jnp.asarray(rng.integers(0, 3, n))}
+  model = Net()
+  variables = model.init(jax.random.key(0), data["x"][:2], train=False)
+  return model, variables, data
+
+
+def _dense_top(loss, params):
+  flat, unravel = ravel_pytree(params)
+  hessian = jax.hessian(lambda f: loss(unravel(f)))(flat)
+  return float(jnp.linalg.eigvalsh(hessian)[-1])
+
+
+def _batch_loss(model, variables, x, y):
+  def loss(params):
+    out, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, mutable=["batch_stats"])
+    return jnp.mean(xent(out, y))
+
+  return loss
+
+
+@pytest.mark.parametrize("bn_mode", ["ghost", "exact"])
+def test_sharpness_is_the_top_eigenvalue_of_the_steps_objective(bn_mode):
+  model, variables, data = _setup()
+  state = TrainState.create(variables["params"], variables["batch_stats"], optax.sgd(0.1))
+  value, vector = sharpness(linen_loss(model, xent), micro_batch_size=8, bn_mode=bn_mode, num_iters=40)(state, data)
+  if bn_mode == "exact":  # batch norm over all 24 rows
+    objective = _batch_loss(model, variables, data["x"], data["y"])
+  else:  # mean over the three ghost batches of 8 rows
+    parts = [_batch_loss(model, variables, data["x"][i : i + 8], data["y"][i : i + 8]) for i in (0, 8, 16)]
+    objective = lambda p: sum(part(p) for part in parts) / 3
+  expected = _dense_top(objective, variables["params"])
+  np.testing.assert_allclose(float(value), expected, rtol=1e-3)
+  assert jax.tree.structure(vector) == jax.tree.structure(variables["params"])
+
+
+def test_step_reports_sharpness_every_k_steps_and_layer_norms():
+  model, variables, data = _setup()
+  opt = optax.sgd(0.05)
+  loss_fn = linen_loss(model, xent)
+  step = full_batch_step(loss_fn, opt, micro_batch_size=8, sharpness_every=2, layer_norms=True, donate=False)
+  measure = sharpness(loss_fn, micro_batch_size=8)
+  state = TrainState.create(variables["params"], variables["batch_stats"], opt)
+  for i in range(3):
+    expected = float(measure(state, data)[0])
+    new, metrics = step(state, data)
+    if i % 2 == 0:
+      np.testing.assert_allclose(float(metrics.sharpness), expected, rtol=1e-4)
+    else:
+      assert np.isnan(float(metrics.sharpness))
+    grads = jax.tree.map(lambda a, b: (a - b) / 0.05, state.params, new.params)
+    assert sorted(metrics.layer_grad_norms) == ["BatchNorm_0", "BatchNorm_1", "Dense_0", "Dense_1", "Dense_2"]
+    for name, norm in metrics.layer_grad_norms.items():
+      np.testing.assert_allclose(float(norm), float(optax.tree.norm(grads[name])), rtol=1e-3)
+    for name, norm in metrics.layer_param_norms.items():
+      np.testing.assert_allclose(float(norm), float(optax.tree.norm(new.params[name])), rtol=1e-6)
+    state = new
+  # Without the options the metrics carry nothing extra.
+  metrics = full_batch_step(loss_fn, opt, micro_batch_size=8, donate=False)(state, data)[1]
+  assert metrics.sharpness is None and metrics.layer_grad_norms is None
+
+
+def test_sharpness_on_eight_devices_equals_one_device():
+  model, variables, data = _setup(32)
+  state = TrainState.create(variables["params"], variables["batch_stats"], optax.sgd(0.1))
+  one = float(sharpness(linen_loss(model, xent), micro_batch_size=2, bn_mode="exact")(state, data)[0])
+  per_device = Net(axis_name="d")
+  fn = sharpness(linen_loss(per_device, xent), micro_batch_size=2, bn_mode="exact", axis_name="d", jit=False)
+  stacked = jax.tree.map(lambda a: a.reshape(8, -1, *a.shape[1:]), data)
+  value = jax.pmap(lambda s, d: fn(s, d)[0], axis_name="d", in_axes=(None, 0))(state, stacked)
+  np.testing.assert_allclose(np.asarray(value), one, rtol=1e-4)
+
+
+def test_errors():
+  model, _, _ = _setup()
+  opt = optax.sgd(0.1)
+  with pytest.raises(ValueError, match=r"sharpness_every must be a positive int or None, got 0"):
+    full_batch_step(linen_loss(model, xent), opt, sharpness_every=0)
+  with pytest.raises(ValueError, match=r"sharpness_every needs .*loop='scan'"):
+    full_batch_step(linen_loss(model, xent), opt, sharpness_every=5, loop="host")
+  with pytest.raises(ValueError, match=r"jaxbn.training.sharpness: bn_mode must be 'ghost' or 'exact'"):
+    sharpness(linen_loss(model, xent), bn_mode="other")
