@@ -13,13 +13,25 @@ i.e. ghost batch norm). Contenders, all doing that same mathematics in the same 
   ``k`` calls of a jitted micro-batch step per update (the gradient accumulation users reach for);
 * ``jaxbn``: ``full_batch_step(linen_loss(model, ...), opt, micro_batch_size=m,
   update_batch_stats=...)`` on the same model (``flax.linen.BatchNorm``), so only the step differs;
-* ``jaxbn + jaxbn BN``: the same with ``jaxbn.linen.BatchNorm`` layers (the whole jaxbn stack).
+* ``jaxbn + jaxbn BN``: the same with ``jaxbn.linen.BatchNorm`` layers (the whole jaxbn stack);
+* ``jaxbn host loop`` (``+ jaxbn BN``): ``full_batch_step(..., loop="host")``, which calls one compiled
+  micro-batch program per micro-batch from Python (gradient, loss and statistics accumulators
+  donated) and one compiled update; its programs are ``step.programs``.
+
+One contender does other mathematics and is compared with jaxbn's ghost step instead:
+``jaxbn exact BN``, ``full_batch_step(..., bn_mode="exact")`` with ``jaxbn.linen.BatchNorm`` layers,
+normalizes with the statistics of the WHOLE dataset, which takes ``L`` statistics sweeps over the
+micro-batches (``L`` batch-norm layers), one loss-and-gradient sweep and ``L`` adjoint sweeps. Its
+time per update is reported as a ratio to ``jaxbn + jaxbn BN`` (same layers, same ``lax.scan``
+loop), with its compiled peak and its number of sweeps (``while`` loops in the compiled step); it
+is checked to run with finite losses, not against the hand-written loop.
 
 ``--diagnose`` adds variants that take ``full_batch_step`` apart (no guard; the model's batch norms
 not intercepted; ...), used to find where any extra time goes.
 
 Before anything is timed every contender runs a few updates from the same parameters: the loss
-trajectories and the final parameters must agree (the mean gradient is the same), else the run stops.
+trajectories and the final parameters must agree (the mean gradient is the same), else the run stops
+(the exact batch-norm contender: finite losses and parameters).
 The running statistics differ by design: the hand-written loop and MultiSteps fold every micro-batch
 into the EMA (``k`` updates per step), jaxbn folds the exact merged statistics of the whole dataset
 once per step; the difference is reported.
@@ -28,23 +40,36 @@ Speed is full-batch updates per second: each repeat runs every contender back to
 order, and the reported ratio is the median over repeats of the time over the hand-written loop's time
 in the same repeat. Memory, from the compiled programs (``memory_analysis()``): arguments, outputs,
 aliased (donated) bytes and temporaries of each jitted function, and an estimate of the peak of the
-device memory during an update: ``arguments + outputs - aliased + temporaries`` of its largest
-program, plus the part of the dataset resident on the device but not an argument (MultiSteps passes
-one micro-batch per call). MultiSteps' accumulator is part of its optimizer state, counted in the
-persistent ``state`` column. On Linux the peak resident-set growth of an update (``VmHWM`` after
-resetting it through ``/proc/self/clear_refs``) is measured too, in a fresh process per contender
-whose allocator maps every buffer over 16 KiB separately (``--rss``; approximate: it also sees
-buffers that the asynchronous dispatch of the next call allocates early).
+device memory during an update, the largest over its programs of ``live + outputs - aliased +
+temporaries``, where ``live`` is what the update keeps on the device when the program starts: the
+state, the dataset counted once, and the host loop's accumulators (at least the program's
+arguments). This counts the same things for every contender whatever each program receives:
+MultiSteps passes one micro-batch per call, the rest of the dataset resident; the host loop passes
+the whole dataset to its micro-batch program (which slices it on the device) but not the optimizer
+state, which jit drops as unused and which stays resident; its update program gets neither the
+dataset nor anything large. MultiSteps' accumulator is part of its optimizer state, counted in the
+persistent ``state`` column; the host loop's (the same size) lives only during an update.
+
+``memory_analysis()``'s temporaries are the size of a heap that XLA's heap simulator packs, holes
+included: programs with the same live buffers can differ by hundreds of KiB. With ``--buffers``
+(default in the full run) a fresh process per contender dumps XLA's buffer assignment
+(``XLA_FLAGS=--xla_dump_to``) and :func:`buffer_peak` finds the peak of the temporaries live at one
+time, and the buffers live then; ``peak live`` replaces the heap by it. On Linux the peak
+resident-set growth of an update (``VmHWM`` after resetting it through ``/proc/self/clear_refs``) is
+measured too, in the same fresh process, whose allocator maps every buffer over 16 KiB separately
+(``--rss``; approximate: it also sees buffers that the asynchronous dispatch of the next call
+allocates early).
 
 On CPU, XLA leaves some convolutions of a ``while`` loop's body (here the kernel-gradient and
 input-gradient convolutions inside ``lax.scan``) in a non-canonical layout that its generic, slow
-emitter runs (jax-ml/jax#12868), so the two scanned steps, hand-written and jaxbn alike, are several
-times slower than MultiSteps' separate calls there; on GPUs this does not apply.
+emitter runs (jax-ml/jax#12868), so the scanned steps, hand-written and jaxbn alike, are several
+times slower than MultiSteps' separate calls there; jaxbn's host loop avoids the loop like
+MultiSteps. On GPUs this does not apply.
 
 Usage::
 
-  python benchmarks/full_batch.py            # full CPU run, two to three minutes on 2 busy cores
-  python benchmarks/full_batch.py --quick    # smoke run, about 15 s of CPU time
+  python benchmarks/full_batch.py            # full CPU run with --rss --buffers, about 6 minutes on 2 cores
+  python benchmarks/full_batch.py --quick    # smoke run, about 30 s of CPU time
   python benchmarks/full_batch.py --diagnose # add the variants that explain jaxbn's time
 
 Results go to ``benchmarks/results/full_batch[_quick].{json,md}``.
@@ -67,6 +92,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import time
@@ -92,7 +118,17 @@ import jaxbn  # noqa: E402
 from jaxbn import training  # noqa: E402
 
 BASELINE = "hand-written"
-CONTENDERS = ("hand-written", "optax.MultiSteps", "jaxbn", "jaxbn + jaxbn BN")
+CONTENDERS = (
+  "hand-written",
+  "optax.MultiSteps",
+  "jaxbn",
+  "jaxbn + jaxbn BN",
+  "jaxbn host loop",
+  "jaxbn host loop + jaxbn BN",
+  "jaxbn exact BN",
+)
+# jaxbn's step with ghost batch norm over the same layers and loop: the reference of the exact mode.
+EXACT, EXACT_REFERENCE = "jaxbn exact BN", "jaxbn + jaxbn BN"
 DIAGNOSTICS = ("hand-written + jaxbn BN", "jaxbn guard=False", "jaxbn no interception")
 NOTES = {
   "hand-written": "jitted Flax + Optax step: lax.scan over micro-batches, summed gradients, one optimizer "
@@ -102,6 +138,11 @@ NOTES = {
   "jaxbn": "jaxbn.training.full_batch_step(linen_loss(model)) on the same flax.linen.BatchNorm model: guard, "
   "masks, exact once-per-step running statistics",
   "jaxbn + jaxbn BN": "the same with jaxbn.linen.BatchNorm layers",
+  "jaxbn host loop": "full_batch_step(..., loop='host'): one compiled micro-batch program per micro-batch called "
+  "from Python (accumulators donated) and one compiled update (flax.linen.BatchNorm)",
+  "jaxbn host loop + jaxbn BN": "the same with jaxbn.linen.BatchNorm layers",
+  "jaxbn exact BN": "full_batch_step(..., bn_mode='exact') with jaxbn.linen.BatchNorm layers: batch norm over the "
+  "WHOLE dataset (another objective: not compared with hand-written; time and memory against jaxbn + jaxbn BN)",
   "hand-written + jaxbn BN": "the hand-written step with jaxbn.linen.BatchNorm layers (diagnostic)",
   "jaxbn guard=False": "full_batch_step(..., guard=False) (diagnostic: cost of the guard)",
   "jaxbn no interception": "full_batch_step with a plain loss (no linen_loss interceptor, no mask in the batch "
@@ -191,8 +232,11 @@ class Contender:
       their compiled executables, so that each program compiles once.
     program_args: ``program_args(state) -> {label: (args, calls per update)}``, example arguments.
     params: ``params(state)``; batch_stats: ``batch_stats(state)``; opt_state: ``opt_state(state)``.
-    resident_bytes: device bytes of the dataset that stay resident but are not an argument of the
-      largest program.
+    data_bytes: device bytes of the dataset (resident during an update, counted once).
+    transient: ``transient(state)``: the buffers, besides the state and the dataset, that stay alive
+      between the programs of one update (the host loop's donated accumulators); None if none.
+    same_objective: False for a contender that minimizes another objective (exact batch norm): it
+      is checked for finite losses instead of agreement with the baseline.
   """
 
   name: str
@@ -203,7 +247,9 @@ class Contender:
   params: Callable[[Any], Any]
   batch_stats: Callable[[Any], Any]
   opt_state: Callable[[Any], Any]
-  resident_bytes: int = 0
+  data_bytes: int = 0
+  transient: Callable[[Any], Any] | None = None
+  same_objective: bool = True
 
 
 def _copy(tree: Any) -> Any:
@@ -253,6 +299,7 @@ def hand_written(model: nn.Module, data: dict[str, jax.Array], micro: int, name:
     params=lambda s: s.params,
     batch_stats=lambda s: s.batch_stats,
     opt_state=lambda s: s.opt_state,
+    data_bytes=_tree_bytes(data),
   )
 
 
@@ -286,7 +333,6 @@ def multi_steps(model: nn.Module, data: dict[str, jax.Array], micro: int) -> Con
       losses.append(loss)
     return state, losses
 
-  micro_bytes = sum(a.nbytes for a in batches[0])
   return Contender(
     name="optax.MultiSteps",
     init=lambda params, batch_stats: _flax_state(model, params, batch_stats, tx),
@@ -296,12 +342,12 @@ def multi_steps(model: nn.Module, data: dict[str, jax.Array], micro: int) -> Con
     params=lambda s: s.params,
     batch_stats=lambda s: s.batch_stats,
     opt_state=lambda s: s.opt_state,
-    resident_bytes=sum(a.nbytes for a in data.values()) - micro_bytes,
+    data_bytes=_tree_bytes(data),  # the micro-batches are the dataset, split once
   )
 
 
 def _jaxbn_contender(
-  name: str, step: Callable[..., Any], data: dict[str, jax.Array], tx: optax.GradientTransformation
+  name: str, step: Callable[..., Any], data: dict[str, jax.Array], tx: optax.GradientTransformation, **kw: Any
 ) -> Contender:
   fns = {"step": step}
 
@@ -318,6 +364,8 @@ def _jaxbn_contender(
     params=lambda s: s.params,
     batch_stats=lambda s: s.batch_stats,
     opt_state=lambda s: s.opt_state,
+    data_bytes=_tree_bytes(data),
+    **kw,
   )
 
 
@@ -328,7 +376,54 @@ def jaxbn_step(model: nn.Module, data: dict[str, jax.Array], micro: int, name: s
   step = training.full_batch_step(
     loss_fn, tx, micro_batch_size=micro, update_batch_stats=loss_fn.update_batch_stats, **kw
   )
-  return _jaxbn_contender(name, step, data, tx)
+  return _jaxbn_contender(name, step, data, tx, same_objective=kw.get("bn_mode", "ghost") == "ghost")
+
+
+def jaxbn_host_step(model: nn.Module, data: dict[str, jax.Array], micro: int, name: str) -> Contender:
+  """``full_batch_step(linen_loss(model), loop="host")``: compiled micro-batch and update programs called from Python.
+
+  The step exposes its two jitted programs as ``step.programs``; their example arguments are the
+  ones the step passes: the state, the WHOLE dataset (each call slices its micro-batch on the
+  device), the accumulators (gradient, loss, merged statistics; donated) and the micro-batch index.
+  """
+  n = data["x"].shape[0]
+  if n <= micro:
+    raise ValueError(f"the host loop runs its programs for two or more micro-batches, got {n} examples of {micro}")
+  k = math.ceil(n / micro)
+  tx = make_optimizer()
+  loss_fn = training.linen_loss(model, _xent, train=True)
+  step = training.full_batch_step(loss_fn, tx, micro_batch_size=micro, loop="host")
+  # The accumulators the step starts from: float32 zeros shaped like the parameters, the loss and
+  # what the loss reports (per-layer statistics, metrics), as for its first micro-batch.
+  first = jax.tree.map(lambda a: a[:micro], data)
+  mask = None if n % micro == 0 else jnp.ones((micro,), bool)
+
+  def accumulators(state):
+    aux = jax.eval_shape(loss_fn, state.params, state.batch_stats, first, mask)[1]
+    zeros = lambda tree: jax.tree.map(lambda a: jnp.zeros(jnp.shape(a), jnp.float32), tree)
+    return zeros(state.params), jnp.zeros((), jnp.float32), zeros(aux.stats), zeros(aux.metrics)
+
+  def update(state):
+    state, metrics = step(state, data)
+    return state, metrics.loss
+
+  def program_args(state):
+    acc = accumulators(state)
+    return {"micro-batch": ((state, data, acc, jnp.int32(0)), k), "update": ((state, data, acc), 1)}
+
+  init = lambda params, batch_stats: training.TrainState.create(params, batch_stats, tx)
+  return Contender(
+    name=name,
+    init=init,
+    update=update,
+    fns=dict(step.programs),  # compile_contender replaces these copies; the step keeps its own
+    program_args=program_args,
+    params=lambda s: s.params,
+    batch_stats=lambda s: s.batch_stats,
+    opt_state=lambda s: s.opt_state,
+    data_bytes=_tree_bytes(data),
+    transient=accumulators,
+  )
 
 
 def jaxbn_plain_loss(model: nn.Module, data: dict[str, jax.Array], micro: int) -> Contender:
@@ -360,6 +455,10 @@ def build_contenders(
     "optax.MultiSteps": lambda: multi_steps(models["flax"], data, micro),
     "jaxbn": lambda: jaxbn_step(models["flax"], data, micro),
     "jaxbn + jaxbn BN": lambda: jaxbn_step(models["jaxbn"], data, micro, name="jaxbn + jaxbn BN"),
+    "jaxbn host loop": lambda: jaxbn_host_step(models["flax"], data, micro, "jaxbn host loop"),
+    "jaxbn host loop + jaxbn BN": lambda: jaxbn_host_step(models["jaxbn"], data, micro, "jaxbn host loop + jaxbn BN"),
+    # Same loop (scan) and layers as "jaxbn + jaxbn BN", batch norm over the whole dataset.
+    EXACT: lambda: jaxbn_step(models["jaxbn"], data, micro, name=EXACT, bn_mode="exact"),
     "hand-written + jaxbn BN": lambda: hand_written(models["jaxbn"], data, micro, name="hand-written + jaxbn BN"),
     "jaxbn guard=False": lambda: jaxbn_step(models["flax"], data, micro, name="jaxbn guard=False", guard=False),
     "jaxbn no interception": lambda: jaxbn_plain_loss(models["flax"], data, micro),
@@ -389,7 +488,11 @@ def _rel(a: Any, b: Any) -> float:
 
 
 def check_agreement(contenders: dict[str, Contender], params: Any, batch_stats: Any, steps: int) -> dict[str, Any]:
-  """Runs ``steps`` updates of every contender from the same start; the losses and parameters must agree."""
+  """Runs ``steps`` updates of every contender from the same start; the losses and parameters must agree.
+
+  A contender with another objective (``same_objective=False``, exact batch norm) must only run and
+  keep its losses finite; its differences to the baseline are recorded, not checked.
+  """
   runs = {}
   for name, c in contenders.items():
     state = c.init(params, batch_stats)
@@ -408,13 +511,25 @@ def check_agreement(contenders: dict[str, Contender], params: Any, batch_stats: 
       "params_rel_diff": _rel(p, ref_params),
       # Not checked: the running statistics are updated differently by design (see the docstring).
       "batch_stats_rel_diff": _rel(s, ref_stats),
+      "checked": "agreement" if contenders[name].same_objective else "finite",
     }
-  bad = {n: r for n, r in out.items() if not (r["loss_rel_diff"] <= TOLERANCE and r["params_rel_diff"] <= TOLERANCE)}
+  bad = {
+    n: r
+    for n, r in out.items()
+    if contenders[n].same_objective and not (r["loss_rel_diff"] <= TOLERANCE and r["params_rel_diff"] <= TOLERANCE)
+  }
   if bad:
     raise AssertionError(
       f"contenders disagree with {BASELINE} after {steps} updates (tolerance {TOLERANCE}): "
       + "; ".join(f"{n}: loss {r['loss_rel_diff']:.2e}, params {r['params_rel_diff']:.2e}" for n, r in bad.items())
     )
+  nonfinite = [
+    n
+    for n, (losses, p, _) in runs.items()
+    if not (all(math.isfinite(v) for v in losses) and all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(p)))
+  ]
+  if nonfinite:
+    raise AssertionError(f"contenders with non-finite losses or parameters after {steps} updates: {nonfinite}")
   return out
 
 
@@ -426,36 +541,46 @@ def compile_contender(c: Contender, state: Any) -> dict[str, Any]:
   """Compiles the contender's programs (once; later calls use the executables) and returns their memory.
 
   Returns:
-    Per program the compiled argument, output, aliased (donated) and temporary bytes; the bytes of
-    the state kept between updates (and of MultiSteps' accumulator within it); and the peak estimate
-    of one update (see the module docstring).
+    Per program the compiled argument, output, aliased (donated) and temporary bytes, the bytes alive
+    when it starts (``live_bytes``: the state, the dataset once and the update's transient buffers,
+    at least its arguments), its peak estimate ``live + outputs - aliased + temporaries``, its HLO
+    module name and its number of ``while`` loops (sweeps over the micro-batches); the bytes of the
+    state kept between updates (and of MultiSteps' accumulator within it); and the peak estimate
+    of one update, the largest over its programs (see the module docstring).
   """
+  opt_state = c.opt_state(state)
+  state_bytes = _tree_bytes((c.params(state), c.batch_stats(state), opt_state))
+  transient_bytes = _tree_bytes(c.transient(state)) if c.transient is not None else 0
   programs = {}
   for label, (args, calls) in c.program_args(state).items():
     c.fns[label] = compiled = c.fns[label].lower(*args).compile()
-    analysis = compiled.memory_analysis()
-    if analysis is None:  # pragma: no cover - backends without memory analysis
-      programs[label] = {"calls_per_update": calls}
-      continue
-    programs[label] = {
+    text = compiled.as_text()
+    info: dict[str, Any] = {
       "calls_per_update": calls,
-      "argument_bytes": int(analysis.argument_size_in_bytes),
-      "output_bytes": int(analysis.output_size_in_bytes),
-      "alias_bytes": int(analysis.alias_size_in_bytes),
-      "temp_bytes": int(analysis.temp_size_in_bytes),
+      "module": text.split(None, 2)[1].rstrip(",") if text.startswith("HloModule") else None,
+      "while_loops": len(re.findall(r"\bwhile\(", text)),
     }
-  peak = max(
-    (p["argument_bytes"] + p["output_bytes"] - p["alias_bytes"] + p["temp_bytes"] for p in programs.values()),
-    default=-1,
-  )
-  opt_state = c.opt_state(state)
+    analysis = compiled.memory_analysis()
+    if analysis is not None:
+      arg = int(analysis.argument_size_in_bytes)
+      live = max(arg, state_bytes + c.data_bytes + transient_bytes)
+      info.update(
+        argument_bytes=arg,
+        output_bytes=int(analysis.output_size_in_bytes),
+        alias_bytes=int(analysis.alias_size_in_bytes),
+        temp_bytes=int(analysis.temp_size_in_bytes),
+        live_bytes=live,
+      )
+      info["peak_bytes"] = live + info["output_bytes"] - info["alias_bytes"] + info["temp_bytes"]
+    programs[label] = info
   acc = opt_state.acc_grads if isinstance(opt_state, optax.MultiStepsState) else None
   return {
     "programs": programs,
-    "state_bytes": _tree_bytes((c.params(state), c.batch_stats(state), opt_state)),
+    "state_bytes": state_bytes,
     "accumulator_bytes": _tree_bytes(acc) if acc is not None else 0,
+    "transient_bytes": transient_bytes,
     "temp_bytes": max((p.get("temp_bytes", -1) for p in programs.values()), default=-1),
-    "peak_bytes": peak + c.resident_bytes if peak >= 0 else -1,
+    "peak_bytes": max((p.get("peak_bytes", -1) for p in programs.values()), default=-1),
   }
 
 
@@ -487,7 +612,7 @@ def time_contenders(
 
 
 # ------------------------------------------------------------------------------------------------
-# Peak resident-set growth, one fresh process per contender (Linux)
+# Peak resident-set growth and the compiler's buffer assignment, one fresh process per contender
 # ------------------------------------------------------------------------------------------------
 
 
@@ -496,15 +621,13 @@ def _status_kib(field: str) -> int:
     return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
-def rss_growth(c: Contender, params: Any, batch_stats: Any, updates: int = 3) -> int:
+def rss_growth(c: Contender, state: Any, updates: int = 3) -> int:
   """Bytes by which the resident set's high-water mark grows during an update (the largest of ``updates``).
 
-  Meaningful when the process runs with ``MALLOC_MMAP_THRESHOLD_`` small (as :func:`rss_in_subprocesses`
+  Meaningful when the process runs with ``MALLOC_MMAP_THRESHOLD_`` small (as :func:`measure_in_subprocesses`
   sets it): every large buffer is then mapped when allocated and unmapped when freed, so the resident
   set follows the live buffers instead of what the allocator keeps cached.
   """
-  state = c.init(params, batch_stats)
-  compile_contender(c, state)
   state, _ = c.update(state)
   jax.block_until_ready(state)
   growth = 0
@@ -519,16 +642,114 @@ def rss_growth(c: Contender, params: Any, batch_stats: Any, updates: int = 3) ->
   return growth
 
 
-def rss_in_subprocesses(names: Sequence[str], argv: Sequence[str]) -> dict[str, int | None]:
-  out: dict[str, int | None] = {}
-  for name in names:
-    cmd = [sys.executable, __file__, *argv, "--rss-child", name]
+def buffer_peak(dump_dir: str | os.PathLike[str], module: str, top: int = 8) -> dict[str, Any] | None:
+  """The peak of the LIVE temporaries of a compiled module, from XLA's dumped buffer assignment.
+
+  ``memory_analysis()`` reports the size of the temporary heap, whose layout XLA's heap simulator
+  packs: two programs with the same live buffers can differ by the holes it leaves. This reads the
+  module's ``*-buffer-assignment.txt`` (each value's offset and size in the temporary allocation)
+  and ``*-live-range.txt`` (each value's first and last position in the schedule) that
+  ``XLA_FLAGS=--xla_dump_to=DIR`` writes, and finds the schedule position where the occupied bytes
+  (the union of the live values' byte ranges, so values sharing a buffer count once) are largest.
+
+  Args:
+    dump_dir: the ``--xla_dump_to`` folder.
+    module: the HLO module name, e.g. ``jit_host_micro``.
+    top: how many of the largest values live at the peak to list.
+
+  Returns:
+    ``{"heap_bytes", "live_temp_bytes", "at", "top": [[bytes, shape, value], ...]}``, or None when
+    the dump files are missing.
+  """
+  files = sorted(pathlib.Path(dump_dir).glob(f"*.{module}.*after_optimizations-buffer-assignment.txt"))
+  if not files:
+    return None
+  assignment = files[0].read_text()
+  live_range = pathlib.Path(str(files[0]).replace("-buffer-assignment.txt", "-live-range.txt")).read_text()
+  values: dict[str, tuple[int, int, int, str]] = {}  # value -> (allocation, offset, size, shape)
+  allocation, temp = -1, False
+  for line in assignment.splitlines():
+    if line.startswith("allocation "):
+      allocation, temp = int(line.split()[1].rstrip(":")), "preallocated-temp" in line
+      continue
+    m = re.match(r"\s*value: <\d+ (\S+) @\S+> \(size=(\d+),offset=(\d+)\): (\S+)", line)
+    if m and temp:
+      name = m.group(1) if "{" in m.group(1) else m.group(1) + "{}"
+      values[name] = (allocation, int(m.group(3)), int(m.group(2)), m.group(4))
+  ranges = {
+    m.group(1): (int(m.group(2)), int(m.group(3)))
+    for m in re.finditer(r"^\s+(\S+\{[^}]*\}):(\d+)-(\d+)$", live_range, re.M)
+    if m.group(1) in values
+  }
+  schedule = dict(re.findall(r"^\s+(\d+):(\S+)$", live_range, re.M))
+  heap = sum(max(o + n for a, o, n, _ in values.values() if a == alloc) for alloc in {v[0] for v in values.values()})
+
+  def occupied(t: int) -> tuple[int, list[str]]:
+    spans = sorted((values[v][:2], values[v][1] + values[v][2], v) for v, (s, e) in ranges.items() if s <= t <= e)
+    total, end, alloc, names = 0, -1, None, []
+    for (a, lo), hi, v in spans:
+      if a != alloc:
+        alloc, end = a, -1
+      if hi > end:
+        total += hi - max(lo, end)
+        end = hi
+        names.append(v)
+    return total, names
+
+  if not ranges:
+    return {"heap_bytes": heap, "live_temp_bytes": 0, "at": None, "top": []}
+  t_max = max(e for _, e in ranges.values())
+  best = max(range(t_max + 1), key=lambda t: occupied(t)[0])
+  total, names = occupied(best)
+  largest = sorted(names, key=lambda v: -values[v][2])[:top]
+  return {
+    "heap_bytes": heap,
+    "live_temp_bytes": total,
+    "at": schedule.get(str(best)),
+    "top": [[values[v][2], values[v][3], v] for v in largest],
+  }
+
+
+def child_measure(c: Contender, params: Any, batch_stats: Any, rss: bool, dump_dir: str | None) -> dict[str, Any]:
+  """What :func:`measure_in_subprocesses` asks of a fresh process: RSS growth and/or the buffer peaks."""
+  state = c.init(params, batch_stats)
+  mem = compile_contender(c, state)
+  out: dict[str, Any] = {}
+  if rss:
+    out["rss_growth_bytes"] = rss_growth(c, state)
+  if dump_dir:
+    out["buffers"] = {label: buffer_peak(dump_dir, p["module"]) for label, p in mem["programs"].items()}
+  return out
+
+
+def measure_in_subprocesses(
+  names: Sequence[str], argv: Sequence[str], rss: bool, buffers: bool
+) -> dict[str, dict[str, Any]]:
+  """Runs :func:`child_measure` for each contender in a fresh process (its own allocator and XLA dump folder)."""
+  import tempfile
+
+  def run(name: str, flags: list[str], dump: str | None) -> dict[str, Any]:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "16384"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("rss_growth_bytes ")]
-    out[name] = int(lines[-1].split()[1]) if proc.returncode == 0 and lines else None
-    if out[name] is None:
-      print(f"note: RSS measurement of {name} failed: {proc.stderr[-500:]}", file=sys.stderr)
+    if dump:
+      flags = [*flags, "--child-dump", dump]
+      env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_dump_to={dump}".strip()
+    proc = subprocess.run(
+      [sys.executable, __file__, *argv, "--child", name, *flags], capture_output=True, text=True, check=False, env=env
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("child-result ")]
+    if proc.returncode or not lines:
+      print(f"note: measurement of {name} in a subprocess failed: {proc.stderr[-500:]}", file=sys.stderr)
+      return {}
+    return json.loads(lines[-1].split(" ", 1)[1])
+
+  out: dict[str, dict[str, Any]] = {}
+  for name in names:
+    with tempfile.TemporaryDirectory(prefix="jaxbn_full_batch_") as dump:
+      out[name] = run(name, ["--child-rss"] if rss else [], dump if buffers else None)
+    if rss:  # again with synchronous dispatch: one call's buffers at a time
+      sync = run(name, ["--child-rss", "--child-sync"], None)
+      if "rss_growth_bytes" in sync:
+        out[name]["rss_growth_sync_bytes"] = sync["rss_growth_bytes"]
   return out
 
 
@@ -541,13 +762,20 @@ def machine_info() -> dict[str, Any]:
   return _machine.machine_info(("jax", "jaxlib", "flax", "optax", "jaxbn"))
 
 
-def summarize(times: dict[str, list[float]], mem: dict[str, Any], agree: dict[str, Any]) -> dict[str, Any]:
+def summarize(
+  times: dict[str, list[float]], mem: dict[str, Any], agree: dict[str, Any], child: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+  """Per contender: time (median and per-repeat ratios to the baseline), memory, agreement, subprocess measurements.
+
+  The exact batch-norm contender also gets its time ratio to jaxbn's ghost step on the same layers
+  and loop (``time_ratio_vs_ghost``) and its number of sweeps over the micro-batches per update.
+  """
   base = np.asarray(times[BASELINE])
   out = {}
   for name, ts in times.items():
     ratios = np.asarray(ts) / base
     m = mem[name]
-    out[name] = {
+    r = {
       "time_s": float(np.median(ts)),
       "steps_per_s": float(1.0 / np.median(ts)),
       "time_ratio": float(np.median(ratios)),
@@ -558,23 +786,55 @@ def summarize(times: dict[str, list[float]], mem: dict[str, Any], agree: dict[st
       "peak_ratio": m["peak_bytes"] / mem[BASELINE]["peak_bytes"] if mem[BASELINE]["peak_bytes"] > 0 else None,
       "agreement": agree[name],
     }
+    measured = child.get(name, {})
+    for key in ("rss_growth_bytes", "rss_growth_sync_bytes"):
+      if key in measured:
+        r[key] = measured[key]
+    buffers = measured.get("buffers") or {}
+    if buffers and all(buffers.get(label) for label in m["programs"]):
+      for label, b in buffers.items():
+        p = r["programs"][label]
+        p["buffers"] = b
+        p["peak_live_bytes"] = p["live_bytes"] + p["output_bytes"] - p["alias_bytes"] + b["live_temp_bytes"]
+      r["peak_live_bytes"] = max(p["peak_live_bytes"] for p in r["programs"].values())
+    out[name] = r
+  if EXACT in out:
+    loops = sum(p["while_loops"] * p["calls_per_update"] for p in out[EXACT]["programs"].values())
+    out[EXACT]["sweeps"] = loops
+    if EXACT_REFERENCE in times:
+      ghost = np.asarray(times[EXACT]) / np.asarray(times[EXACT_REFERENCE])
+      out[EXACT]["time_ratio_vs_ghost"] = float(np.median(ghost))
+      out[EXACT]["time_ratio_vs_ghost_q25"] = float(np.percentile(ghost, 25))
+      out[EXACT]["time_ratio_vs_ghost_q75"] = float(np.percentile(ghost, 75))
+      ref = out[EXACT_REFERENCE]
+      out[EXACT]["peak_ratio_vs_ghost"] = out[EXACT]["peak_bytes"] / ref["peak_bytes"]
+      if "peak_live_bytes" in out[EXACT] and "peak_live_bytes" in ref:
+        out[EXACT]["peak_live_ratio_vs_ghost"] = out[EXACT]["peak_live_bytes"] / ref["peak_live_bytes"]
   return out
 
 
-def evaluate_targets(results: dict[str, Any], lib: str = "jaxbn") -> dict[str, Any]:
-  """The issue's targets: no slower than the hand-written loop, less memory than MultiSteps."""
+TARGET_CONTENDERS = ("jaxbn", "jaxbn host loop")
+
+
+def evaluate_targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+  """The issue's targets for jaxbn's step (scan and host loop): no slower than the hand-written loop,
+  less memory than MultiSteps (compiled peak; peak of live buffers when measured; state between updates)."""
   out = {}
-  r = results.get(lib)
-  if r is None:
-    return out
-  # "No slower": within the noise of interleaved medians on a shared machine.
-  out["time_ratio_vs_hand_written<=1.05"] = {"value": r["time_ratio"], "ok": r["time_ratio"] <= 1.05}
   ms = results.get("optax.MultiSteps")
-  if ms is not None and ms["peak_bytes"] > 0:
-    ratio = r["peak_bytes"] / ms["peak_bytes"]
-    out["peak_bytes_vs_multisteps<1"] = {"value": ratio, "ok": ratio < 1.0}
-    sratio = r["state_bytes"] / ms["state_bytes"]
-    out["state_bytes_vs_multisteps<1"] = {"value": sratio, "ok": sratio < 1.0}
+  for lib in TARGET_CONTENDERS:
+    r = results.get(lib)
+    if r is None:
+      continue
+    # "No slower": within the noise of interleaved medians on a shared machine.
+    t = {"time_ratio_vs_hand_written<=1.05": {"value": r["time_ratio"], "ok": r["time_ratio"] <= 1.05}}
+    if ms is not None and ms["peak_bytes"] > 0:
+      for key in ("peak_bytes", "peak_live_bytes", "state_bytes", "rss_growth_bytes", "rss_growth_sync_bytes"):
+        if key in r and key in ms:
+          if not (r[key] and ms[key]):  # a failed measurement
+            continue
+          ratio = r[key] / ms[key]
+          t[f"{key}_vs_multisteps<1"] = {"value": ratio, "ok": ratio < 1.0}
+    out[lib] = t
   return out
 
 
@@ -582,9 +842,22 @@ def _kib(b: int | None) -> str:
   return "n/a" if b is None or b < 0 else f"{b / 1024:.0f}"
 
 
+def _largest_program(r: dict[str, Any], key: str = "peak_bytes") -> tuple[str, dict[str, Any]]:
+  return max(r["programs"].items(), key=lambda kv: kv[1].get(key, -1))
+
+
+def _shapes(top: list[list[Any]]) -> str:
+  counts: dict[str, int] = {}
+  for _, shape, _ in top:
+    shape = shape.split("{")[0]
+    counts[shape] = counts.get(shape, 0) + 1
+  return ", ".join(f"{n}x {shape}" if n > 1 else shape for shape, n in counts.items())
+
+
 def markdown(result: dict[str, Any]) -> str:
   m, cfg, res = result["machine"], result["config"], result["results"]
   load = m.get("load_average_1min")
+  live = any("peak_live_bytes" in r for r in res.values())
   lines = [
     f"Machine: {m['device']} ({m['backend']}; {m['cpu']}, {m['cpu_count']} cores"
     + (f", load average {load:.1f}" if load is not None else "")
@@ -594,35 +867,101 @@ def markdown(result: dict[str, Any]) -> str:
     f"{cfg['channels']} channels; micro-batches of {cfg['micro_batch_size']} ({cfg['micro_batches']} per update); "
     f"{cfg['repeats']} interleaved repeats of {result['number']} update(s); medians of per-repeat ratios to {BASELINE}.",
     "",
-    "| contender | updates/s | time ratio (q25-q75) | peak est. KiB | peak ratio | state KiB (accum.) "
-    "| largest temp KiB | RSS growth KiB | loss diff | params diff |",
-    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    "| contender | updates/s | time ratio (q25-q75) | peak est. KiB | peak ratio | "
+    + ("peak live KiB | " if live else "")
+    + "state KiB (accum.) | largest temp KiB | RSS growth KiB (sync) | loss diff | params diff |",
+    "|---|---:|---:|---:|---:|" + ("---:|" if live else "") + "---:|---:|---:|---:|---:|",
   ]
   for name, r in res.items():
     a = r["agreement"]
     acc = f" ({_kib(r['accumulator_bytes'])})" if r["accumulator_bytes"] else ""
     pr = "n/a" if r["peak_ratio"] is None else f"{r['peak_ratio']:.2f}"
+    diffs = (
+      f"{a['loss_rel_diff']:.1e} | {a['params_rel_diff']:.1e}"
+      if a.get("checked", "agreement") == "agreement"
+      else "other objective | other objective"
+    )
     lines.append(
       f"| {name} | {r['steps_per_s']:.1f} | {r['time_ratio']:.2f} ({r['time_ratio_q25']:.2f}-{r['time_ratio_q75']:.2f}) "
-      f"| {_kib(r['peak_bytes'])} | {pr} | {_kib(r['state_bytes'])}{acc} | {_kib(r['temp_bytes'])} "
-      f"| {_kib(r.get('rss_growth_bytes'))} | {a['loss_rel_diff']:.1e} | {a['params_rel_diff']:.1e} |"
+      f"| {_kib(r['peak_bytes'])} | {pr} | "
+      + (f"{_kib(r.get('peak_live_bytes'))} | " if live else "")
+      + f"{_kib(r['state_bytes'])}{acc} | {_kib(r['temp_bytes'])} | {_kib(r.get('rss_growth_bytes'))}"
+      + (f" ({_kib(r['rss_growth_sync_bytes'])})" if "rss_growth_sync_bytes" in r else "")
+      + f" | {diffs} |"
     )
   lines += [
     "",
-    "Peak est.: arguments + outputs - donated + temporaries of the largest compiled program of an update, plus "
-    "dataset bytes resident but not passed to it. State: params, batch statistics and optimizer state kept "
-    "between updates (MultiSteps' gradient accumulator in brackets). Loss/params diff: max relative difference "
-    f"to {BASELINE} after {cfg['check_steps']} updates from the same start. Running statistics differ by design "
-    "(EMA per micro-batch vs one exact update per step); their relative difference: "
-    + ", ".join(f"{n} {r['agreement']['batch_stats_rel_diff']:.2f}" for n, r in res.items() if n != BASELINE)
+    "Peak est.: the largest, over the compiled programs of an update, of the bytes alive when the program starts "
+    "(state, the dataset once, the host loop's accumulators; at least the program's arguments) + its outputs not "
+    "written in place + its temporaries (memory_analysis). "
+    + (
+      "Peak live: the same with the temporaries' heap replaced by the peak of the temporaries actually live at "
+      "one time (XLA's buffer assignment and live ranges), i.e. without the holes of the heap's packing. "
+      if live
+      else ""
+    )
+    + "RSS growth: peak resident-set growth of an update in a fresh process (every buffer over 16 KiB mapped "
+    "separately), with the default asynchronous dispatch, which lets the next call of a multi-call update "
+    "allocate before the previous one has freed, and (in brackets) with synchronous dispatch. "
+    "State: params, batch statistics and optimizer state kept between updates (MultiSteps' gradient accumulator "
+    f"in brackets). Loss/params diff: max relative difference to {BASELINE} after {cfg['check_steps']} updates "
+    "from the same start. Running statistics differ by design (EMA per micro-batch vs one exact update per step); "
+    "their relative difference: "
+    + ", ".join(
+      f"{n} {r['agreement']['batch_stats_rel_diff']:.2f}"
+      for n, r in res.items()
+      if n != BASELINE and r["agreement"].get("checked", "agreement") == "agreement"
+    )
     + ".",
     "",
   ]
-  if result.get("targets"):
-    lines += ["**Targets (jaxbn)**", ""]
-    for name, t in result["targets"].items():
-      lines.append(f"- {name}: {t['value']:.3f} {'met' if t['ok'] else 'NOT met'}")
+  if live:
+    lines += [
+      "**Temporaries of the largest program** (heap = memory_analysis' temp size; live = peak of the buffers live "
+      "at one time; the largest buffers live at that point)",
+      "",
+      "| contender | program | heap KiB | live KiB | holes KiB | largest live buffers at the peak |",
+      "|---|---|---:|---:|---:|---|",
+    ]
+    for name, r in res.items():
+      label, p = _largest_program(r, "peak_live_bytes")
+      b = p.get("buffers")
+      if b:
+        lines.append(
+          f"| {name} | {label} | {_kib(b['heap_bytes'])} | {_kib(b['live_temp_bytes'])} "
+          f"| {_kib(b['heap_bytes'] - b['live_temp_bytes'])} | {_shapes(b['top'])} |"
+        )
     lines.append("")
+  ex = res.get(EXACT)
+  if ex is not None and "time_ratio_vs_ghost" in ex:
+    lines += [
+      f"**Exact batch norm** ({EXACT}: bn_mode='exact', statistics over all {cfg['examples']} rows) against "
+      f"{EXACT_REFERENCE} (ghost batch norm per micro-batch, same layers and loop):",
+      "",
+      f"- time per update: {ex['time_ratio_vs_ghost']:.2f}x ({ex['time_ratio_vs_ghost_q25']:.2f}-"
+      f"{ex['time_ratio_vs_ghost_q75']:.2f}), {ex['time_s']:.2f} s;",
+      f"- sweeps over the micro-batches per update: {ex['sweeps']} (while loops in the compiled step; "
+      f"2L + 1 = {2 * cfg['batch_norm_layers'] + 1} for L = {cfg['batch_norm_layers']} batch-norm layers);",
+      f"- compiled peak: {_kib(ex['peak_bytes'])} KiB, {ex['peak_ratio_vs_ghost']:.2f}x"
+      + (
+        f"; peak live {_kib(ex['peak_live_bytes'])} KiB, {ex['peak_live_ratio_vs_ghost']:.2f}x"
+        if "peak_live_ratio_vs_ghost" in ex
+        else ""
+      )
+      + ";",
+      f"- losses over {cfg['check_steps']} updates: "
+      + ", ".join(f"{v:.4f}" for v in ex["agreement"]["losses"])
+      + f" (finite; {BASELINE}: "
+      + ", ".join(f"{v:.4f}" for v in res[BASELINE]["agreement"]["losses"])
+      + ").",
+      "",
+    ]
+  if result.get("targets"):
+    for lib, targets in result["targets"].items():
+      lines += [f"**Targets ({lib})**", ""]
+      for name, t in targets.items():
+        lines.append(f"- {name}: {t['value']:.3f} {'met' if t['ok'] else 'NOT met'}")
+      lines.append("")
   lines += ["Contenders:", ""] + [f"- {n}: {NOTES[n]}" for n in res]
   return "\n".join(lines) + "\n"
 
@@ -644,8 +983,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--repeats", type=int, help="interleaved repeats")
   p.add_argument("--check-steps", type=int, default=3, help="updates compared before timing")
   p.add_argument("--mnist1d", action="store_true", help="train on the real MNIST-1D (needs the mnist1d package)")
-  p.add_argument("--rss", action=argparse.BooleanOptionalAction, default=None, help="measure RSS growth (Linux)")
-  p.add_argument("--rss-child", help=argparse.SUPPRESS)
+  p.add_argument(
+    "--rss", action=argparse.BooleanOptionalAction, default=None, help="measure RSS growth (Linux; default: full run)"
+  )
+  p.add_argument(
+    "--buffers",
+    action=argparse.BooleanOptionalAction,
+    default=None,
+    help="peak of the live temporaries from XLA's dumped buffer assignment (default: full run)",
+  )
+  p.add_argument("--child", help=argparse.SUPPRESS)
+  p.add_argument("--child-rss", action="store_true", help=argparse.SUPPRESS)
+  p.add_argument("--child-dump", help=argparse.SUPPRESS)
+  p.add_argument("--child-sync", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--out", type=pathlib.Path, default=_HERE / "results", help="folder for the JSON and Markdown")
   return p.parse_args(argv)
 
@@ -653,18 +1003,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   argv = list(sys.argv[1:] if argv is None else argv)
   args = parse_args(argv)
+  if args.child_sync:  # before the backend starts
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
   if args.quick:
     mode, defaults = "quick", dict(examples=512, micro=128, channels=8, repeats=3, min_time=0.02, rss=False)
   else:
     mode, defaults = "full", dict(examples=4000, micro=500, channels=32, repeats=9, min_time=0.3, rss=True)
+  defaults["buffers"] = defaults["rss"]
   examples = args.examples or defaults["examples"]
   micro = args.micro_batch or defaults["micro"]
   channels = args.channels or defaults["channels"]
   repeats = args.repeats or defaults["repeats"]
   names = list(args.contenders or CONTENDERS) + (list(DIAGNOSTICS) if args.diagnose else [])
   names = [BASELINE] + [n for n in dict.fromkeys(names) if n != BASELINE]
-  if args.rss_child:
-    names = [args.rss_child]
+  if args.child:
+    names = [args.child]
 
   data = make_data(examples, args.length, mnist1d=args.mnist1d)
   length = int(data["x"].shape[1])  # MNIST-1D's own length with --mnist1d
@@ -672,9 +1025,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   variables = jax.jit(functools.partial(models["flax"].init, train=False))(jax.random.key(0), data["x"][:2])
   params, batch_stats = variables["params"], variables["batch_stats"]
 
-  if args.rss_child:
-    print(f"rss_growth_bytes {rss_growth(contenders[args.rss_child], params, batch_stats)}")
-    return {}
+  if args.child:
+    measured = child_measure(contenders[args.child], params, batch_stats, args.child_rss, args.child_dump)
+    print("child-result " + json.dumps(measured))
+    return measured
 
   start = time.perf_counter()
   print("compiling", file=sys.stderr, flush=True)
@@ -683,13 +1037,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   agree = check_agreement(contenders, params, batch_stats, args.check_steps)
   print(f"compiled and checked in {time.perf_counter() - start:.0f} s; timing", file=sys.stderr, flush=True)
   times, number = time_contenders(contenders, params, batch_stats, repeats, defaults["min_time"])
-  results = summarize(times, mem, agree)
-  measure_rss = defaults["rss"] if args.rss is None else args.rss
-  if measure_rss and sys.platform.startswith("linux"):
-    print("measuring RSS growth, one process per contender", file=sys.stderr, flush=True)
-    child_argv = [a for a in argv if a not in ("--rss", "--no-rss")]
-    for name, b in rss_in_subprocesses(list(contenders), child_argv).items():
-      results[name]["rss_growth_bytes"] = b
+  measure_rss = (defaults["rss"] if args.rss is None else args.rss) and sys.platform.startswith("linux")
+  measure_buffers = defaults["buffers"] if args.buffers is None else args.buffers
+  child: dict[str, dict[str, Any]] = {}
+  if measure_rss or measure_buffers:
+    what = " and ".join(w for w, on in (("RSS growth", measure_rss), ("buffer peaks", measure_buffers)) if on)
+    print(f"measuring {what}, one process per contender", file=sys.stderr, flush=True)
+    child_argv = [a for a in argv if a not in ("--rss", "--no-rss", "--buffers", "--no-buffers")]
+    child = measure_in_subprocesses(list(contenders), child_argv, measure_rss, measure_buffers)
+  results = summarize(times, mem, agree, child)
 
   result: dict[str, Any] = {
     "machine": machine_info(),
@@ -703,6 +1059,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       "channels": channels,
       "optimizer": f"sgd(lr={LEARNING_RATE}, momentum=0.9, nesterov=True)",
       "batch_norm_momentum": MOMENTUM,
+      "batch_norm_layers": len(batch_stats),
       "repeats": repeats,
       "check_steps": args.check_steps,
     },
