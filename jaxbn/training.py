@@ -13,6 +13,10 @@ the data is made. Batch norm inside the loss normalizes each micro-batch with it
 exact count-weighted merge of every micro-batch's statistics (Chan et al. 1983), not by an EMA per
 micro-batch.
 
+With ``bn_mode="exact"`` the batch norms instead normalize with their statistics over the WHOLE
+dataset, and the gradient is the exact gradient of that objective (``2L + 1`` sweeps over the
+micro-batches for ``L`` batch-norm layers), equal to one batch-norm pass over all the data at once.
+
 A non-finite loss or gradient makes the step change nothing: parameters, optimizer state AND batch
 statistics keep their values (``optax.apply_if_finite`` cannot protect the batch statistics, and
 Flax's ImageNet example keeps the bad step's), and ``state.skipped`` counts it.
@@ -185,8 +189,10 @@ def full_batch_step(
       backward sweep over the data. ``"exact"``: every layer normalizes with its statistics over the
       WHOLE dataset (all micro-batches, all devices), and the gradient is that objective's exact
       gradient, equal to one ordinary batch-norm pass over the entire dataset as a single batch;
-      memory stays that of one micro-batch. It costs ``2L + 1`` sweeps for ``L`` batch-norm layers
-      (see :func:`_exact_gradient`), needs jaxbn's batch-norm modules (``jaxbn.linen.BatchNorm``,
+      memory stays that of one micro-batch. It costs ``2L + 1`` sweeps over the data for ``L``
+      batch-norm layers (one statistics sweep per layer, since a layer's statistics depend on the
+      layers before it; one loss sweep; one vector-Jacobian sweep per layer for the adjoints of
+      the statistics, last layer first), needs jaxbn's batch-norm modules (``jaxbn.linen.BatchNorm``,
       ``jaxbn.nnx.BatchNorm``) without ghost batches or renormalization, and ``loop="scan"``.
     layer_norms: add per-layer gradient and parameter norms to the metrics.
     sharpness_every: every ``k`` applied steps, add the top Hessian eigenvalue of the same full-batch

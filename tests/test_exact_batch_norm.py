@@ -198,6 +198,13 @@ def test_errors():
     step = full_batch_step(linen_loss(model, xent), opt, micro_batch_size=8, bn_mode="exact")
     with pytest.raises(err, match=match):
       step(TrainState.create(variables["params"], variables["batch_stats"], opt), data)
+  def functional_loss(params, batch_stats, batch, mask):  # statistics of its own, no jaxbn module
+    stats = jaxbn.stats.compute_stats(batch["x"], (1,), mask=None if mask is None else mask[:, None])
+    return jnp.mean(batch["x"] @ params["w"]), jaxbn.training.LossAux(stats={"layer": stats})
+
+  step = full_batch_step(functional_loss, opt, update_batch_stats=lambda b, s: b, bn_mode="exact")
+  with pytest.raises(ValueError, match=r"bn_mode='exact' needs the model's batch norms to be jaxbn's"):
+    step(TrainState.create({"w": jnp.ones(5)}, {}, opt), data)
   with pytest.raises(ValueError, match=r"bn_mode must be 'ghost' or 'exact', got 'full'"):
     full_batch_step(linen_loss(MLP(), xent), opt, bn_mode="full")
   with pytest.raises(ValueError, match=r"bn_mode='exact' .* use loop='scan'"):
