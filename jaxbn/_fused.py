@@ -127,10 +127,16 @@ def _bn_train_bwd(feature_axes, axis_name, groups, out_dtype, fn, res, cotangent
   b = _bshape(x.shape, feature_axes)
   reduce_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
   dy = dy.astype(cdt)
-  # sum(dy * xhat) as inv * sum(dy * (x - mean)), and -xhat for dx from a mean XLA cannot merge
-  # with it: no full-size xhat is written to memory between the sums and dx (XLA:CPU).
+  # sum(dy * xhat) as inv * sum(dy * (x + (-mean))): a broadcast of -mean, which no other op
+  # broadcasts, so XLA:CPU fuses it into the reduction. A broadcast of the mean would be merged
+  # (CSE) with the forward's x - mean, the optimization barrier notwithstanding, and XLA:CPU then
+  # writes it out full-size in the forward pass and keeps it until this sum: one more
+  # activation-sized buffer per layer at the peak. x + (-mean) is x - mean to the bit, unlike
+  # sum(dy * x) - mean * sum(dy), which cancels when |mean| >> std. -xhat for dx comes from a mean
+  # XLA cannot merge with the sum's: no full-size xhat is written between the sums and dx.
   xc, m = x.astype(cdt), lax.optimization_barrier(mean.reshape(b))
-  local = jnp.stack([jnp.sum(dy, axis=reduce_axes), jnp.sum(dy * (xc - m), axis=reduce_axes) * inv])
+  centered = xc + (-mean).reshape(b)
+  local = jnp.stack([jnp.sum(dy, axis=reduce_axes), jnp.sum(dy * centered, axis=reduce_axes) * inv])
   neg_xhat = (m - xc) * inv.reshape(b)
   total, param_grads = local, local
   if axis_name is not None:

@@ -183,3 +183,67 @@ def test_fused_under_pmap_and_vmap_equals_plain(style):
 
   for a, c in zip(jax.tree.leaves(grads(True)), jax.tree.leaves(grads(False))):
     np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
+
+
+def _max_rel(got, want):
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+
+
+@pytest.mark.parametrize("offset", [1e4, 1e5])
+@pytest.mark.parametrize(
+  "shape,axis,masked", [((512, 6), -1, False), ((64, 4, 8), -1, True), ((16, 4, 5, 5), 1, False)]
+)
+def test_fused_gradients_accurate_at_large_mean_float32(offset, shape, axis, masked):
+  # |mean| / std = 1e4 and 1e5 in float32. The backward's sum(dy * (x - mean)) expanded as
+  # sum(dy * x) - mean * sum(dy) loses about eps * |mean| / std (here 7e-4 to 8e-3 of dscale and 3e-5
+  # to 5e-4 of dx; this formulation stays below 1e-6).
+  # The data keep the forward exact, so that only the backward's rounding is measured: x lies on the
+  # float32 grid around the offset and every deviation comes with its negative (rows i and i + n/2,
+  # masked together), so the mean is the offset itself; the first row, the statistics' shift, is the
+  # offset too (a shift far from the mean costs the one-pass variance some digits, 1e-5 at 1e5).
+  rng = np.random.default_rng(4)
+  ulp = float(np.spacing(np.float32(offset)))
+  half = shape[0] // 2
+  z = np.round(rng.normal(0.0, 1.0, (half, *shape[1:])) / ulp) * ulp
+  z[0] = 0.0
+  x = (offset + np.concatenate([z, -z])).astype(np.float32)
+  mask = None
+  if masked:
+    keep = np.r_[True, rng.random(half - 1) > 0.3]
+    mask = jnp.asarray(np.concatenate([keep, keep]).reshape(shape[:1] + (1,) * (len(shape) - 1)))
+  fshape = (shape[axis],)
+  s = rng.normal(1.0, 0.5, fshape).astype(np.float32)
+  b = rng.normal(0.0, 0.5, fshape).astype(np.float32)
+  w = np.cos(np.arange(x.size)).reshape(shape).astype(np.float32)
+
+  def grads(fused, dtype):
+    def loss(x, s, b):
+      y, _ = jaxbn.batch_norm(x, jaxbn.init_state(fshape), s, b, training=True, axis=axis, mask=mask, fused=fused)
+      return jnp.sum(jax.nn.relu(y) ** 2 * w.astype(dtype))
+
+    return jax.jit(jax.grad(loss, (0, 1, 2)))(*(v.astype(dtype) for v in (x, s, b)))
+
+  got = grads(True, np.float32)
+  with jax.enable_x64(True):
+    want = grads(False, np.float64)
+  errors = {name: _max_rel(g, c) for name, g, c in zip(("dx", "dscale", "dbias"), got, want)}
+  assert max(errors.values()) < 2e-5, errors
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's fusions and buffer assignment")
+@pytest.mark.parametrize("shape,axis", [((64, 16, 8), -1), ((64, 8, 16), 1)])
+def test_fused_backward_holds_no_full_size_mean_on_cpu(shape, axis):
+  # Two batch norm + relu layers need one activation-sized temporary. A broadcast of the mean shared
+  # by the forward pass and the backward's sum is written out full-size and kept from one to the
+  # other, one more activation-sized buffer per layer (3x before the backward's sum broadcast -mean).
+  def f(x, s, b, w):
+    for _ in range(2):
+      x = jax.nn.relu(jaxbn.batch_norm(x, jaxbn.init_state(s.shape), s, b, training=True, axis=axis)[0])
+    return jnp.sum(x * w)
+
+  x, s, b = _args(shape, axis)
+  w = jnp.cos(jnp.arange(x.size, dtype=jnp.float32)).reshape(shape)
+  compiled = jax.jit(jax.grad(f, (0, 1, 2))).lower(x, s, b, w).compile()
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  assert temp < 2 * x.nbytes, f"temporaries {temp / x.nbytes:.2f}x the activation size"
