@@ -813,7 +813,7 @@ def summarize(
   return out
 
 
-TARGET_CONTENDERS = ("jaxbn", "jaxbn host loop")
+TARGET_CONTENDERS = ("jaxbn", "jaxbn + jaxbn BN", "jaxbn host loop", "jaxbn host loop + jaxbn BN")
 
 
 def evaluate_targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
