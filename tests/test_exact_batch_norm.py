@@ -198,6 +198,7 @@ def test_errors():
     step = full_batch_step(linen_loss(model, xent), opt, micro_batch_size=8, bn_mode="exact")
     with pytest.raises(err, match=match):
       step(TrainState.create(variables["params"], variables["batch_stats"], opt), data)
+
   def functional_loss(params, batch_stats, batch, mask):  # statistics of its own, no jaxbn module
     stats = jaxbn.stats.compute_stats(batch["x"], (1,), mask=None if mask is None else mask[:, None])
     return jnp.mean(batch["x"] @ params["w"]), jaxbn.training.LossAux(stats={"layer": stats})
