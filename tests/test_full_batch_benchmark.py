@@ -103,7 +103,7 @@ def test_quick_run_records_every_contender(tmp_path):
   assert abs(exact["agreement"]["losses"][0] - ghost_loss) < 0.1 * abs(ghost_loss)
 
   targets = data["targets"]
-  assert set(targets) == {"jaxbn", "jaxbn host loop"}
+  assert set(targets) == {"jaxbn", "jaxbn + jaxbn BN", "jaxbn host loop", "jaxbn host loop + jaxbn BN"}
   for lib in targets:
     assert set(targets[lib]) == {
       "time_ratio_vs_hand_written<=1.05",
