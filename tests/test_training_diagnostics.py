@@ -89,15 +89,18 @@ def test_step_reports_sharpness_every_k_steps_and_layer_norms():
   assert metrics.sharpness is None and metrics.layer_grad_norms is None
 
 
-def test_sharpness_on_eight_devices_equals_one_device():
+def test_step_on_eight_devices_reports_the_one_device_sharpness_and_norms():
   model, variables, data = _setup(32)
-  state = TrainState.create(variables["params"], variables["batch_stats"], optax.sgd(0.1))
-  one = float(sharpness(linen_loss(model, xent), micro_batch_size=2, bn_mode="exact")(state, data)[0])
-  per_device = Net(axis_name="d")
-  fn = sharpness(linen_loss(per_device, xent), micro_batch_size=2, bn_mode="exact", axis_name="d", jit=False)
+  opt = optax.sgd(0.05)
+  state = TrainState.create(variables["params"], variables["batch_stats"], opt)
+  options = dict(micro_batch_size=2, bn_mode="exact", sharpness_every=1, layer_norms=True)
+  one = full_batch_step(linen_loss(model, xent), opt, donate=False, **options)(state, data)[1]
+  step = full_batch_step(linen_loss(Net(axis_name="d"), xent), opt, axis_name="d", jit=False, **options)
   stacked = jax.tree.map(lambda a: a.reshape(8, -1, *a.shape[1:]), data)
-  value = jax.pmap(lambda s, d: fn(s, d)[0], axis_name="d", in_axes=(None, 0))(state, stacked)
-  np.testing.assert_allclose(np.asarray(value), one, rtol=1e-4)
+  eight = jax.pmap(step, axis_name="d", in_axes=(None, 0), out_axes=None)(state, stacked)[1]
+  np.testing.assert_allclose(float(eight.sharpness), float(one.sharpness), rtol=1e-4)
+  for name, norm in one.layer_grad_norms.items():
+    np.testing.assert_allclose(float(eight.layer_grad_norms[name]), float(norm), rtol=1e-4)
 
 
 def test_errors():
