@@ -225,7 +225,6 @@ def full_batch_step(
     (1, False)
   """
   fn = "jaxbn.training.full_batch_step"
-  sharpness_options = {"num_iters": sharpness_iters}
   if update_batch_stats is None:
     update_batch_stats = getattr(loss_fn, "update_batch_stats", None)
   if bn_mode not in ("ghost", "exact"):
@@ -298,7 +297,7 @@ def full_batch_step(
       due = state.step % sharpness_every == 0
       value = lax.cond(
         due,
-        lambda: _sharpness(gradient, state.params, state.batch_stats, data, axis_name, **sharpness_options)[0],
+        lambda: _sharpness(gradient, state.params, state.batch_stats, data, axis_name, num_iters=sharpness_iters)[0],
         lambda: jnp.full((), jnp.nan, jnp.float32),
       )
       metrics = metrics._replace(sharpness=value)
@@ -406,29 +405,45 @@ def _gradient_fns(fn, loss_fn, micro_batch_size, bn_mode, axis_name):
     if bn_mode == "exact":
       return _exact_gradient(loss_fn, params, batch_stats, k, lambda i: micro_slice(data, i), axis_name, data)
 
-    def micro(carry, i):
-      grads_acc, loss_acc = carry
+    def body(i):
       loss, aux, grads, w = micro_terms(params, batch_stats, data, i)
-      grads_acc = jax.tree.map(lambda acc, g: acc + w * g.astype(jnp.float32), grads_acc, grads)
-      return (grads_acc, loss_acc + w * loss.astype(jnp.float32)), (aux, w)
+      terms = (jax.tree.map(lambda g: w * g.astype(jnp.float32), grads), w * loss.astype(jnp.float32))
+      return terms, (aux, w)
 
     zeros = jax.tree.map(lambda p: _varying_like(jnp.zeros(jnp.shape(p), jnp.float32), p), params)
     # Under jax.shard_map the accumulated loss varies over the data's axes: so must the loop's initial value.
     init = (zeros, _varying_like(jnp.zeros((), jnp.float32), *jax.tree.leaves(data)))
-    if k == 1:
-      # No loop for one micro-batch: XLA:CPU leaves a convolution's kernel gradient inside a while
-      # loop in a slow, uncanonicalized form (30x slower for a Conv1D), even at trip count 1.
-      (grads, loss), (aux, weights) = micro(init, jnp.int32(0))
-      aux, weights = jax.tree.map(lambda a: jnp.expand_dims(a, 0), (aux, weights))
-    else:
-      (grads, loss), (aux, weights) = lax.scan(micro, init, jnp.arange(k))
+    (grads, loss), (aux, weights) = _sweep(k, body, init)
     stats = None
     if aux.stats is not None:
       stats = jax.tree.map(_stats.merge_stacked, aux.stats, is_leaf=lambda s: isinstance(s, _stats.Stats))
-    extra = None if aux.metrics is None else jax.tree.map(lambda v: jnp.tensordot(weights, v, axes=1), aux.metrics)
-    return loss, grads, stats, extra
+    return loss, grads, stats, _weighted_metrics(aux, weights)
 
   return sizes, micro_terms, gradient
+
+
+def _sweep(k, body, init=None):
+  """Runs ``body(i) -> (terms, outputs)`` over micro-batches ``0..k-1``.
+
+  Returns the sum of the ``terms`` (accumulated onto ``init``, zeros that type the loop's carry) and
+  the ``outputs`` stacked along a new leading axis.
+  """
+  if k == 1:
+    # No loop for one micro-batch: XLA:CPU leaves a convolution's kernel gradient inside a while
+    # loop in a slow, uncanonicalized form (30x slower for a Conv1D), even at trip count 1.
+    terms, outputs = body(jnp.int32(0))
+    return terms, jax.tree.map(lambda a: jnp.expand_dims(a, 0), outputs)
+
+  def step(carry, i):
+    terms, outputs = body(i)
+    return (None if carry is None else jax.tree.map(jnp.add, carry, terms)), outputs
+
+  return lax.scan(step, init, jnp.arange(k))
+
+
+def _weighted_metrics(aux, weights):
+  """The micro-batches' metrics averaged with their shares of all rows (None without metrics)."""
+  return None if aux.metrics is None else jax.tree.map(lambda v: jnp.tensordot(weights, v, axes=1), aux.metrics)
 
 
 def _sharpness(gradient, params, batch_stats, data, axis_name, **options):
@@ -502,18 +517,6 @@ def _exact_gradient(loss_fn, params, batch_stats, k, micro, axis_name, data):
   def given(diff, counts):
     return [_stats.Stats(c, m, v * c) for (m, v), c in zip(diff, counts, strict=True)]
 
-  def sweep(body, carry_init=None):
-    """``body(i) -> (carry_term, stacked)``: carry terms summed, stacked outputs stacked over micro-batches."""
-    if k == 1:
-      c, ys = body(jnp.int32(0))
-      return c, jax.tree.map(lambda a: jnp.expand_dims(a, 0), ys)
-
-    def f(carry, i):
-      c, ys = body(i)
-      return (None if carry is None else jax.tree.map(jnp.add, carry, c)), ys
-
-    return lax.scan(f, carry_init, jnp.arange(k))
-
   # Number of batch-norm calls, from one traced forward pass.
   probe = _ExactHook([])
   batch0, mask0, _ = micro(jnp.int32(0))
@@ -536,7 +539,7 @@ def _exact_gradient(loss_fn, params, batch_stats, k, micro, axis_name, data):
       run(hook, params, batch, mask)
       return None, hook.out
 
-    _, stacked = sweep(stats_body)
+    _, stacked = _sweep(k, stats_body)
     full = _stats.merge_stacked(stacked)
     diff.append((full.mean, full.var))
     counts.append(full.count)
@@ -555,7 +558,7 @@ def _exact_gradient(loss_fn, params, batch_stats, k, micro, axis_name, data):
     return g_params, (w, loss.astype(jnp.float32), g_diff, aux)
 
   zeros = jax.tree.map(lambda p: _varying_like(jnp.zeros(jnp.shape(p), jnp.float32), p), params)
-  grads, (weights, losses, g_diff, aux) = sweep(loss_body, zeros)
+  grads, (weights, losses, g_diff, aux) = _sweep(k, loss_body, zeros)
   loss = jnp.dot(weights, losses)
   adjoint = [jax.tree.map(lambda a: jnp.sum(a, 0), t) for t in g_diff]
   if axis_name is not None:
@@ -576,7 +579,7 @@ def _exact_gradient(loss_fn, params, batch_stats, k, micro, axis_name, data):
       g_params, g_diff = jax.grad(vjp_term, argnums=(0, 1))(params, diff[:layer], batch, mask)
       return jax.tree.map(lambda g: g.astype(jnp.float32), g_params), g_diff
 
-    g_params, g_diff = sweep(adjoint_body, zeros)
+    g_params, g_diff = _sweep(k, adjoint_body, zeros)
     grads = jax.tree.map(jnp.add, grads, g_params)
     if layer:
       g_diff = [jax.tree.map(lambda a: jnp.sum(a, 0), t) for t in g_diff]
@@ -586,8 +589,7 @@ def _exact_gradient(loss_fn, params, batch_stats, k, micro, axis_name, data):
 
   # Every micro-batch reports the same (full-data) statistics; metrics are averaged by row share.
   stats = None if aux.stats is None else jax.tree.map(lambda a: a[0], aux.stats)
-  extra = None if aux.metrics is None else jax.tree.map(lambda v: jnp.tensordot(weights, v, axes=1), aux.metrics)
-  return loss, grads, stats, extra
+  return loss, grads, stats, _weighted_metrics(aux, weights)
 
 
 def _varying_like(x, *like):
