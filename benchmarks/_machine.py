@@ -1,12 +1,15 @@
-"""The machine a benchmark ran on, recorded beside its numbers."""
+"""The machine a benchmark ran on, recorded beside its numbers, and the files the results go to."""
 
 from __future__ import annotations
 
 import datetime
 import importlib
+import json
 import os
+import pathlib
 import platform
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -40,3 +43,16 @@ def machine_info(modules: Sequence[str]) -> dict[str, Any]:
     "versions": versions,
     "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
   }
+
+
+def write_results(
+  out: pathlib.Path, name: str, result: dict[str, Any], markdown: Callable[[dict[str, Any]], str]
+) -> None:
+  """Writes ``out/name.json`` and ``out/name.md`` (``markdown(result)``), prints the table and where it went."""
+  out.mkdir(parents=True, exist_ok=True)
+  stem = out / name
+  stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+  text = markdown(result)
+  stem.with_suffix(".md").write_text(text)
+  print(text)
+  print(f"wrote {stem}.json and {stem}.md in {result['wall_s']:.0f} s", file=sys.stderr)

@@ -35,7 +35,6 @@ import argparse
 import dataclasses
 import functools
 import importlib
-import json
 import math
 import pathlib
 import sys
@@ -701,13 +700,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result["targets"] = evaluate_targets(result["cases"])
   result["wall_s"] = time.perf_counter() - start
 
-  args.out.mkdir(parents=True, exist_ok=True)
-  stem = args.out / f"batch_norm_{mode}"
-  stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-  text = markdown(result)
-  stem.with_suffix(".md").write_text(text)
-  print(text)
-  print(f"wrote {stem}.json and {stem}.md in {result['wall_s']:.0f} s", file=sys.stderr)
+  _machine.write_results(args.out, f"batch_norm_{mode}", result, markdown)
   return result
 
 

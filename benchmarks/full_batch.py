@@ -1070,13 +1070,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     "targets": evaluate_targets(results),
   }
   result["wall_s"] = time.perf_counter() - start
-  args.out.mkdir(parents=True, exist_ok=True)
-  stem = args.out / ("full_batch_quick" if args.quick else "full_batch")
-  stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-  text = markdown(result)
-  stem.with_suffix(".md").write_text(text)
-  print(text)
-  print(f"wrote {stem}.json and {stem}.md in {result['wall_s']:.0f} s", file=sys.stderr)
+  _machine.write_results(args.out, "full_batch_quick" if args.quick else "full_batch", result, markdown)
   return result
 
 
