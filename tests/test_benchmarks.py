@@ -3,28 +3,18 @@
 No timing assertions: the numbers depend on the machine and its load.
 """
 
-import functools
-import importlib.util
 import json
 import math
-import pathlib
-import sys
 
 import pytest
+from _benchmark_scripts import load as _load_script
 
 pytest.importorskip("haiku")
 pytest.importorskip("equinox")
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-
-@functools.cache
 def _bench():
-  spec = importlib.util.spec_from_file_location("jaxbn_bench_batch_norm", ROOT / "benchmarks" / "batch_norm.py")
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-  spec.loader.exec_module(module)
-  return module
+  return _load_script("batch_norm")
 
 
 def test_quick_run_records_every_library_and_case(tmp_path):

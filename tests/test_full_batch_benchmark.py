@@ -4,29 +4,20 @@ agreement check stops a contender that does different mathematics.
 No timing assertions: the numbers depend on the machine and its load.
 """
 
-import functools
-import importlib.util
 import json
 import math
-import pathlib
-import sys
 
 import jax
 import numpy as np
 import pytest
+from _benchmark_scripts import load as _load_script
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ["--examples", "64", "--micro-batch", "16", "--channels", "4", "--length", "16"]
 DATA_BYTES = 64 * 16 * 4 + 64 * 4  # x float32 (64, 16, 1), y int32 (64,)
 
 
-@functools.cache
 def _bench():
-  spec = importlib.util.spec_from_file_location("jaxbn_bench_full_batch", ROOT / "benchmarks" / "full_batch.py")
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-  spec.loader.exec_module(module)
-  return module
+  return _load_script("full_batch")
 
 
 def test_quick_run_records_every_contender(tmp_path):
