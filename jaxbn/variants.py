@@ -18,6 +18,7 @@ with the running statistics, for any batch size.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, NamedTuple
 
@@ -38,6 +39,7 @@ from jaxbn.functional import (
 from jaxbn.stats import Stats, all_reduce, compute_stats, local_stats, merge_stacked
 
 __all__ = [
+  "RenormSchedule",
   "batch_renorm",
   "ghost_batch_norm",
   "paper_dmax",
@@ -48,11 +50,34 @@ __all__ = [
 Schedule = Callable[[jax.Array], Any]
 
 
-def renorm_schedule(*, start_value: float, end_value: float, start_step: int = 5000, end_step: int = 40000) -> Schedule:
+@dataclasses.dataclass(frozen=True)
+class RenormSchedule:
+  """A renorm limit that is ``start_value`` up to ``start_step``, then moves linearly to ``end_value``.
+
+  A frozen dataclass rather than a closure, so that modules holding one pickle and compare (and
+  hash) equal when built with the same arguments, as Flax's module attributes are expected to.
+  Build one with :func:`renorm_schedule`.
+  """
+
+  start_value: float
+  end_value: float
+  start_step: int
+  end_step: int
+
+  def __call__(self, step: Any) -> jax.Array:
+    """The limit at ``step`` (float32)."""
+    frac = jnp.clip((jnp.asarray(step, jnp.float32) - self.start_step) / (self.end_step - self.start_step), 0.0, 1.0)
+    return self.start_value + frac * (self.end_value - self.start_value)
+
+
+def renorm_schedule(
+  *, start_value: float, end_value: float, start_step: int = 5000, end_step: int = 40000
+) -> RenormSchedule:
   """A clipping limit that stays at ``start_value`` until ``start_step``, then moves linearly to ``end_value``.
 
   The result is a function of the step (the number of running-statistics updates so far, the
-  ``count`` of a ``BatchNormState``), usable as ``rmax`` or ``dmax`` of :func:`batch_renorm`.
+  ``count`` of a ``BatchNormState``), usable as ``rmax`` or ``dmax`` of :func:`batch_renorm`. It
+  pickles, and two schedules with the same arguments are equal.
 
   Args:
     start_value: the limit up to ``start_step``.
@@ -71,23 +96,20 @@ def renorm_schedule(*, start_value: float, end_value: float, start_step: int = 5
     >>> rmax = renorm_schedule(start_value=1.0, end_value=3.0, start_step=10, end_step=30)
     >>> [float(rmax(s)) for s in (0, 10, 20, 30, 99)]
     [1.0, 1.0, 2.0, 3.0, 3.0]
+    >>> rmax == renorm_schedule(start_value=1.0, end_value=3.0, start_step=10, end_step=30)
+    True
   """
   if not end_step > start_step:
     raise ValueError(
       f"jaxbn.renorm_schedule: end_step must be > start_step, got start_step={start_step}, end_step={end_step}."
     )
-
-  def schedule(step):
-    frac = jnp.clip((jnp.asarray(step, jnp.float32) - start_step) / (end_step - start_step), 0.0, 1.0)
-    return start_value + frac * (end_value - start_value)
-
-  return schedule
+  return RenormSchedule(float(start_value), float(end_value), int(start_step), int(end_step))
 
 
 paper_rmax = renorm_schedule(start_value=1.0, end_value=3.0, start_step=5000, end_step=40000)
-paper_rmax.__doc__ = "Ioffe (2017)'s ``rmax``: 1 for the first 5k steps, then linearly to 3 at 40k steps."
+"""Ioffe (2017)'s ``rmax``: 1 for the first 5k steps, then linearly to 3 at 40k steps."""
 paper_dmax = renorm_schedule(start_value=0.0, end_value=5.0, start_step=5000, end_step=25000)
-paper_dmax.__doc__ = "Ioffe (2017)'s ``dmax``: 0 for the first 5k steps, then linearly to 5 at 25k steps."
+"""Ioffe (2017)'s ``dmax``: 0 for the first 5k steps, then linearly to 5 at 25k steps."""
 
 
 class _Config(NamedTuple):

@@ -276,3 +276,24 @@ def test_bad_input_types():
     batch_renorm(jnp.ones((4, 3)), {"mean": 0}, training=True)
   with pytest.raises(ValueError, match="scale must have the feature shape"):
     batch_renorm(jnp.ones((4, 3)), jaxbn.init_state(3), jnp.ones(2), training=True)
+
+
+def test_modules_and_schedules_pickle_like_flax_modules():
+  import pickle
+
+  from flax import nnx
+
+  import jaxbn.linen
+  import jaxbn.nnx
+
+  assert pickle.loads(pickle.dumps(paper_rmax)) == paper_rmax
+  assert renorm_schedule(start_value=1.0, end_value=3.0, start_step=5000, end_step=40000) == paper_rmax
+  assert hash(renorm_schedule(start_value=0.0, end_value=5.0, start_step=5000, end_step=25000)) == hash(paper_dmax)
+  linen_bn = jaxbn.linen.BatchNorm(use_running_average=False, renorm=True)
+  assert pickle.loads(pickle.dumps(linen_bn)) == linen_bn
+  bn = jaxbn.nnx.BatchNorm(3, renorm=True, rngs=nnx.Rngs(0))
+  copy = pickle.loads(pickle.dumps(bn))
+  x = jnp.arange(12.0).reshape(4, 3)
+  assert jnp.array_equal(copy(x), bn(x)) and copy.rmax == paper_rmax
+  graphdef, _ = nnx.split(bn)
+  pickle.loads(pickle.dumps(graphdef))
