@@ -355,7 +355,7 @@ def top_hessian_eigenvalue(
     key: PRNG key for the random start; None for ``jax.random.key(0)``.
     init: optional start vector, a pytree like ``params`` (e.g. the eigenvector of the previous
       call, which makes power iteration converge in a few products while training moves slowly);
-      overrides ``key``.
+      overrides ``key``, except where it is all zeros or not finite: there the random start is used.
     mode: how products are taken, see :func:`hessian_vector_product`.
 
   Returns:
@@ -409,22 +409,21 @@ def top_hessian_eigenvalue(
 
   if init is not None:
     _check_like(_TOP, "init", init, params)
-    start = init
-  elif key is None:
-    start = jax.random.key(0)
-  elif isinstance(key, jax.Array) and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or key.shape == (2,)):
-    start = key
-  else:
+  if key is None:
+    key = jax.random.key(0)
+  elif not (isinstance(key, jax.Array) and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or key.shape == (2,))):
     raise TypeError(f"{_TOP}: key must be a PRNG key (jax.random.key(seed)) or None, got {key!r}.")
 
-  def run(params, start):
+  def run(params, key, init):
     flat, unravel = ravel_pytree(params)
     dtype = _checks.stats_dtype(flat.dtype)
     n = flat.shape[0]
+    v0 = jax.random.normal(key, (n,), dtype)
     if init is not None:
-      v0 = jnp.concatenate([jnp.ravel(jnp.asarray(v)).astype(dtype) for v in jax.tree.leaves(start)])
-    else:
-      v0 = jax.random.normal(start, (n,), dtype)
+      given = jnp.concatenate([jnp.ravel(jnp.asarray(v)).astype(dtype) for v in jax.tree.leaves(init)])
+      size = jnp.linalg.norm(given)
+      # A zero (or non-finite) start would stay in the Krylov space {0}: use the random one there.
+      v0 = jnp.where((size > 0) & jnp.isfinite(size), given, v0)
     v0 = v0 / jnp.maximum(jnp.linalg.norm(v0), jnp.finfo(dtype).tiny)
 
     def matvec(v):
@@ -440,7 +439,7 @@ def top_hessian_eigenvalue(
 
   # One compiled program even when called outside jax.jit (op-by-op dispatch of the setup and of
   # the result's unraveling would cost more than the loop).
-  return jax.jit(run)(params, start)
+  return jax.jit(run)(params, key, init)
 
 
 # ---- stability threshold ----------------------------------------------------------------------

@@ -243,6 +243,12 @@ def test_eager_matches_jit_and_warm_start():
   value, _ = _top(a, init=eager[1], method="power", num_iters=50, count=True)
   jax.effects_barrier()
   assert value == pytest.approx(3.0, rel=1e-4) and len(_PRODUCTS) == 1
+  # A zero start vector would stay in the Krylov space {0}: the random start is used instead.
+  zero = jax.tree.map(jnp.zeros_like, eager[1])
+  for method in ("lanczos", "power"):
+    value, vector = _top(a, init=zero, method=method, num_iters=50)
+    assert value == pytest.approx(3.0, rel=1e-3), method
+    assert float(jnp.sqrt(sum(jnp.sum(v**2) for v in jax.tree.leaves(vector)))) == pytest.approx(1.0, rel=1e-4)
 
 
 def test_float64_params_accumulate_in_float64():
