@@ -5,15 +5,19 @@ Backward, with ``xhat = (x - mean) * inv_std`` recomputed from ``x``::
 
     dbias  = sum(dy)                       dscale = sum(dy * xhat)
     dx     = scale * inv_std * (dy - valid / N * (sum(dy) + xhat * sum(dy * xhat)))
+    depsilon = -0.5 * sum over features of scale * inv_std**2 * sum(dy * xhat)
 
-where the two sums run over every element (the normalized output of masked elements depends on the
+where the sums run over every element (the normalized output of masked elements depends on the
 statistics too), ``valid`` is the mask and ``N`` the global count of valid elements per feature.
-Across devices the two per-feature sums are reduced in ONE collective; ``dscale``/``dbias`` stay the
-local contributions, as autodiff of the plain formula gives under ``pmap``/``shard_map``.
+Across devices the per-feature sums are reduced in ONE collective (those of ``dy * scale`` as well
+where ``scale`` may differ between devices); ``dscale``/``dbias``/``depsilon`` are the local
+contributions or their sums over devices, as autodiff of the plain formula gives them under
+``pmap``/``shard_map``, with the sharding of the parameter under an Explicit mesh.
 
 Residuals are ``x`` in its storage dtype plus per-feature vectors (mean, inv_std, scale, count), not
 a float32 copy of ``xhat``. ``jax.custom_vjp`` has no forward mode; ``batch_norm(fused=None)`` falls
-back to the plain formula when forward-mode autodiff reaches it.
+back to the plain formula where ``jax.jvp`` traces it (see :func:`forward_mode_active` for the cases
+it cannot see).
 
 References:
   Ioffe & Szegedy, "Batch Normalization: Accelerating Deep Network Training by Reducing Internal
@@ -31,7 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxbn import _checks
-from jaxbn.stats import Stats, _group_weights, compute_stats, gather_rows
+from jaxbn.stats import Stats, _group_weights, _same_sharding, compute_stats, gather_rows
 
 __all__ = ["batch_norm_train", "forward_mode_active"]
 
@@ -43,6 +47,12 @@ def forward_mode_active() -> bool:
   after the caller's frame is gone, so the dispatch in ``batch_norm`` looks at the trace stack
   first. This reads JAX internals; where they differ the answer is False and the error JAX raises
   is translated instead.
+
+  What this cannot see: ``jax.linearize`` traces with the same ``LinearizeTrace`` as ``jax.grad``
+  and ``jax.vjp``, so it gets the fused path and its linear function fails when called; and a
+  ``jax.jit`` function traced outside forward mode (called, or differentiated in reverse mode)
+  keeps its jaxpr, which ``jax.jvp``/``jax.jacfwd`` then transform without tracing it again.
+  ``fused=False`` serves both.
   """
   try:
     from jax._src import core
@@ -78,7 +88,7 @@ def _varying(v) -> frozenset:
   return getattr(getattr(jax.typeof(v), "manual_axis_type", None), "varying", frozenset())
 
 
-def _param_cotangent(x, scale, local, everywhere, axis_name):
+def _param_cotangent(x, param_varying, local, everywhere, axis_name):
   """The scale/bias cotangent autodiff would produce.
 
   Under ``jax.shard_map`` a parameter that is the same on every device (not varying over an axis
@@ -86,7 +96,7 @@ def _param_cotangent(x, scale, local, everywhere, axis_name):
   or for a per-device parameter, each device keeps its own contribution.
   """
   names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-  summed = tuple(sorted(_varying(x) - _varying(scale), key=str))
+  summed = tuple(sorted(_varying(x) - param_varying, key=str))
   if not summed:
     return local
   if set(summed) == set(names):
@@ -136,24 +146,48 @@ def _bn_train_bwd(feature_axes, axis_name, groups, out_dtype, fn, res, cotangent
   # XLA cannot merge with the sum's: no full-size xhat is written between the sums and dx.
   xc, m = x.astype(cdt), lax.optimization_barrier(mean.reshape(b))
   centered = xc + (-mean).reshape(b)
-  local = jnp.stack([jnp.sum(dy, axis=reduce_axes), jnp.sum(dy * centered, axis=reduce_axes) * inv])
-  neg_xhat = (m - xc) * inv.reshape(b)
-  total, param_grads = local, local
-  if axis_name is not None:
-    total, everywhere = _sums_across(local, axis_name, groups, fn)
-    param_grads = _param_cotangent(x, scale, local, everywhere, axis_name)
-  sum_dy, sum_dy_xhat = total[0], total[1]
   mul = scale.astype(cdt) * inv
+  sum_dy_xhat = jnp.sum(dy * centered, axis=reduce_axes) * inv
+  # Row 2 is d/d epsilon of y = (x - mean) * (var + epsilon)**-0.5 * scale + bias per feature,
+  # -0.5 * sum(dy * xhat) * scale * inv**2, weighted on each device by its own scale and statistics.
+  local = jnp.stack([jnp.sum(dy, axis=reduce_axes), sum_dy_xhat, sum_dy_xhat * mul * inv * -0.5])
+  neg_xhat = (m - xc) * inv.reshape(b)
+  sum_dy, sum_dy_xhat = local[0] * mul, local[1] * mul  # of dy * scale * inv, which dx is made of
+  everywhere = None
+  if axis_name is not None:
+    names = set(axis_name) if isinstance(axis_name, tuple) else {axis_name}
+    # Where scale may differ between devices (pmap/vmap, which do not say; a per-device scale
+    # under shard_map), dx needs the sums of dy * scale, which sum(dy) * scale is not.
+    per_device = not _varying(x) or bool(_varying(scale) & names)
+    rows = jnp.concatenate([local, local[:2] * mul]) if per_device else local
+    total, everywhere = _sums_across(rows, axis_name, groups, fn)
+    sum_dy, sum_dy_xhat = (total[3], total[4]) if per_device else (total[0] * mul, total[1] * mul)
+  by_varying = {}
+
+  def sums_for(primal):
+    """The rows of sums that ``primal``'s cotangent is made of.
+
+    scale, bias and epsilon can differ in the mesh axes they vary over (a per-device scale next
+    to a shared bias); each gets the sums autodiff would give it.
+    """
+    if axis_name is None:
+      return local
+    key = _varying(primal)
+    if key not in by_varying:
+      by_varying[key] = _param_cotangent(x, key, local, everywhere, axis_name)
+    return by_varying[key]
+
   k = 1.0 / jnp.maximum(count, 1)
   a = (sum_dy * k).reshape(b)
   c = (sum_dy_xhat * k).reshape(b)
   correction = a - neg_xhat * c
   if mask is not None:
     correction = jnp.where(mask, correction, 0)
-  dx = (dy - correction) * mul.reshape(b)
-  dscale = param_grads[1].astype(scale.dtype)
-  dbias = param_grads[0].astype(bias.dtype)
-  return dx.astype(x.dtype), dscale, dbias, None, jnp.zeros_like(epsilon)
+  dx = dy * mul.reshape(b) - correction
+  dscale = _same_sharding(sums_for(scale)[1].astype(scale.dtype), scale)
+  dbias = _same_sharding(sums_for(bias)[0].astype(bias.dtype), bias)
+  deps = _same_sharding(jnp.sum(sums_for(epsilon)[2]).astype(epsilon.dtype), epsilon)
+  return dx.astype(x.dtype), dscale, dbias, None, deps
 
 
 _bn_train.defvjp(_bn_train_fwd, _bn_train_bwd)

@@ -81,12 +81,30 @@ def _is_explicitly_sharded(x: jax.Array) -> bool:
     return False
 
 
-def _gather(x: jax.Array, index: tuple[Any, ...]) -> jax.Array:
-  """``x[index]``, also when ``x`` is sharded with explicit mesh axes (the result is replicated)."""
-  if _is_explicitly_sharded(x):
-    mesh = jax.typeof(x).sharding.mesh
-    return x.at[index].get(out_sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-  return x[index]
+def _gather(x: jax.Array, index: tuple[Any, ...], feature_axes: tuple[int, ...]) -> jax.Array:
+  """``x[index]`` (index arrays with the feature shape) when ``x`` is sharded with explicit mesh axes.
+
+  The result is sharded as ``x`` is along its feature axes, so that each device gathers its own
+  features and nothing moves when only the feature axes are sharded.
+  """
+  sharding = jax.typeof(x).sharding
+  spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+  out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*(spec[a] for a in feature_axes)))
+  return x.at[index].get(out_sharding=out)
+
+
+def _same_sharding(v: jax.Array, like: jax.Array) -> jax.Array:
+  """``v`` resharded as ``like`` where ``like`` is sharded with explicit mesh axes and ``v`` is not alike.
+
+  ``jnp.stack`` of per-feature rows needs one sharding: a count or shift built without reference to
+  ``x`` is replicated, while sums over an ``x`` sharded along its feature axes are sharded.
+  """
+  if not _is_explicitly_sharded(like):
+    return v
+  want = jax.typeof(like).sharding
+  if jax.typeof(v).sharding.spec == want.spec:
+    return v
+  return jax.sharding.reshard(v, want)
 
 
 def _first_valid(x: jax.Array, mask: jax.Array | None, feature_axes: tuple[int, ...]) -> jax.Array:
@@ -99,6 +117,8 @@ def _first_valid(x: jax.Array, mask: jax.Array | None, feature_axes: tuple[int, 
   """
   reduce_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
   fshape = tuple(x.shape[a] for a in feature_axes)
+  if x.size == 0:  # no element to take (an empty batch: the count is 0 and the shift unused)
+    return jnp.zeros(fshape, x.dtype)
   if mask is None:
     index = [jnp.zeros(fshape, jnp.int32)] * len(reduce_axes)
   else:
@@ -117,7 +137,7 @@ def _first_valid(x: jax.Array, mask: jax.Array | None, feature_axes: tuple[int, 
   if _is_explicitly_sharded(x):
     fidx = jnp.meshgrid(*[jnp.arange(n) for n in fshape], indexing="ij")
     full = dict(zip(reduce_axes, index)) | dict(zip(feature_axes, fidx))
-    return _gather(x, tuple(full[a] for a in range(x.ndim))).reshape(fshape)
+    return _gather(x, tuple(full[a] for a in range(x.ndim)), feature_axes)
   dnums = lax.GatherDimensionNumbers(
     offset_dims=(),
     collapsed_slice_dims=reduce_axes,
@@ -153,8 +173,9 @@ def _parts(x: jax.Array, feature_axes: tuple[int, ...], mask: jax.Array | None) 
   s1 = -jnp.sum(neg, axis=reduce_axes)
   s2 = jnp.sum(pos * pos, axis=reduce_axes)
   d = s1 / jnp.maximum(count, 1)
-  valid = count > 0
   m2 = jnp.maximum(s2 - s1 * d, 0)
+  count, shift = _same_sharding(count, s1), _same_sharding(shift, s1)
+  valid = count > 0
   return jnp.stack([count, *(jnp.where(valid, v, 0) for v in (shift, d, m2))])
 
 

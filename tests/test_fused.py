@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxbn
@@ -247,3 +247,139 @@ def test_fused_backward_holds_no_full_size_mean_on_cpu(shape, axis):
   compiled = jax.jit(jax.grad(f, (0, 1, 2))).lower(x, s, b, w).compile()
   temp = compiled.memory_analysis().temp_size_in_bytes
   assert temp < 2 * x.nbytes, f"temporaries {temp / x.nbytes:.2f}x the activation size"
+
+
+@pytest.mark.parametrize("fused", [True, None, False])
+@pytest.mark.parametrize("masked", [False, True])
+def test_empty_batch_gives_empty_output_and_unchanged_state(fused, masked):
+  # As torch and flax: an empty output. The batch has no valid element, so the state is unchanged.
+  x, s, b = jnp.zeros((0, 3)), jnp.ones(3), jnp.zeros(3)
+  mask = jnp.ones((0, 1), bool) if masked else None
+  state = jaxbn.init_state(3)
+
+  def loss(x, s, b):
+    y, new = jaxbn.batch_norm(x, state, s, b, training=True, mask=mask, fused=fused)
+    return jnp.sum(y), (y, new)
+
+  (gx, gs, gb), (y, new) = jax.jit(jax.grad(loss, (0, 1, 2), has_aux=True))(x, s, b)
+  assert y.shape == gx.shape == (0, 3)
+  for got, want in zip(new, state):
+    np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(gs, 0)
+  np.testing.assert_array_equal(gb, 0)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_fused_epsilon_gradient_equals_autodiff_and_finite_differences(masked):
+  rng = np.random.default_rng(5)
+  mask = jnp.asarray(rng.random((16, 1)) > 0.3) if masked else None
+  with jax.enable_x64(True):
+    x = jnp.asarray(rng.normal(1.0, 0.1, (16, 3)))  # var ~ 1e-2: epsilon matters
+    s = jnp.asarray(rng.normal(1.0, 0.5, 3))
+
+    def loss(eps, fused):
+      y, _ = jaxbn.batch_norm(
+        x, jaxbn.init_state(3, dtype=jnp.float64), s, training=True, epsilon=eps, mask=mask, fused=fused
+      )
+      return jnp.sum(y**3 + jnp.sin(y))
+
+    eps, h = 1e-2, 1e-6
+    got = jax.jit(jax.grad(loss), static_argnums=1)(eps, True)
+    want = jax.jit(jax.grad(loss), static_argnums=1)(eps, False)
+    fd = (loss(eps + h, False) - loss(eps - h, False)) / (2 * h)
+  assert abs(float(want)) > 1.0
+  np.testing.assert_allclose(got, want, rtol=1e-10)
+  np.testing.assert_allclose(got, fd, rtol=1e-6)
+
+
+def test_fused_epsilon_gradient_across_devices():
+  # Under shard_map an epsilon that is the same on every device gets the sum of all devices'
+  # contributions, also next to a per-device scale (whose cotangent stays per device).
+  mesh = jax.make_mesh((8,), ("d",))
+  x, s, b = _args((64, 5), -1)
+  put = lambda v: jax.device_put(v, NamedSharding(mesh, P("d")))
+  x = put(x * 0.1)
+  scales = put(jnp.stack([s * (1 + 0.1 * i) for i in range(8)]))
+
+  def run(fused):
+    def f(x, sc, eps):
+      def loss(x, sc, eps):
+        y, _ = jaxbn.batch_norm(
+          x, jaxbn.init_state(5), sc[0], b, training=True, epsilon=eps, axis_name="d", fused=fused
+        )
+        return jnp.sum(jnp.sin(y) * jnp.arange(1.0, 6.0))
+
+      return jax.grad(loss, (0, 1, 2))(x, sc, eps)
+
+    return jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("d"), P("d"), P()), out_specs=(P("d"), P("d"), P())))(
+      x, scales, 1e-2
+    )
+
+  got, want = run(True), run(False)
+  assert abs(float(want[2])) > 1e-2
+  for a, c in zip(got, want):
+    np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale_spec", [None, P(), P("f")])
+def test_fused_under_explicit_mesh_sharded_along_batch_and_features(scale_spec):
+  # Data x model parallel under jax.jit: the closed-form scale/bias/epsilon cotangents must carry the
+  # sharding of the primals (the internal ones/zeros too when scale/bias are None).
+  mesh = jax.make_mesh((4, 2), ("b", "f"), axis_types=(AxisType.Explicit,) * 2)
+  x, s, b = _args((16, 4), -1)
+  x = jax.device_put(x, NamedSharding(mesh, P("b", "f")))
+  put = lambda v: None if scale_spec is None else jax.device_put(v, NamedSharding(mesh, scale_spec))
+  state = jaxbn.init_state(4)
+  per_feature = lambda v: jax.device_put(v, NamedSharding(mesh, P("f")))  # as the batch statistics
+  state = state._replace(mean=per_feature(state.mean), var=per_feature(state.var))
+
+  def grads(fused):
+    def loss(x, s, b, eps):
+      y, _ = jaxbn.batch_norm(x, state, s, b, training=True, epsilon=eps, fused=fused)
+      return jnp.sum(jnp.sin(y) * jnp.arange(1.0, 5.0))
+
+    argnums = (0, 3) if scale_spec is None else (0, 1, 2, 3)
+    with jax.set_mesh(mesh):
+      return jax.jit(jax.grad(loss, argnums))(x, put(s), put(b), 0.1)
+
+  got, want = grads(True), grads(False)
+  for a, c in zip(got, want):
+    assert jax.typeof(a).sharding.spec == jax.typeof(c).sharding.spec
+    np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_under_explicit_mesh_sharded_along_features_only():
+  mesh = jax.make_mesh((8,), ("f",), axis_types=(AxisType.Explicit,))
+  x, s, b = _args((6, 16), -1)
+  x = jax.device_put(x, NamedSharding(mesh, P(None, "f")))
+  per_feature = lambda v: jax.device_put(v, NamedSharding(mesh, P("f")))
+  state = jaxbn.init_state(16)
+  state = state._replace(mean=per_feature(state.mean), var=per_feature(state.var))
+
+  def grads(fused):
+    def loss(x, s, b):
+      y, new = jaxbn.batch_norm(x, state, s, b, training=True, fused=fused)
+      return jnp.sum(jnp.sin(y)), new
+
+    return jax.jit(jax.grad(loss, (0, 1, 2), has_aux=True))(x, per_feature(s), per_feature(b))
+
+  (got, got_state), (want, want_state) = grads(True), grads(False)
+  assert jax.typeof(got[0]).sharding.spec == P(None, "f")
+  for a, c in zip(got + tuple(got_state), want + tuple(want_state)):
+    np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_with_per_device_scale_under_vmap_equals_plain():
+  # Each mapped instance has its own scale: dx needs the sums of dy * scale over all instances.
+  x, s, b = _args((4, 8, 3), -1)
+  scales = jnp.stack([s * (1.0 + 0.5 * i) for i in range(4)])
+
+  def grads(fused):
+    def loss(x, s):
+      y, _ = jaxbn.batch_norm(x, jaxbn.init_state(3), s, b, training=True, axis_name="d", fused=fused)
+      return jnp.sum(jnp.sin(y) * jnp.arange(1.0, 4.0))
+
+    return jax.jit(jax.vmap(jax.grad(loss, (0, 1)), axis_name="d"))(x, scales)
+
+  for a, c in zip(grads(True), grads(False)):
+    np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6)

@@ -222,3 +222,34 @@ def test_property_moments_match_reference(case):
   scale = np.maximum(np.abs(rmean), 1.0)
   np.testing.assert_allclose(mean, rmean, rtol=1e-5, atol=1e-5 * scale.max())
   np.testing.assert_allclose(var, rvar, rtol=1e-4, atol=1e-5 * scale.max() ** 2 * 1e-2 + 1e-6)
+
+
+@pytest.mark.parametrize("shape,axis", [((0, 3), -1), ((0, 3, 2, 2), 1), ((2, 0, 3), -1), ((0, 2, 3), (1, 2))])
+@pytest.mark.parametrize("masked", [False, True])
+def test_empty_batch_gives_count_zero(shape, axis, masked):
+  # torch and flax return an empty output for an empty batch; its statistics have count 0.
+  mask = jnp.ones(shape[:1] + (1,) * (len(shape) - 1), bool) if masked else None
+  axes = tuple(sorted(a % len(shape) for a in np.atleast_1d(axis)))
+  fshape = tuple(shape[a] for a in axes)
+  for moments in (jaxbn.moments, jax.jit(jaxbn.moments, static_argnames="axis")):
+    mean, var, count = moments(jnp.zeros(shape), axis=axis, mask=mask)
+    for v in (mean, var, count):
+      assert v.shape == fshape and v.dtype == jnp.float32
+      np.testing.assert_array_equal(v, 0)
+
+
+def test_explicit_mesh_sharded_along_features_only():
+  # Model parallel: the batch is replicated and the features split over an Explicit mesh axis; the
+  # statistics stay sharded like the features (no collective is needed).
+  mesh = jax.make_mesh((8,), ("f",), axis_types=(AxisType.Explicit,))
+  rng = np.random.default_rng(13)
+  x = rng.normal(3.0, 2.0, (6, 16)).astype(np.float32)
+  mask = np.arange(6)[:, None] < 4
+  xs = jax.device_put(x, NamedSharding(mesh, P(None, "f")))
+  for m in (None, mask):
+    mean, var, count = jax.jit(lambda v, m=m: jaxbn.moments(v, mask=m))(xs)
+    assert jax.typeof(mean).sharding.spec == P("f")
+    rmean, rvar, rn = reference_moments(x, (1,), m)
+    np.testing.assert_allclose(mean, rmean, rtol=1e-6)
+    np.testing.assert_allclose(var, rvar, rtol=1e-5)
+    np.testing.assert_array_equal(count, rn)
