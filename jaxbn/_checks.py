@@ -6,6 +6,7 @@ reading a traceback knows which line of theirs to change.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -14,15 +15,24 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def _is_int(value: Any) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
 def feature_axes(fn: str, ndim: int, axis: int | Sequence[int], *, arg: str = "axis") -> tuple[int, ...]:
   """Normalizes ``axis`` (the feature axes) to sorted non-negative ints."""
-  axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+  if _is_int(axis):
+    axes = (axis,)
+  elif isinstance(axis, (Sequence, np.ndarray)) and not isinstance(axis, (str, bytes)):
+    axes = tuple(axis)
+  else:
+    raise TypeError(f"{fn}: {arg} must be an int or a sequence of ints (the feature axes), got {axis!r}.")
   if not axes:
     raise ValueError(f"{fn}: {arg} must name at least one feature axis, got {axis!r}.")
   out = []
   for a in axes:
-    if not isinstance(a, (int, np.integer)):
-      raise TypeError(f"{fn}: {arg} must be an int or a sequence of ints, got {axis!r}.")
+    if not _is_int(a):
+      raise TypeError(f"{fn}: {arg} must be an int or a sequence of ints (the feature axes), got {axis!r}.")
     if not -ndim <= a < ndim:
       raise ValueError(
         f"{fn}: {arg}={axis!r} is out of range for an input with {ndim} dimensions "
@@ -85,20 +95,85 @@ def concrete_number(value: Any) -> float | None:
   """The Python value of ``value`` when known at trace time, else None."""
   try:
     return float(value)
-  except (TypeError, jax.errors.ConcretizationTypeError):
+  except (TypeError, ValueError, jax.errors.ConcretizationTypeError):
     return None
 
 
+def _number(fn: str, arg: str, value: Any) -> float | None:
+  """``concrete_number``, rejecting values that are no number at all (None, strings)."""
+  if value is None or isinstance(value, (str, bytes)):
+    raise TypeError(f"{fn}: {arg} must be a number, got {value!r}.")
+  return concrete_number(value)
+
+
 def in_range(fn: str, arg: str, value: Any, lo: float, hi: float) -> None:
-  v = concrete_number(value)
+  v = _number(fn, arg, value)
   if v is not None and not lo <= v <= hi:
     raise ValueError(f"{fn}: {arg} must be in [{lo:g}, {hi:g}], got {v!r}.")
 
 
-def positive(fn: str, arg: str, value: Any) -> None:
-  v = concrete_number(value)
+def positive(fn: str, arg: str, value: Any, *, finite: bool = False) -> None:
+  """Checks ``value > 0`` (and finite, with ``finite=True``) when it is known at trace time."""
+  v = _number(fn, arg, value)
   if v is not None and not v > 0:
     raise ValueError(f"{fn}: {arg} must be > 0, got {v!r}.")
+  if finite and v is not None and not math.isfinite(v):
+    raise ValueError(f"{fn}: {arg} must be finite and > 0, got {v!r}.")
+
+
+def static_bool(fn: str, arg: str, value: Any, *, allow_none: bool = False) -> bool | None:
+  """A Python bool (or None with ``allow_none``) that selects code at trace time."""
+  if value is None and allow_none:
+    return None
+  if isinstance(value, (bool, np.bool_)):
+    return bool(value)
+  expected = "None, True or False" if allow_none else "a Python bool (True or False)"
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError(
+      f"{fn}: {arg} must be {expected} known at trace time, got a traced value ({value.aval}). "
+      "Consider one of the following options:\n"
+      f"  1. mark it static: jax.jit(f, static_argnames=({arg!r},)) (or static_argnums);\n"
+      f"  2. pass a Python bool, not a jax.Array;\n"
+      f"  3. to choose at run time, call both branches under jax.lax.cond."
+    )
+  raise TypeError(f"{fn}: {arg} must be {expected}, got {value!r}.")
+
+
+def floating_dtype(fn: str, arg: str, dtype: Any, *, allow_none: bool = True) -> jnp.dtype | None:
+  """``dtype`` as a NumPy dtype, which must be a real floating one (None passes through with ``allow_none``)."""
+  if dtype is None and allow_none:
+    return None
+  try:
+    d = None if dtype is None else jnp.dtype(dtype)
+  except TypeError:
+    d = None
+  if d is None or not jnp.issubdtype(d, jnp.floating):
+    expected = "None or a real floating dtype" if allow_none else "a real floating dtype"
+    raise TypeError(f"{fn}: {arg} must be {expected} (float16, bfloat16, float32 or float64), got {dtype!r}.")
+  return d
+
+
+def state_count(fn: str, count: Any, feature_shape: tuple[int, ...], *, arg: str = "state.count") -> jax.Array:
+  """A state's batch count as an array: a scalar, or one count per feature (the feature shape).
+
+  Python and NumPy scalars become int32 (the layout of :func:`jaxbn.init_state`).
+  """
+  if isinstance(count, (bool, np.bool_)) or count is None or isinstance(count, (str, bytes)):
+    raise TypeError(f"{fn}: {arg} must be an integer count of batches, got {count!r}.")
+  if isinstance(count, (int, np.integer)):
+    return jnp.asarray(count, jnp.int32)
+  try:
+    count = jnp.asarray(count)
+  except TypeError:
+    raise TypeError(f"{fn}: {arg} must be an integer count of batches, got {type(count).__name__}.") from None
+  if not (jnp.issubdtype(count.dtype, jnp.integer) or jnp.issubdtype(count.dtype, jnp.floating)):
+    raise TypeError(f"{fn}: {arg} must be an integer count of batches, got dtype {count.dtype}.")
+  if count.shape not in ((), tuple(feature_shape)):
+    raise ValueError(
+      f"{fn}: {arg} must be a scalar (one count for all features) or have the feature shape {tuple(feature_shape)} "
+      f"(one count per feature, see jaxbn.init_state(..., per_feature_count=True)), got shape {count.shape}."
+    )
+  return count
 
 
 def unbound_axis(fn: str, axis_name: Hashable, err: Exception) -> ValueError:

@@ -12,11 +12,12 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxbn import _checks
 from jaxbn._fused import batch_norm_train, forward_mode_active
-from jaxbn.stats import Stats, compute_stats
+from jaxbn.stats import Stats, _same_sharding, compute_stats
 
 __all__ = ["BatchNormState", "batch_norm", "init_state", "normalize", "update_running_stats"]
 
@@ -31,8 +32,13 @@ class BatchNormState(NamedTuple):
     mean: running mean, with the feature shape (float32, or float64 for float64 models).
     var: running variance, with the feature shape. Biased unless the layer stores the unbiased
       estimate (``unbiased_running_var=True``, PyTorch's convention).
-    count: int32 scalar, the number of batches that updated the statistics (PyTorch's
-      ``num_batches_tracked``). Batches with no valid element are not counted.
+    count: the number of batches that updated the statistics (PyTorch's ``num_batches_tracked``),
+      int32. A scalar by default (the layout of the modules' ``batch_stats``): it counts the batches
+      in which any feature had a valid element. With ``init_state(..., per_feature_count=True)`` it
+      has the feature shape and counts, per feature, the batches in which that feature had a valid
+      element, so that ``"cumulative"`` and ``"debiased_ema"`` weight each feature by its own number
+      of updates (needed for masks that differ between features; see :func:`update_running_stats`).
+      Batches with no valid element are not counted.
   """
 
   mean: jax.Array
@@ -40,39 +46,78 @@ class BatchNormState(NamedTuple):
   count: jax.Array
 
 
-def init_state(num_features: int | Sequence[int], *, dtype: Any = jnp.float32) -> BatchNormState:
+def init_state(
+  num_features: int | Sequence[int], *, dtype: Any = jnp.float32, per_feature_count: bool = False
+) -> BatchNormState:
   """A fresh ``BatchNormState``: mean 0, variance 1, count 0.
 
   Args:
-    num_features: the feature size, or a tuple of feature dims for several feature axes.
+    num_features: the feature size, or a tuple of feature dims for several feature axes (Python or
+      NumPy ints).
     dtype: dtype of the statistics; float32 (the default) also for bfloat16 and float16 models.
+    per_feature_count: give ``count`` the feature shape (one count per feature) instead of a scalar.
+      Use it with ``"cumulative"`` or ``"debiased_ema"`` running averages and masks that leave some
+      features without valid elements in some batches.
+
+  Returns:
+    The state, with ``mean`` and ``var`` of shape ``num_features`` and an int32 ``count``.
+
+  Raises:
+    ValueError: ``num_features`` is not a positive int or a sequence of them.
+    TypeError: ``dtype`` is not a floating dtype.
 
   Examples:
     >>> import jaxbn
     >>> jaxbn.init_state(3)
     BatchNormState(mean=Array([0., 0., 0.], dtype=float32), var=Array([1., 1., 1.], dtype=float32), count=Array(0, dtype=int32))
+    >>> jaxbn.init_state((2, 3), per_feature_count=True).count.shape
+    (2, 3)
   """
-  shape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
-  if not all(isinstance(d, int) and d > 0 for d in shape):
-    raise ValueError(f"jaxbn.init_state: num_features must be a positive int or a tuple of them, got {num_features!r}.")
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise TypeError(f"jaxbn.init_state: dtype must be a floating dtype, got {dtype!r}.")
-  return BatchNormState(jnp.zeros(shape, dtype), jnp.ones(shape, dtype), jnp.zeros((), jnp.int32))
+  fn = "jaxbn.init_state"
+  if _checks._is_int(num_features):
+    shape = (num_features,)
+  elif isinstance(num_features, (Sequence, np.ndarray)) and not isinstance(num_features, (str, bytes)):
+    shape = tuple(num_features)
+  else:
+    shape = None
+  if shape is None or not all(_checks._is_int(d) and d > 0 for d in shape):
+    raise ValueError(f"{fn}: num_features must be a positive int or a tuple of them, got {num_features!r}.")
+  shape = tuple(int(d) for d in shape)
+  dtype = _checks.floating_dtype(fn, "dtype", dtype, allow_none=False)
+  per_feature_count = _checks.static_bool(fn, "per_feature_count", per_feature_count)
+  count = jnp.zeros(shape if per_feature_count else (), jnp.int32)
+  return BatchNormState(jnp.zeros(shape, dtype), jnp.ones(shape, dtype), count)
 
 
-def _update_weight(mode: str, momentum: Any, t: jax.Array, dtype: Any) -> jax.Array:
-  """Weight of the new batch in ``new = old + w * (batch - old)`` after ``t`` updates (t >= 1)."""
+def _update_weights(mode: str, momentum: Any, t: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
+  """Weights ``(w_old, w_new)`` of ``new = w_old * old + w_new * batch`` at the ``t``-th update (t >= 1).
+
+  The old weight is computed on its own rather than as ``1 - w_new``, so that it is exactly 0 at the
+  first update of ``"cumulative"`` and ``"debiased_ema"`` (and for ``"ema"`` with ``momentum=0``) and
+  exactly ``momentum`` for ``"ema"`` (Flax's ``m * old + (1 - m) * new``, bit for bit).
+  """
   t = jnp.maximum(t, 1).astype(dtype)
   if mode == "cumulative":
-    return 1.0 / t
-  m = jnp.asarray(momentum, dtype)
+    return (t - 1.0) / t, 1.0 / t
+  known = _checks.concrete_number(momentum) if jnp.ndim(momentum) == 0 else None
+  if known is not None:  # 1 - m rounded once, from the Python value, as Flax and Keras compute it
+    m, one_minus_m = jnp.asarray(known, dtype), jnp.asarray(1.0 - known, dtype)
+  else:
+    m = jnp.asarray(momentum, dtype)
+    one_minus_m = 1.0 - m
   if mode == "ema":
-    return 1.0 - m
+    return m, one_minus_m
   # Debiased EMA of zero-initialised hidden values h_t = m*h_{t-1} + (1-m)*b_t, expressed directly on
-  # the debiased estimate h_t / (1 - m^t); at t = 1 it is the first batch's statistics. m -> 1 gives
-  # the cumulative average, its limit.
+  # the debiased estimate h_t / (1 - m^t): old weight m (1 - m^(t-1)) / (1 - m^t), new weight
+  # (1 - m) / (1 - m^t); at t = 1 it is the first batch's statistics. m -> 1 gives the cumulative
+  # average, its limit.
   denom = 1.0 - m**t
-  return jnp.where(denom > 0, (1.0 - m) / jnp.where(denom > 0, denom, 1.0), 1.0 / t)
+  ok = denom > 0
+  safe = jnp.where(ok, denom, 1.0)
+  w_new = jnp.where(ok, one_minus_m / safe, 1.0 / t)
+  w_old = jnp.where(ok, (m - m**t) / safe, (t - 1.0) / t)
+  first = t <= 1.0  # m**1 need not round to m exactly: make the first update an exact copy
+  return jnp.where(first, 0.0, w_old), jnp.where(first, 1.0, w_new)
 
 
 def update_running_stats(
@@ -85,23 +130,108 @@ def update_running_stats(
 ) -> BatchNormState:
   """Folds a batch's statistics into the running statistics.
 
+  Each feature becomes ``w_old * old + w_new * batch`` with the weights of ``running_average`` (see
+  :func:`batch_norm`) at the new count. A weight of 1 for the batch (the first update of
+  ``"cumulative"`` and ``"debiased_ema"``, ``"ema"`` with ``momentum=0``) copies the batch's
+  statistics exactly. The blend runs in the wider of the state's and the statistics' dtypes and the
+  result keeps the state's dtype (a float64 state fed float32 statistics stays float64-accurate).
+
   Features with no valid element keep their old values, and a batch with no valid element at all
   leaves the whole state, ``count`` included, unchanged.
+
+  Counting with masks that differ between features: a scalar ``state.count`` (the default layout)
+  is incremented when any feature has a valid element, and its weight applies to every feature that
+  has one. For ``"cumulative"`` and ``"debiased_ema"`` a feature first seen at the ``t``-th counted
+  batch is then blended with its initial value (mean 0, variance 1) at weight ``w(t)`` instead of
+  being taken whole, and later batches are weighted as if it had been seen ``t`` times. Give the
+  state one count per feature (``init_state(..., per_feature_count=True)``) to weight every feature
+  by its own number of updates. ``"ema"`` does not depend on the count.
+
+  Args:
+    state: the running statistics. ``count`` is a scalar or has the feature shape; a Python int is
+      accepted.
+    stats: the batch's ``Stats`` (count, mean, m2 per feature), e.g. from
+      :func:`jaxbn.stats.compute_stats`. No gradient flows through them.
+    momentum: decay of the running average, in [0, 1] (ignored by ``"cumulative"``).
+    running_average: ``"ema"``, ``"debiased_ema"`` or ``"cumulative"``.
+    unbiased_running_var: store the Bessel-corrected batch variance ``m2 / (count - 1)``.
+
+  Returns:
+    The new ``BatchNormState``, with the shapes and dtypes of ``state`` (``count`` int32 when given
+    as a Python int).
+
+  Raises:
+    TypeError: ``state`` is not a ``BatchNormState``, or a bad ``count``.
+    ValueError: bad ``momentum`` or ``running_average``, or shapes that do not match.
+
+  Examples:
+    >>> import jax.numpy as jnp, jaxbn
+    >>> from jaxbn.functional import update_running_stats
+    >>> from jaxbn.stats import local_stats
+    >>> stats = local_stats(jnp.array([[1.0], [3.0]]), (1,))
+    >>> update_running_stats(jaxbn.init_state(1), stats, running_average="cumulative")
+    BatchNormState(mean=Array([2.], dtype=float32), var=Array([1.], dtype=float32), count=Array(1, dtype=int32))
   """
+  return _update_running_stats(
+    "jaxbn.functional.update_running_stats",
+    state,
+    stats,
+    momentum=momentum,
+    running_average=running_average,
+    unbiased_running_var=unbiased_running_var,
+  )
+
+
+def _check_running_average(fn: str, running_average: Any, momentum: Any, unbiased_running_var: Any) -> None:
+  _checks.in_range(fn, "momentum", momentum, 0.0, 1.0)
+  if not isinstance(running_average, str) or running_average not in RUNNING_AVERAGES:
+    raise ValueError(f"{fn}: running_average must be one of {RUNNING_AVERAGES}, got {running_average!r}.")
+  _checks.static_bool(fn, "unbiased_running_var", unbiased_running_var)
+
+
+def _update_running_stats(
+  fn: str,
+  state: BatchNormState,
+  stats: Stats,
+  *,
+  momentum: Any,
+  running_average: RunningAverage,
+  unbiased_running_var: bool,
+) -> BatchNormState:
+  if not isinstance(state, BatchNormState):
+    raise TypeError(f"{fn}: state must be a jaxbn.BatchNormState (see jaxbn.init_state), got {type(state).__name__}.")
+  _check_running_average(fn, running_average, momentum, unbiased_running_var)
+  old_mean, old_var = jnp.asarray(state.mean), jnp.asarray(state.var)
+  fshape = old_mean.shape
+  _checks.feature_array(fn, "state.var", old_var, fshape)
+  for name, value in zip(("count", "mean", "m2"), stats, strict=True):
+    shape = jnp.shape(value)
+    if len(shape) > len(fshape) or any(d not in (1, f) for d, f in zip(shape[::-1], fshape[::-1])):
+      raise ValueError(
+        f"{fn}: stats.{name} must have the shape of state.mean {fshape} (one entry per feature), got shape {shape}."
+      )
+  count = _checks.state_count(fn, state.count, fshape)
   stats = jax.tree.map(lax.stop_gradient, stats)
   valid = stats.count > 0
-  seen = jnp.any(valid)
-  count = state.count + seen.astype(state.count.dtype)
-  w = _update_weight(running_average, momentum, count, stats.mean.dtype)
+  seen = valid if count.ndim else jnp.any(valid)
+  count = count + seen.astype(count.dtype)
   var = stats.var
   if unbiased_running_var:
     var = stats.m2 / jnp.maximum(stats.count - 1, 1)
 
   def blend(old, new):
-    old_c = old.astype(new.dtype)
-    return jnp.where(valid, old_c + w * (new - old_c), old_c).astype(old.dtype)
+    bdt = jnp.promote_types(old.dtype, new.dtype)
+    if not jnp.issubdtype(bdt, jnp.floating):
+      bdt = _checks.stats_dtype(new.dtype)
+    old_c, new_c = old.astype(bdt), new.astype(bdt)
+    old_c = _same_sharding(old_c, new_c)  # a replicated state meets feature-sharded statistics
+    w_old, w_new = _update_weights(running_average, momentum, count, bdt)
+    mixed = w_old * old_c + w_new * new_c
+    # Weight 1 for one side copies it exactly, even where the other side is not finite.
+    mixed = jnp.where(w_old == 0, new_c, jnp.where(w_new == 0, old_c, mixed))
+    return jnp.where(valid, mixed, old_c).astype(old.dtype)
 
-  return BatchNormState(blend(state.mean, stats.mean), blend(state.var, var), count)
+  return BatchNormState(blend(old_mean, stats.mean), blend(old_var, var), count)
 
 
 def normalize(
@@ -111,13 +241,50 @@ def normalize(
   scale: jax.Array | None,
   bias: jax.Array | None,
   *,
-  feature_axes: tuple[int, ...],
+  feature_axes: int | Sequence[int],
   epsilon: Any,
   dtype: Any = None,
 ) -> jax.Array:
-  """``(x - mean) * rsqrt(var + epsilon) * scale + bias`` in the statistics' precision."""
+  """``(x - mean) * rsqrt(var + epsilon) * scale + bias`` in the statistics' precision.
+
+  Args:
+    x: the input.
+    mean: per-feature mean, with the shape of ``x`` along ``feature_axes``; its dtype is the
+      computation dtype.
+    var: per-feature variance, the same shape.
+    scale: optional per-feature scale.
+    bias: optional per-feature offset.
+    feature_axes: the feature axis or axes of ``x`` (negative values count from the end).
+    epsilon: added to the variance, > 0.
+    dtype: output dtype; defaults to the dtype of ``x``.
+
+  Returns:
+    The normalized ``x``.
+
+  Raises:
+    TypeError: a bad ``feature_axes``, ``epsilon`` or ``dtype``.
+    ValueError: ``feature_axes`` out of range, or per-feature arrays of the wrong shape.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxbn.functional import normalize
+    >>> x = jnp.array([[1.0], [3.0]])
+    >>> normalize(x, jnp.array([2.0]), jnp.array([1.0]), None, None, feature_axes=-1, epsilon=0.0001)
+    Array([[-0.99995],
+           [ 0.99995]], dtype=float32)
+  """
+  fn = "jaxbn.functional.normalize"
+  axes = _checks.feature_axes(fn, jnp.ndim(x), feature_axes, arg="feature_axes")
+  fshape = tuple(x.shape[a] for a in axes)
+  mean = _checks.feature_array(fn, "mean", mean, fshape)
+  var = _checks.feature_array(fn, "var", var, fshape)
+  scale = _checks.feature_array(fn, "scale", scale, fshape)
+  bias = _checks.feature_array(fn, "bias", bias, fshape)
+  _checks.positive(fn, "epsilon", epsilon)
+  dtype = _checks.floating_dtype(fn, "dtype", dtype)
+  x = jnp.asarray(x)
   cdt = mean.dtype
-  bshape = tuple(x.shape[a] if a in feature_axes else 1 for a in range(x.ndim))
+  bshape = tuple(x.shape[a] if a in axes else 1 for a in range(x.ndim))
   mul = lax.rsqrt(var + jnp.asarray(epsilon, cdt))
   if scale is not None:
     mul = mul * scale.astype(cdt)
@@ -182,12 +349,16 @@ def batch_norm(
       (see :func:`init_state`).
     scale: optional learned scale with the feature shape (``gamma``).
     bias: optional learned offset with the feature shape (``beta``).
-    training: use batch statistics and update the state (True) or use the running statistics.
+    training: use batch statistics and update the state (True) or use the running statistics; a
+      Python bool (under ``jax.jit``, mark it static).
     axis: the feature axis or axes; ``-1`` for NHWC and ``(N, C)``, ``1`` for NCHW.
     momentum: decay of the running average, in [0, 1].
     epsilon: added to the variance, > 0.
     mask: optional boolean array broadcastable to ``x``; statistics use only elements where it is
       True. A batch with no valid element leaves the state unchanged. All elements are normalized.
+      A mask that leaves some features without valid elements in some batches needs a per-feature
+      count for ``"cumulative"`` and ``"debiased_ema"`` (``init_state(..., per_feature_count=True)``;
+      see :func:`update_running_stats`).
     axis_name: mapped axis to compute global statistics over (``jax.shard_map``, ``jax.pmap``,
       ``jax.vmap``). Under ``jax.jit`` with sharded inputs leave it None.
     axis_index_groups: optional partition of ``axis_name``'s indices into groups with separate
@@ -195,8 +366,8 @@ def batch_norm(
     running_average: ``"ema"``, ``"debiased_ema"`` or ``"cumulative"``.
     unbiased_running_var: store the Bessel-corrected (1/(N-1)) batch variance in the running
       statistics, as PyTorch does; normalization still uses the biased one.
-    dtype: output dtype; defaults to the dtype of ``x``.
-    fused: training-mode gradient. ``None`` (default): the closed-form backward pass
+    dtype: output dtype, a floating dtype; defaults to the dtype of ``x``.
+    fused: training-mode gradient, None, True or False. ``None`` (default): the closed-form backward pass
       (``dx = scale*inv_std/N * (N*dy - sum(dy) - xhat*sum(dy*xhat))``, one collective across
       devices, only ``x`` and per-feature vectors kept for the backward), switching to the plain
       differentiable formula where forward-mode autodiff reaches it (``jax.jvp``, ``jax.hessian``).
@@ -208,8 +379,11 @@ def batch_norm(
     (evaluation) state.
 
   Raises:
-    TypeError: ``x`` is not floating, or ``mask`` is not boolean.
-    ValueError: bad ``axis``, shapes of ``scale``/``bias``/``state``, ``momentum``, ``epsilon``,
+    TypeError: ``x`` is not floating, ``mask`` is not boolean, ``axis`` is not an int or ints,
+      ``epsilon``/``momentum`` are not numbers, ``training`` is not a Python bool (e.g. traced),
+      ``fused`` is not None/True/False, or ``dtype`` is not a floating dtype.
+    ValueError: bad ``axis``, shapes of ``scale``/``bias``/``state`` (``state.count`` must be a
+      scalar or have the feature shape), ``momentum``, ``epsilon`` (finite, > 0),
       ``running_average`` or ``mask``, or an ``axis_name`` that is not bound.
 
   Examples:
@@ -278,10 +452,12 @@ def _batch_norm(
   _checks.feature_array(fn, "state.var", state.var, fshape)
   scale = _checks.feature_array(fn, "scale", scale, fshape)
   bias = _checks.feature_array(fn, "bias", bias, fshape)
-  _checks.in_range(fn, "momentum", momentum, 0.0, 1.0)
-  _checks.positive(fn, "epsilon", epsilon)
-  if running_average not in RUNNING_AVERAGES:
-    raise ValueError(f"{fn}: running_average must be one of {RUNNING_AVERAGES}, got {running_average!r}.")
+  count = _checks.state_count(fn, state.count, fshape)
+  _check_running_average(fn, running_average, momentum, unbiased_running_var)
+  _checks.positive(fn, "epsilon", epsilon, finite=True)
+  training = _checks.static_bool(fn, "training", training)
+  fused = _checks.static_bool(fn, "fused", fused, allow_none=True)
+  dtype = _checks.floating_dtype(fn, "dtype", dtype)
   mask = _checks.mask_for(fn, mask, x.shape)
   cdt = _checks.stats_dtype(x.dtype)
 
@@ -317,7 +493,12 @@ def _batch_norm(
       if fused:
         raise _fused_forward_mode_error(fn) from None
       y, stats = plain()
-  new_state = update_running_stats(
-    state, stats, momentum=momentum, running_average=running_average, unbiased_running_var=unbiased_running_var
+  new_state = _update_running_stats(
+    fn,
+    state._replace(count=count),
+    stats,
+    momentum=momentum,
+    running_average=running_average,
+    unbiased_running_var=unbiased_running_var,
   )
   return y, new_state, stats

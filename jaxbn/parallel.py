@@ -65,10 +65,19 @@ def sync_state(
      \sigma^2 = \frac{\sum_i c_i \left(\sigma_i^2 + (\mu_i - \mu)^2\right)}{\sum_i c_i}
 
   (the variance of the union includes the spread of the replicas' means). Where no replica of a
-  group has a count, the replicas are weighted equally. The new ``count`` is the group's mean count,
-  rounded, so that a ``"cumulative"`` running average continued from the merged state gives the same
-  weight to old and new batches as before. One collective of ``3 x C`` floats per replica; states
-  that already agree are returned unchanged (up to rounding).
+  group has a count, the replicas are weighted equally.
+
+  The new ``count`` is the group's mean count :math:`\bar c = \frac{1}{R}\sum_i c_i` over its
+  :math:`R` replicas, rounded half up, and at least 1 when any replica has a count. The mean (not
+  the total) is what a ``"cumulative"`` running average continued from the merged state needs: if
+  every replica then folds in one batch with weight :math:`1 / (\bar c + 1)`, the replicas'
+  states, merged again, are the equal-weight average of all :math:`\sum_i c_i + R` batches. The
+  floor of 1 keeps merged statistics that hold data from being treated as a fresh state: with
+  count 0 the next ``"cumulative"`` or ``"debiased_ema"`` update (weight 1 at the first batch) would
+  discard them (e.g. two replicas with counts 0 and 1 merge to count 1, not round(0.5) = 0). A
+  ``count`` with the feature shape (``init_state(..., per_feature_count=True)``) is merged per
+  feature in the same way. One collective of ``3 x C`` floats per replica; states that already
+  agree are returned unchanged (up to rounding).
 
   Args:
     state: this replica's ``BatchNormState`` (or a pytree whose leaves are ``BatchNormState``, e.g.
@@ -84,7 +93,8 @@ def sync_state(
 
   Raises:
     TypeError: ``state`` holds no ``BatchNormState``.
-    ValueError: ``axis_name`` is not bound, or ``axis_index_groups`` is not a partition.
+    ValueError: ``axis_name`` is not bound, ``axis_index_groups`` is not a partition, or a
+      ``count`` that is neither a scalar nor of the feature shape.
 
   Examples:
     >>> import jax, jax.numpy as jnp, jaxbn, jaxbn.parallel
@@ -122,7 +132,8 @@ def _sync_one(fn: str, state: BatchNormState, axis_name: Any, groups: Sequence[S
   if mean.shape != var.shape:
     raise ValueError(f"{fn}: state.mean and state.var must have the same shape, got {mean.shape} and {var.shape}.")
   cdt = _checks.stats_dtype(mean.dtype)
-  count = jnp.broadcast_to(jnp.asarray(state.count, cdt), mean.shape)
+  state_count = _checks.state_count(fn, state.count, mean.shape)
+  count = jnp.broadcast_to(state_count.astype(cdt), mean.shape)
   rows = gather_rows(jnp.stack([count, mean.astype(cdt), var.astype(cdt)]), axis_name, fn=fn)
   counts, means, variances = rows[:, 0], rows[:, 1], rows[:, 2]
   member = jnp.ones(rows.shape[0], cdt)
@@ -135,9 +146,15 @@ def _sync_one(fn: str, state: BatchNormState, axis_name: Any, groups: Sequence[S
   weights = jnp.where(jnp.sum(counts, axis=0) > 0, counts, member)
   merged = merge_stacked(Stats(weights, means, variances * weights))
   total = jnp.sum(weights, axis=0)
-  # Counts are per replica, broadcast over the features: any feature position holds them.
-  mean_count = jnp.sum(counts, axis=0).reshape(-1)[0] / jnp.sum(member)
-  new_count = jnp.round(mean_count).astype(jnp.asarray(state.count).dtype)
+  total_count = jnp.sum(counts, axis=0)
+  mean_count = total_count / jnp.sum(member)
+  # Rounded half up, and at least 1 where any replica has counted a batch: the merged statistics
+  # then hold data, and a count of 0 would make the next "cumulative"/"debiased_ema" update (weight 1
+  # at the first batch) throw them away.
+  new_count = jnp.where(total_count > 0, jnp.maximum(jnp.floor(mean_count + 0.5), 1.0), 0.0)
+  if state_count.ndim == 0:  # one count per replica, broadcast over the features: any position holds it
+    new_count = new_count.reshape(-1)[0]
+  new_count = new_count.astype(state_count.dtype)
   return BatchNormState(merged.mean.astype(mean.dtype), (merged.m2 / total).astype(var.dtype), new_count)
 
 

@@ -233,7 +233,7 @@ def _train(
 
   scale, bias = per_chunk(cfg.scale), per_chunk(cfg.bias)
   if renorm:
-    step = state.count
+    step = jnp.max(state.count)  # the schedule's step (a per-feature count: its most advanced feature)
     r_lim = _limit(fn, "rmax", rmax, step, 1.0).astype(cdt)
     d_lim = _limit(fn, "dmax", dmax, step, 0.0).astype(cdt)
     eps = jnp.asarray(epsilon, cdt)
@@ -346,7 +346,7 @@ def ghost_batch_norm(
   fn = "jaxbn.ghost_batch_norm"
   x, cfg = _check(fn, x, state, scale, bias, axis, momentum, epsilon, running_average, mask)
   _check_ghost_size(fn, ghost_batch_size, x, cfg.axes)
-  if not training:
+  if not _checks.static_bool(fn, "training", training):
     return _evaluate(x, state, cfg, epsilon, dtype)
   y, new_state, _ = _train(
     fn,
@@ -461,7 +461,7 @@ def batch_renorm(
     _limit(fn, "rmax", rmax, state.count, 1.0)
   if not callable(dmax):
     _limit(fn, "dmax", dmax, state.count, 0.0)
-  if not training:
+  if not _checks.static_bool(fn, "training", training):
     return _evaluate(x, state, cfg, epsilon, dtype)
   y, new_state, _ = _train(
     fn,
@@ -537,7 +537,7 @@ def module_forward(
   running update (for recalibration) when ``want_stats`` and ``training``, else None.
   """
   common = dict(axis=axis, epsilon=epsilon, dtype=dtype)
-  if not training:
+  if not _checks.static_bool(fn, "training", training):
     y, new_state = batch_norm(x, state, scale, bias, training=False, **common)
     return y, new_state, None
   hook = _hooks.current()

@@ -311,3 +311,175 @@ def test_property_batch_norm_matches_reference(ndim, seed, dtype, masked, fused)
   np.testing.assert_allclose(np.asarray(y, np.float64), ry, rtol=tol, atol=tol * 10)
   np.testing.assert_allclose(new.mean, rmean, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(new.var, rvar, rtol=1e-4, atol=1e-4)
+
+
+# ---- running-average numerics: exact copies, wide states, per-feature counts ---------------------
+
+
+def _tiny_var_batch():
+  """Columns with variances 1e-8, 1e-6, 1e-4: far below the initial running variance 1."""
+  rng = np.random.default_rng(0)
+  return (rng.normal(size=(64, 3)) * np.array([1e-4, 1e-3, 1e-2])).astype(np.float32)
+
+
+@pytest.mark.parametrize(("mode", "momentum"), [("cumulative", 0.9), ("debiased_ema", 0.9), ("ema", 0.0)])
+def test_weight_one_update_copies_the_batch_statistics(mode, momentum):
+  """At weight 1 the state is the batch's statistics bit for bit; old + w*(new - old) rounded 1e-8 to 0."""
+  torch = pytest.importorskip("torch")
+  x = _tiny_var_batch()
+  stats = jaxbn.stats.local_stats(jnp.asarray(x), (1,))
+  new = jaxbn.functional.update_running_stats(
+    jaxbn.init_state(3), stats, momentum=momentum, running_average=mode, unbiased_running_var=True
+  )
+  np.testing.assert_array_equal(new.mean, stats.mean)
+  np.testing.assert_array_equal(new.var, stats.m2 / (stats.count - 1))
+  bn = torch.nn.BatchNorm1d(3, momentum=None)  # cumulative: the first batch is taken whole
+  bn(torch.tensor(x))
+  _, state = jaxbn.batch_norm(
+    x, jaxbn.init_state(3), training=True, momentum=momentum, running_average=mode, unbiased_running_var=True
+  )
+  np.testing.assert_allclose(state.var, bn.running_var.numpy(), rtol=1e-5)
+  np.testing.assert_allclose(state.mean, bn.running_mean.numpy(), rtol=1e-5, atol=1e-9)
+
+
+def test_ema_update_is_flax_bit_for_bit():
+  """Batches whose statistics are exact in float32, so that only the blend formula can differ."""
+  import flax.linen as nn
+
+  rng = np.random.default_rng(1)
+  xs = [jnp.asarray(rng.integers(-8, 9, (4, 3)) * 0.5 + k, jnp.float32) for k in range(4)]
+  module = nn.BatchNorm(use_running_average=False, momentum=0.9)
+  variables = module.init(jax.random.key(0), xs[0])
+  state = jaxbn.init_state(3)
+  for x in xs:
+    _, updated = module.apply(variables, x, mutable=["batch_stats"])
+    variables = {**variables, **updated}
+    _, state = jaxbn.batch_norm(x, state, training=True, momentum=0.9)
+    np.testing.assert_array_equal(state.mean, variables["batch_stats"]["mean"])
+    np.testing.assert_array_equal(state.var, variables["batch_stats"]["var"])
+
+
+def test_float64_state_is_not_rounded_by_float32_input():
+  with jax.enable_x64(True):
+    old_mean = np.array([1e6 + 0.123456789, -3.0e5 + 0.987654321])
+    state = jaxbn.init_state(2, dtype=jnp.float64)._replace(mean=jnp.asarray(old_mean))
+    x = jnp.asarray([[1.0, 2.0], [3.0, 5.0]], jnp.float32)
+    _, frozen = jaxbn.batch_norm(x, state, training=True, momentum=1.0)
+    assert frozen.mean.dtype == frozen.var.dtype == jnp.float64
+    np.testing.assert_array_equal(frozen.mean, old_mean)
+    _, half = jaxbn.batch_norm(x, state, training=True, momentum=0.5)
+    np.testing.assert_allclose(half.mean, 0.5 * old_mean + 0.5 * np.array([2.0, 3.5]), rtol=1e-15)
+    np.testing.assert_allclose(half.var, 0.5 + 0.5 * np.array([1.0, 2.25]), rtol=1e-15)
+
+
+@pytest.mark.parametrize("mode", ["cumulative", "debiased_ema"])
+def test_per_feature_count_weights_each_feature_by_its_own_updates(mode):
+  """Feature 1 is masked out of batch 1: with a per-feature count it ends as if it had seen batch 2 only."""
+  b1, m1 = jnp.array([[1.0, 10.0], [3.0, 20.0]]), jnp.array([[True, False], [True, False]])
+  b2, b3 = jnp.array([[5.0, 100.0], [7.0, 104.0]]), jnp.array([[0.0, 90.0], [4.0, 96.0]])
+  run = partial(jaxbn.batch_norm, training=True, running_average=mode, momentum=0.9)
+  state = jaxbn.init_state(2, per_feature_count=True)
+  _, state = run(b1, state, mask=m1)
+  np.testing.assert_array_equal(state.count, [1, 0])
+  _, state = run(b2, state)
+  _, state = run(b3, state)
+  np.testing.assert_array_equal(state.count, [3, 2])
+  # Each feature against a fresh scalar-count state that saw only that feature's batches.
+  ref0, ref1 = jaxbn.init_state(1), jaxbn.init_state(1)
+  for b in (b1, b2, b3):
+    _, ref0 = run(b[:, :1], ref0)
+  for b in (b2, b3):
+    _, ref1 = run(b[:, 1:], ref1)
+  np.testing.assert_allclose(state.mean, [ref0.mean[0], ref1.mean[0]], rtol=1e-6)
+  np.testing.assert_allclose(state.var, [ref0.var[0], ref1.var[0]], rtol=1e-6)
+  if mode == "cumulative":  # and against the float64 equal-weight average of batch statistics
+    np.testing.assert_allclose(state.mean[1], (102.0 + 93.0) / 2, rtol=1e-6)
+    np.testing.assert_allclose(state.var[1], (4.0 + 9.0) / 2, rtol=1e-6)
+  # The default scalar count is unchanged: one count, incremented when any feature is seen.
+  scalar = jaxbn.init_state(2)
+  for b, m in ((b1, m1), (b2, None), (b3, None)):
+    _, scalar = run(b, scalar, mask=m)
+  assert scalar.count.shape == () and int(scalar.count) == 3
+  np.testing.assert_allclose(scalar.mean[0], state.mean[0], rtol=1e-6)
+
+
+def test_state_count_as_python_int_and_numpy_sizes_are_accepted():
+  state = jaxbn.init_state(np.int64(3))
+  assert state.mean.shape == (3,)
+  assert jaxbn.init_state((np.int64(2), 3)).mean.shape == (2, 3)
+  x = _x(shape=(8, 3))
+  _, new = jaxbn.batch_norm(x, jaxbn.BatchNormState(state.mean, state.var, 0), training=True, momentum=0.0)
+  assert new.count.dtype == jnp.int32 and int(new.count) == 1
+  np.testing.assert_allclose(new.mean, _batch_stats(x)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_normalize_accepts_negative_and_int_feature_axes():
+  x = _x(shape=(4, 5, 3))
+  mean, var = jnp.linspace(-1.0, 1.0, 3), jnp.linspace(0.5, 2.0, 3)
+  want = (np.asarray(x) - np.asarray(mean)) / np.sqrt(np.asarray(var) + 1e-5)
+  for axes in ((-1,), -1, (2,), 2):
+    got = jaxbn.functional.normalize(x, mean, var, None, None, feature_axes=axes, epsilon=1e-5)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ---- bad input to the other public helpers and the remaining batch_norm arguments ----------------
+
+
+@pytest.mark.parametrize(
+  ("kw", "err", "match"),
+  [
+    ({"axis": None}, TypeError, r"jaxbn.batch_norm: axis must be an int or a sequence of ints .* got None"),
+    ({"axis": 1.0}, TypeError, r"jaxbn.batch_norm: axis must be an int or a sequence of ints .* got 1.0"),
+    ({"epsilon": None}, TypeError, r"jaxbn.batch_norm: epsilon must be a number, got None"),
+    ({"epsilon": float("inf")}, ValueError, r"jaxbn.batch_norm: epsilon must be finite and > 0, got inf"),
+    ({"training": "no"}, TypeError, r"jaxbn.batch_norm: training must be a Python bool \(True or False\), got 'no'"),
+    ({"dtype": "bad"}, TypeError, r"jaxbn.batch_norm: dtype must be None or a real floating dtype .* got 'bad'"),
+    ({"dtype": jnp.int32}, TypeError, r"jaxbn.batch_norm: dtype must be None or a real floating dtype"),
+    ({"fused": "yes"}, TypeError, r"jaxbn.batch_norm: fused must be None, True or False, got 'yes'"),
+    (
+      {"state": jaxbn.BatchNormState(jnp.zeros(3), jnp.ones(3), jnp.zeros(2, jnp.int32))},
+      ValueError,
+      r"jaxbn.batch_norm: state.count must be a scalar .* feature shape \(3,\) .* got shape \(2,\)",
+    ),
+  ],
+)
+def test_error_bad_arguments(kw, err, match):
+  with pytest.raises(err, match=match):
+    _traced(**kw)
+
+
+def test_error_traced_training_says_to_make_it_static():
+  with pytest.raises(
+    TypeError, match=r"(?s)jaxbn.batch_norm: training must be a Python bool .*traced.*static_argnames"
+  ):
+    jax.jit(lambda t: _call(training=t))(True)
+
+
+def test_error_update_running_stats_arguments():
+  update = jaxbn.functional.update_running_stats
+  stats = jaxbn.stats.local_stats(jnp.ones((4, 3)), (1,))
+  fn = "jaxbn.functional.update_running_stats"
+  with pytest.raises(ValueError, match=rf"{fn}: running_average must be one of .* got 'EMA'"):
+    update(jaxbn.init_state(3), stats, running_average="EMA")
+  with pytest.raises(ValueError, match=rf"{fn}: momentum must be in \[0, 1\], got 5.0"):
+    update(jaxbn.init_state(3), stats, momentum=5.0)
+  with pytest.raises(ValueError, match=rf"{fn}: stats\.count must have the shape of state.mean \(4,\)"):
+    update(jaxbn.init_state(4), stats)
+
+
+def test_error_normalize_arguments():
+  x, v = jnp.ones((4, 3)), jnp.ones(3)
+  fn = "jaxbn.functional.normalize"
+  with pytest.raises(ValueError, match=rf"{fn}: feature_axes=\(2,\) is out of range"):
+    jaxbn.functional.normalize(x, v, v, None, None, feature_axes=(2,), epsilon=1e-5)
+  with pytest.raises(ValueError, match=rf"{fn}: mean must have the feature shape \(4,\)"):
+    jaxbn.functional.normalize(x, v, v, None, None, feature_axes=0, epsilon=1e-5)
+
+
+def test_error_init_state_dtype_and_count_flag():
+  with pytest.raises(TypeError, match=r"jaxbn.init_state: dtype must be a real floating dtype .* got <class"):
+    jaxbn.init_state(3, dtype=jnp.int32)
+  with pytest.raises(TypeError, match=r"jaxbn.init_state: per_feature_count must be a Python bool .* got 'yes'"):
+    jaxbn.init_state(3, per_feature_count="yes")
+  with pytest.raises(ValueError, match=r"jaxbn.init_state: num_features must be a positive int .* got 2.0"):
+    jaxbn.init_state(2.0)

@@ -506,7 +506,9 @@ def _synced_reference(states, members):
     c = np.ones_like(c)
   m = (c[:, None] * mean).sum(0) / c.sum()
   v = (c[:, None] * (var + (mean - m) ** 2)).sum(0) / c.sum()
-  return m, v, np.round(np.asarray(states.count)[members].sum() / len(members))
+  total = np.asarray(states.count)[members].sum()
+  # The mean count rounded half up, at least 1 once any replica has counted a batch.
+  return m, v, max(np.floor(total / len(members) + 0.5), 1) if total > 0 else 0
 
 
 SYNC_CASES = [
@@ -574,6 +576,42 @@ def test_sync_state_fresh_states_equal_weights_and_pytrees():
   np.testing.assert_allclose(got["bn1"].mean[5], np.mean(np.asarray(states.mean), 0), **TOL)
   np.testing.assert_allclose(got["bn2"].var[0], _synced_reference(states, list(range(D)))[1][:2], **TOL)
   np.testing.assert_array_equal(got["bn1"].count, 0)
+
+
+def test_sync_state_count_is_at_least_one_once_any_replica_has_a_batch():
+  """Counts 0 and 1 sync to 1, not round(0.5) = 0: the next cumulative update keeps the synced statistics."""
+  states = jaxbn.BatchNormState(jnp.array([[0.0], [5.0]]), jnp.array([[1.0], [2.0]]), jnp.array([0, 1], jnp.int32))
+  x = jnp.array([[100.0], [102.0]])
+
+  def step(s):
+    synced = sync_state(s, "r")
+    return synced, jaxbn.batch_norm(x, synced, training=True, running_average="cumulative")[1]
+
+  synced, after = jax.jit(jax.vmap(step, axis_name="r"))(states)
+  np.testing.assert_array_equal(synced.count, [1, 1])
+  np.testing.assert_array_equal(synced.mean[:, 0], [5.0, 5.0])  # replica 0 saw no batch: weight 0
+  np.testing.assert_array_equal(synced.var[:, 0], [2.0, 2.0])
+  np.testing.assert_allclose(after.mean[:, 0], (5.0 + 101.0) / 2, rtol=1e-6)  # equal weights: 2 batches
+  np.testing.assert_allclose(after.var[:, 0], (2.0 + 1.0) / 2, rtol=1e-6)
+  np.testing.assert_array_equal(after.count, [2, 2])
+
+
+def test_sync_state_merges_per_feature_counts_per_feature():
+  states = _replica_states()
+  counts = np.random.default_rng(9).integers(0, 4, (D, C)).astype(np.int32)
+  counts[:, 1] = 0  # a feature no replica has seen: equal weights, count 0
+  counts[3, 2] = 1  # one replica has seen feature 2 once
+  counts[np.arange(D) != 3, 2] = 0
+  states = states._replace(count=jnp.asarray(counts))
+  got = jax.jit(jax.vmap(lambda s: sync_state(s, "d"), axis_name="d"))(states)
+  assert got.count.shape == (D, C) and got.count.dtype == jnp.int32
+  for f in range(C):
+    per_feature = jaxbn.BatchNormState(states.mean[:, f : f + 1], states.var[:, f : f + 1], states.count[:, f])
+    m, v, c = _synced_reference(per_feature, list(range(D)))
+    np.testing.assert_allclose(got.mean[:, f], np.broadcast_to(m, (D,)), **TOL)
+    np.testing.assert_allclose(got.var[:, f], np.broadcast_to(v, (D,)), **TOL)
+    np.testing.assert_array_equal(got.count[:, f], c)
+  np.testing.assert_array_equal(got.count[:, 1:], [[0, 1]] * D)
 
 
 def test_sync_state_is_replicated_under_shard_map():
