@@ -40,6 +40,49 @@ def _field(fn: str, tree: Any, name: str, arg: str) -> Any:
   return tree.get(name)
 
 
+def _fold_layout(
+  fn: str, kshape: tuple[int, ...], sshape: tuple[int, ...], axis: Any, stack_axes: int | None
+) -> tuple[int, tuple[int, ...]]:
+  """``(stack_axes, kernel_axes)``: how the statistics' shape lines up with the kernel's axes."""
+  if stack_axes is not None and (
+    not isinstance(stack_axes, int) or isinstance(stack_axes, bool) or not 0 <= stack_axes < max(len(sshape), 1)
+  ):
+    raise ValueError(
+      f"{fn}: stack_axes must be None or an int in [0, {max(len(sshape) - 1, 0)}] (the statistics have "
+      f"{len(sshape)} axes and at least one is a feature axis), got {stack_axes!r}."
+    )
+  chosen = None if axis is None else _checks.feature_axes(fn, len(kshape), axis)
+
+  def layout(n: int) -> tuple[int, tuple[int, ...]] | None:
+    f = len(sshape) - n
+    if f < 1 or kshape[:n] != sshape[:n] or len(kshape) - n <= f:  # a layer's kernel needs an input axis too
+      return None
+    axes = tuple(range(len(kshape) - f, len(kshape))) if chosen is None else chosen
+    if len(axes) != f or min(axes) < n or tuple(kshape[a] for a in axes) != sshape[n:]:
+      return None
+    return n, axes
+
+  fits = [lay for n in ([stack_axes] if stack_axes is not None else range(len(sshape))) if (lay := layout(n))]
+  where = "the trailing axes" if axis is None else f"axis={axis!r}"
+  after = "" if stack_axes is None else f", after the {stack_axes} leading stack axes (stack_axes={stack_axes})"
+  if not fits:
+    raise ValueError(
+      f"{fn}: the statistics' shape {sshape} must be the kernel's output-channel axes ({where}){after}, "
+      f"got a kernel of shape {kshape}. Flax kernels are (in, out) and HWIO, output channels last; for "
+      "another layout pass axis (PyTorch's (out, in) is axis=0), and for layers stacked by nn.scan / "
+      "nnx.vmap (kernel (L, in, out), statistics (L, out)) the layer axes lead in the kernel, its bias and "
+      "the statistics alike."
+    )
+  if len(fits) > 1:
+    options = ", ".join(f"stack_axes={n} (feature shape {sshape[n:]})" for n, _ in fits)
+    raise ValueError(
+      f"{fn}: the statistics' shape {sshape} fits a kernel of shape {kshape} in more than one way: {options}. "
+      "Pass stack_axes: the number of leading axes that index stacked layers (1 for nn.scan / nnx.vmap "
+      "stacks, 0 for a single layer whose batch norm has several feature axes)."
+    )
+  return fits[0]
+
+
 def fold_batch_norm(
   kernel: Any,
   bias: Any,
@@ -47,6 +90,8 @@ def fold_batch_norm(
   bn_stats: Mapping[str, Any] | BatchNormState,
   *,
   epsilon: float = 1e-5,
+  axis: int | Sequence[int] | None = None,
+  stack_axes: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   r"""Folds an evaluation-mode batch norm into the Dense or Conv layer before it.
 
@@ -54,18 +99,33 @@ def fold_batch_norm(
      s = \frac{\gamma}{\sqrt{\sigma^2 + \epsilon}}, \quad W' = W \cdot s, \quad
      b' = (b - \mu)\, s + \beta
 
-  with ``s`` applied along the output-channel axis, the LAST axis of Flax kernels: ``(in, out)``
-  for Dense, ``(H, W, in / groups, out)`` (HWIO) for Conv, grouped and depthwise convolutions
-  included (batch norm acts on output channels, which grouping does not change).
+  with ``s`` applied along the output-channel axis, by default the LAST axis of the kernel as in
+  Flax: ``(in, out)`` for Dense, ``(H, W, in / groups, out)`` (HWIO) for Conv, grouped and
+  depthwise convolutions included (batch norm acts on output channels, which grouping does not
+  change). A kernel whose output channels sit elsewhere needs ``axis``: PyTorch's ``(out, in)``
+  and ``(out, in, kh, kw)`` are ``axis=0``. Without it such a kernel is refused when its last axis
+  has another size, but folded along the wrong axis when ``in == out``: no shape can tell.
+
+  Stacked layers (``nn.scan`` with ``variable_axes={"params": 0, "batch_stats": 0}``, layers built
+  under ``nnx.vmap``) hold a kernel ``(L, in, out)`` and statistics ``(L, out)``; each of the ``L``
+  layers is folded with its own statistics. The leading axes that the kernel, its bias and all
+  the batch norm's arrays share are found from the shapes, or given as ``stack_axes`` where the
+  shapes allow two readings (``L == in``: a stack of ``L`` layers, or one layer whose batch norm
+  has the two feature axes ``(in, out)``); the ambiguous case is refused, never guessed.
 
   Args:
-    kernel: the layer's kernel, output channels last; several trailing axes are allowed when the
-      batch norm has several feature axes (their sizes must match).
-    bias: the layer's bias, or None for a layer without one (``use_bias=False``, as in ResNets).
+    kernel: the layer's kernel, output channels last (or at ``axis``); several axes are allowed
+      when the batch norm has several feature axes (their sizes must match, in the kernel's order).
+    bias: the layer's bias (shaped like the statistics), or None for a layer without one
+      (``use_bias=False``, as in ResNets).
     bn_params: the batch norm's params, ``{"scale": gamma, "bias": beta}``; a missing entry (or
       None) means ``use_scale=False`` / ``use_bias=False``.
     bn_stats: its running statistics, ``{"mean": mu, "var": var}`` or a ``BatchNormState``.
     epsilon: the batch norm's epsilon.
+    axis: the kernel's output-channel axis or axes (counted on the whole kernel, stack axes
+      included); None for the last ones.
+    stack_axes: the number of leading axes that index stacked layers (``1`` for ``nn.scan`` /
+      ``nnx.vmap`` stacks, ``0`` for one layer); None to find it from the shapes.
 
   Returns:
     ``(kernel, bias)`` of the folded layer, in the kernel's dtype; computed in float32 (float64
@@ -73,7 +133,8 @@ def fold_batch_norm(
 
   Raises:
     TypeError: the trees are not mappings.
-    ValueError: missing statistics, or feature shapes that do not match the kernel's trailing axes.
+    ValueError: missing statistics, shapes that do not match the kernel's output-channel axes (or
+      match them in two ways without ``stack_axes``).
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -86,6 +147,16 @@ def fold_batch_norm(
     >>> ref = (x @ k - bn_stats["mean"]) / jnp.sqrt(bn_stats["var"] + 1e-5) * bn_params["scale"] + bn_params["bias"]
     >>> bool(jnp.allclose(x @ k2 + b2, ref, atol=1e-5))
     True
+
+    The same layer with a PyTorch ``(out, in)`` kernel, and a stack of two such layers:
+
+    >>> k2_t, _ = fold_batch_norm(k.T, None, bn_params, bn_stats, axis=0)
+    >>> bool(jnp.allclose(k2_t, k2.T))
+    True
+    >>> stacked = {name: jnp.stack([v, v]) for name, v in bn_stats.items()}
+    >>> k2_s, b2_s = fold_batch_norm(jnp.stack([k, k]), None, None, stacked)
+    >>> k2_s.shape, b2_s.shape
+    ((2, 4, 3), (2, 3))
   """
   fn = "jaxbn.fold_batch_norm"
   kernel = jnp.asarray(kernel)
@@ -93,22 +164,22 @@ def fold_batch_norm(
   if mean is None or var is None:
     raise ValueError(f"{fn}: bn_stats must hold 'mean' and 'var', got {sorted(bn_stats) if bn_stats else bn_stats}.")
   mean, var = jnp.asarray(mean), jnp.asarray(var)
-  fshape = mean.shape
-  if kernel.shape[kernel.ndim - len(fshape) :] != fshape or kernel.ndim <= len(fshape):
-    raise ValueError(
-      f"{fn}: the batch norm's feature shape {fshape} must be the trailing (output-channel) axes of the "
-      f"kernel, got a kernel of shape {kernel.shape}. Flax kernels are (in, out) and HWIO; transpose others first."
-    )
-  gamma = _checks.feature_array(fn, "bn_params['scale']", _field(fn, bn_params, "scale", "bn_params"), fshape)
-  beta = _checks.feature_array(fn, "bn_params['bias']", _field(fn, bn_params, "bias", "bn_params"), fshape)
-  _checks.feature_array(fn, "bn_stats['var']", var, fshape)
-  bias = _checks.feature_array(fn, "bias", bias, fshape)
+  sshape = mean.shape
+  n, axes = _fold_layout(fn, kernel.shape, sshape, axis, stack_axes)
+  gamma = _checks.feature_array(fn, "bn_params['scale']", _field(fn, bn_params, "scale", "bn_params"), sshape)
+  beta = _checks.feature_array(fn, "bn_params['bias']", _field(fn, bn_params, "bias", "bn_params"), sshape)
+  _checks.feature_array(fn, "bn_stats['var']", var, sshape)
+  bias = _checks.feature_array(fn, "bias", bias, sshape)
   _checks.positive(fn, "epsilon", epsilon)
   cdt = _checks.stats_dtype(kernel.dtype)
   s = lax.rsqrt(var.astype(cdt) + jnp.asarray(epsilon, cdt))
   if gamma is not None:
     s = s * gamma.astype(cdt)
-  new_kernel = (kernel.astype(cdt) * s).astype(kernel.dtype)
+  # Output-channel axes last, then s (stack + feature shape) broadcasts over the layer's other axes.
+  ends = tuple(range(kernel.ndim - len(axes), kernel.ndim))
+  k = jnp.moveaxis(kernel.astype(cdt), axes, ends)
+  k = k * s.reshape(sshape[:n] + (1,) * (kernel.ndim - n - len(axes)) + sshape[n:])
+  new_kernel = jnp.moveaxis(k, ends, axes).astype(kernel.dtype)
   b = -mean.astype(cdt) if bias is None else bias.astype(cdt) - mean.astype(cdt)
   new_bias = b * s
   if beta is not None:
@@ -158,6 +229,8 @@ def fold_batch_norms(
   pairs: Iterable[tuple[Path, Path]],
   *,
   epsilon: float = 1e-5,
+  axis: int | Sequence[int] | None = None,
+  stack_axes: int | None = None,
 ) -> dict:
   """Folds every ``(layer, batch_norm)`` pair of a model's variables; see :func:`fold_batch_norm`.
 
@@ -173,17 +246,24 @@ def fold_batch_norms(
   and each folded layer given a bias (for example ``nn.Conv(..., use_bias=True)`` followed by no
   norm), whose evaluation output equals the original's up to float rounding.
 
+  Layers stacked by ``nn.scan`` (``variable_axes={"params": 0, "batch_stats": 0}``) or built under
+  ``nnx.vmap`` are folded layer by layer: their kernels ``(L, in, out)`` and statistics ``(L, out)``
+  share the leading layer axis (see ``stack_axes`` of :func:`fold_batch_norm`).
+
   Args:
     variables: the model's variables.
     pairs: ``(layer_path, bn_path)`` pairs; a path is a tuple of keys or a ``"/"``-joined string,
       relative to ``params``/``batch_stats`` (linen) or to the root (NNX).
     epsilon: the batch norms' epsilon.
+    axis: the kernels' output-channel axis or axes; None for the last ones (Flax's layout).
+    stack_axes: the number of leading axes that index stacked layers; None to find it from the
+      shapes of each pair.
 
   Returns:
     A new variable dict; ``variables`` is not modified.
 
   Raises:
-    ValueError: a path that does not exist.
+    ValueError: a path that does not exist, or shapes :func:`fold_batch_norm` refuses.
 
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -218,7 +298,9 @@ def fold_batch_norms(
       bn_params = bn_stats = _get(fn, out, bp, "batch norm")
     if "kernel" not in layer:
       raise ValueError(f"{fn}: layer {'/'.join(map(str, lp))!r} has no 'kernel' (it holds {sorted(layer)}).")
-    k, b = fold_batch_norm(layer["kernel"], layer.get("bias"), bn_params, bn_stats, epsilon=epsilon)
+    k, b = fold_batch_norm(
+      layer["kernel"], layer.get("bias"), bn_params, bn_stats, epsilon=epsilon, axis=axis, stack_axes=stack_axes
+    )
     new_layer = {**layer, "kernel": k, "bias": b}
     if linen:
       params = _delete(_set(out["params"], lp, new_layer), bp)
@@ -251,6 +333,15 @@ def _moment_leaves(tree: Any, prefix: tuple = ()) -> dict[tuple, Stats]:
   return out
 
 
+def _stat_layers(tree: Any, prefix: tuple = ()) -> list[tuple]:
+  """Paths of the layers of a linen ``batch_stats`` tree: the entries that hold ``mean`` and ``var``."""
+  if not isinstance(tree, Mapping):
+    return []
+  if "mean" in tree and "var" in tree and not isinstance(tree["mean"], Mapping):
+    return [prefix]
+  return [path for k, v in tree.items() for path in _stat_layers(v, (*prefix, k))]
+
+
 def _population(stats: Stats, old_mean: Any, old_var: Any, unbiased_var: bool) -> tuple[jax.Array, jax.Array]:
   valid = stats.count > 0
   denom = jnp.maximum(stats.count - 1, 1) if unbiased_var else jnp.maximum(stats.count, 1)
@@ -264,8 +355,21 @@ def _no_layers(fn: str) -> ValueError:
     f"{fn}: no jaxbn batch norm layer computed batch statistics, so there is nothing to recalibrate. "
     "Consider one of the following options:\n"
     "  1. build the model with jaxbn.linen.BatchNorm / jaxbn.nnx.BatchNorm (flax's own BatchNorm is not seen);\n"
-    "  2. pass the call arguments that put the model in training mode, e.g. train=True (linen);\n"
-    "  3. check that `batches` is not empty."
+    "  2. pass the call arguments that put the model in training mode, e.g. train=True (linen)."
+  )
+
+
+def _unreported(fn: str, paths: list[str]) -> ValueError:
+  shown = ", ".join(paths[:10]) + (f" (and {len(paths) - 10} more)" if len(paths) > 10 else "")
+  return ValueError(
+    f"{fn}: these batch norm layers hold running statistics but reported no batch statistics, so they "
+    f"would keep their old ones: {shown}. Consider one of the following options:\n"
+    "  1. for a jaxbn.linen.BatchNorm inside nn.scan / nn.vmap (or another lifted transform that lists "
+    "its collections), add jaxbn.linen.MOMENTS to the transform's variable_axes with the axis of "
+    "'batch_stats', e.g. variable_axes={'params': 0, 'batch_stats': 0, jaxbn.linen.MOMENTS: 0};\n"
+    "  2. for a flax.linen.BatchNorm, use jaxbn.linen.BatchNorm instead (same arguments and variables);\n"
+    "  3. for a layer that is never called in training mode, pass the call arguments that put it in "
+    "training mode (e.g. train=True)."
   )
 
 
@@ -275,8 +379,8 @@ def _accumulate(fn: str, moments_fn: Callable, batches: Iterable[Any], *args) ->
   for batch in batches:
     m = moments_fn(*args, batch)
     acc = m if acc is None else merge_all(acc, m)
-  if not acc:
-    raise _no_layers(fn)
+  if acc is None:
+    raise ValueError(f"{fn}: batches is empty; give at least one batch of model inputs.")
   return acc
 
 
@@ -301,6 +405,20 @@ def recalibrate(
   Layers that saw no valid element keep their statistics; ``count`` variables are left as they
   are. The model and ``variables`` are not modified.
 
+  Layers inside lifted transforms:
+
+  * NNX: nothing to do. Layers called under ``nnx.remat``, ``nnx.jit``, ``nnx.scan`` /
+    ``nnx.vmap`` (stacked layers: statistics ``(L, C)``, one row per layer) report their
+    statistics as model state. A layer never called in training mode keeps its statistics;
+    ``flax.nnx.BatchNorm`` layers are refused.
+  * Linen: a transform that names its collections (``nn.scan``, ``nn.vmap``) must carry
+    :data:`jaxbn.linen.MOMENTS` on the axis of ``batch_stats``, e.g.
+    ``nn.scan(Block, variable_axes={"params": 0, "batch_stats": 0, jaxbn.linen.MOMENTS: 0}, ...)``;
+    ``nn.remat`` and ``nn.jit`` need nothing. Every layer with ``batch_stats`` (``mean``, ``var``)
+    must report statistics, so a layer that did not (a transform without ``MOMENTS``, a
+    ``flax.linen.BatchNorm``, a layer not called in training mode) is an error naming it, never a
+    silently stale layer.
+
   Args:
     model: a ``flax.linen.Module``; or a function with the signature of ``Module.apply``
       (``apply_fn(variables, batch, mutable=..., **call_kwargs)``), e.g. one wrapping ``model.apply``
@@ -317,8 +435,10 @@ def recalibrate(
     model's ``nnx.BatchStat`` variables; apply it with ``nnx.update(model, new_stats)``.
 
   Raises:
-    ValueError: no jaxbn batch norm layer computed statistics (none in the model, the calls were
-      not in training mode, or ``batches`` was empty), or ``variables`` is missing for linen.
+    ValueError: ``batches`` is empty; no jaxbn batch norm layer computed statistics (none in the
+      model, or the calls were not in training mode); a linen layer with ``batch_stats`` reported
+      none (see above); the NNX model holds ``flax.nnx.BatchNorm`` layers; or ``variables`` is
+      missing for linen.
 
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -361,6 +481,11 @@ def recalibrate(
   variables = dict(variables)
   acc = _accumulate(fn, moments, batches, variables)
   batch_stats = variables.get("batch_stats", {})
+  missing = [key for key in ("/".join(map(str, p)) for p in _stat_layers(batch_stats)) if key not in acc]
+  if missing:
+    raise _unreported(fn, missing)
+  if not acc:
+    raise _no_layers(fn)
   for key, stats in acc.items():
     path = tuple(key.split("/"))
     layer = _get(fn, batch_stats, path, "batch norm statistics")
@@ -374,22 +499,31 @@ def _recalibrate_nnx(fn: str, model: Any, batches: Iterable[Any], unbiased_var: 
 
   from jaxbn.nnx import BatchNorm, collect_moments
 
+  foreign = ["/".join(map(str, p)) for p, node in nnx.iter_graph(model) if isinstance(node, nnx.BatchNorm)]
+  if foreign:
+    raise ValueError(
+      f"{fn}: the batch norm layers at {', '.join(foreign)} are flax.nnx.BatchNorm, whose batch statistics "
+      "jaxbn cannot collect; replace them with jaxbn.nnx.BatchNorm (same arguments and variables)."
+    )
+  paths = {"/".join(map(str, p)): tuple(p) for p, node in nnx.iter_graph(model) if isinstance(node, BatchNorm)}
   graphdef, state = nnx.split(model)
 
   @jax.jit
   def moments(state, batch):
     m = nnx.merge(graphdef, state)
     m.set_attributes(BatchNorm, use_running_average=False, raise_if_not_found=False)
-    names = {id(mod): "/".join(map(str, path)) for path, mod in nnx.iter_modules(m) if isinstance(mod, BatchNorm)}
-    with collect_moments() as sink:
+    # The moments are model state, so they also come back from nnx.remat / nnx.scan / nnx.vmap.
+    with collect_moments(m) as read:
       m(batch, **call_kwargs)
-    return {names[k]: s for k, s in sink.items() if k in names}
+      stats = read()
+    return {"/".join(map(str, p)): s for p, s in stats.items()}
 
   acc = _accumulate(fn, moments, batches, state)
-  paths = {"/".join(map(str, path)): path for path, mod in nnx.iter_modules(model) if isinstance(mod, BatchNorm)}
+  if not any(bool(jnp.any(s.count > 0)) for s in acc.values()):
+    raise _no_layers(fn)
   stat_state = nnx.state(model, nnx.BatchStat)
   pure = nnx.to_pure_dict(stat_state)
-  for key, stats in acc.items():
+  for key, stats in acc.items():  # layers that saw nothing (count 0) keep their statistics
     layer = _get(fn, pure, paths[key], "batch norm")
     mean, var = _population(stats, layer["mean"], layer["var"], unbiased_var)
     pure = _set(pure, paths[key], {**layer, "mean": mean, "var": var})

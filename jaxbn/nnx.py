@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -25,32 +25,72 @@ from jaxbn import _checks, variants
 from jaxbn.functional import BatchNormState, RunningAverage
 from jaxbn.stats import Stats, merge
 
-__all__ = ["BatchNorm"]
+__all__ = ["BatchMoments", "BatchNorm", "collect_moments"]
 
-# Set by jaxbn.recalibrate and jaxbn.training while they trace a model: training-mode calls add their
-# batch statistics to the sink and restrict them to the valid rows, when a row mask is given.
-_MOMENTS_SINK: contextvars.ContextVar[tuple[dict[int, Stats], jax.Array | None] | None] = contextvars.ContextVar(
-  "jaxbn_moments", default=None
-)
+# Set by jaxbn.recalibrate and jaxbn.training while they trace a model: training-mode calls restrict
+# their statistics to the valid rows of the micro-batch (a boolean vector over the leading axis).
+_ROW_MASK: contextvars.ContextVar[jax.Array | None] = contextvars.ContextVar("jaxbn_row_mask", default=None)
 
 
 _ZEROS = initializers.zeros_init()
 _ONES = initializers.ones_init()
 
 
-@contextlib.contextmanager
-def collect_moments(row_mask: jax.Array | None = None) -> Iterator[dict[int, Stats]]:
-  """Within the block, training-mode calls record their batch ``Stats`` under ``id(module)``.
+class BatchMoments(nnx.BatchStat):
+  """The batch statistics a :class:`BatchNorm` reports while jaxbn collects them.
 
-  With ``row_mask`` (a boolean vector over the leading axis of the inputs), training-mode calls
-  also use only the marked rows for their statistics, combined with any ``mask`` they are given.
+  The value is shaped like the layer's ``mean`` plus a last axis of 3 holding ``count``, ``mean``
+  and ``m2`` (sum of squared deviations), merged exactly over the training-mode calls of one
+  forward pass. :func:`collect_moments` attaches one to every jaxbn batch norm of a model for the
+  length of a block; models never hold one otherwise. Being a ``BatchStat``, it travels wherever the
+  running statistics travel: through ``nnx.remat``, ``nnx.jit``, and ``nnx.scan`` / ``nnx.vmap``
+  over stacked layers (the layer axis leads, as it does for ``mean``), so layers called inside
+  lifted transforms report their statistics too.
   """
-  sink: dict[int, Stats] = {}
-  token = _MOMENTS_SINK.set((sink, row_mask))
+
+
+def _layers(model: Any) -> list[tuple[tuple[Any, ...], BatchNorm]]:
+  return [(tuple(path), node) for path, node in nnx.iter_graph(model) if isinstance(node, BatchNorm)]
+
+
+@contextlib.contextmanager
+def collect_moments(
+  model: Any, row_mask: jax.Array | None = None
+) -> Iterator[Callable[[], dict[tuple[Any, ...], Stats]]]:
+  """Within the block, training-mode calls of ``model``'s jaxbn batch norms record their statistics.
+
+  Every :class:`BatchNorm` in ``model`` gets a zeroed :class:`BatchMoments` for the block (removed
+  on exit); the block's value, ``read()``, returns ``{path: Stats}`` for every such layer, with
+  count 0 for a layer that was not called in training mode. Call ``read()`` after the forward
+  pass, at the same trace level as the model (e.g. inside the same ``jax.jit``/``jax.grad``).
+
+  Args:
+    model: the ``nnx`` module (a graph of them); changed in place for the block only.
+    row_mask: optional boolean vector over the leading axis of the inputs: training-mode calls
+      then use only the marked rows for their statistics, combined with any ``mask`` they get.
+
+  Yields:
+    ``read() -> {path: Stats}``.
+  """
+  layers = _layers(model)
+  for _, bn in layers:
+    bn.batch_moments = BatchMoments(jnp.zeros((*jnp.shape(bn.mean[...]), 3), jnp.float32))
+  token = _ROW_MASK.set(row_mask)
+
+  def read():
+    out = {}
+    for path, bn in layers:
+      value = bn.batch_moments[...]
+      out[path] = Stats(value[..., 0], value[..., 1], value[..., 2])
+    return out
+
   try:
-    yield sink
+    yield read
   finally:
-    _MOMENTS_SINK.reset(token)
+    _ROW_MASK.reset(token)
+    for _, bn in layers:
+      if hasattr(bn, "batch_moments"):
+        del bn.batch_moments
 
 
 class BatchNorm(nnx.Module):
@@ -217,7 +257,9 @@ class BatchNorm(nnx.Module):
       mask = jnp.asarray(mask, bool)
     has_count = isinstance(getattr(self, "count", None), nnx.BatchStat)
     count = self.count[...] if has_count else jnp.zeros((), jnp.int32)
-    sink, row_mask = _MOMENTS_SINK.get() or (None, None)
+    moments = getattr(self, "batch_moments", None)
+    record = isinstance(moments, BatchMoments) and not use_running_average
+    row_mask = _ROW_MASK.get()
     if row_mask is not None and not use_running_average:
       rows = row_mask.reshape(row_mask.shape + (1,) * (x.ndim - 1))
       mask = rows if mask is None else jnp.logical_and(mask, rows)
@@ -241,17 +283,18 @@ class BatchNorm(nnx.Module):
       rmax=self.rmax,
       dmax=self.dmax,
       dtype=out_dtype,
-      want_stats=sink is not None,
+      want_stats=record,
     )
     if not use_running_average:
       self.mean[...] = jax.lax.stop_gradient(new_state.mean)
       self.var[...] = jax.lax.stop_gradient(new_state.var)
       if has_count:
         self.count[...] = new_state.count
-      if sink is not None:
-        key = id(self)
-        stats = jax.tree.map(jax.lax.stop_gradient, stats)
-        sink[key] = merge(sink[key], stats) if key in sink else stats
+      if record:
+        value = moments[...]
+        old = Stats(value[..., 0], value[..., 1], value[..., 2])
+        stats = merge(old, jax.tree.map(lambda a: jax.lax.stop_gradient(a).astype(value.dtype), stats))
+        moments[...] = jnp.stack(stats, axis=-1)
     return y
 
   def set_view(self, use_running_average: bool | None = None):

@@ -283,9 +283,242 @@ def test_recalibrate_errors():
   batches = _batches(2)
   flax_model = MLP(bn=nn.BatchNorm)
   v = _mlp_vars(flax_model, batches[0])
-  with pytest.raises(ValueError, match="no jaxbn batch norm layer computed batch statistics"):
+  with pytest.raises(ValueError, match=r"reported no batch statistics.*BatchNorm_0, BatchNorm_1"):
     recalibrate(flax_model, batches, v, train=True)
-  with pytest.raises(ValueError, match="no jaxbn batch norm layer"):
+  with pytest.raises(ValueError, match="batches is empty"):
     recalibrate(MLP(), [], v, train=True)
+  dense = nn.Dense(2)
+  with pytest.raises(ValueError, match="no jaxbn batch norm layer computed batch statistics"):
+    recalibrate(dense, batches, dense.init(jax.random.key(0), batches[0]))
+  with pytest.raises(ValueError, match="no jaxbn batch norm layer computed batch statistics"):
+    recalibrate(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), batches)
   with pytest.raises(ValueError, match="needs its variables"):
     recalibrate(MLP(), batches)
+
+
+# ---- stacked layers, explicit output-channel axis, lifted transforms ----------------------------
+
+
+def _scan_mlp(depth, width, folded=False, moments=False):
+  """A stack of `depth` Dense(width) -> jaxbn BatchNorm -> tanh blocks built with nn.scan."""
+
+  class Block(nn.Module):
+    train: bool = False
+
+    @nn.compact
+    def __call__(self, c, _):
+      h = nn.Dense(width, use_bias=folded, name="dense")(c)
+      if not folded:
+        h = jaxbn.linen.BatchNorm(use_running_average=not self.train, name="bn")(h)
+      return jnp.tanh(h), None
+
+  axes = {"params": 0, "batch_stats": 0, **({jaxbn.linen.MOMENTS: 0} if moments else {})}
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+      stack = nn.scan(Block, variable_axes=axes, split_rngs={"params": True}, length=depth)
+      return stack(train, name="blocks")(x, None)[0]
+
+  return Net()
+
+
+def _random_stats(v, seed):
+  rng = np.random.default_rng(seed)
+  bs = v["batch_stats"]["blocks"]["bn"]
+  stats = {
+    "mean": jnp.asarray(rng.normal(0, 1, bs["mean"].shape), jnp.float32),
+    "var": jnp.asarray(rng.uniform(0.2, 3, bs["var"].shape), jnp.float32),
+  }
+  params = jax.tree.map(lambda a: jnp.asarray(rng.normal(0.5, 1.0, a.shape), jnp.float32), v["params"])
+  return {"params": params, "batch_stats": {"blocks": {"bn": stats}}}
+
+
+@pytest.mark.parametrize("depth,width", [(3, 4), (4, 4)])
+def test_fold_scanned_layers_folds_each_layer(depth, width):
+  x = jnp.asarray(np.random.default_rng(5).normal(size=(6, width)), jnp.float32)
+  model = _scan_mlp(depth, width)
+  v = _random_stats(model.init(jax.random.key(0), x), depth)
+  ref = model.apply(v, x)
+  folded_model = _scan_mlp(depth, width, folded=True)
+  if depth == width:
+    # (L, in, out) with L == in also reads as one layer with feature axes (in, out): refused, not guessed.
+    with pytest.raises(ValueError, match=r"more than one way.*stack_axes"):
+      fold_batch_norms(v, [("blocks/dense", "blocks/bn")])
+  else:
+    folded = fold_batch_norms(v, [("blocks/dense", "blocks/bn")])
+    np.testing.assert_allclose(folded_model.apply(folded, x), ref, rtol=1e-5, atol=1e-5)
+  folded = fold_batch_norms(v, [("blocks/dense", "blocks/bn")], stack_axes=1)
+  assert folded["params"]["blocks"]["dense"]["bias"].shape == (depth, width)
+  np.testing.assert_allclose(folded_model.apply(folded, x), ref, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="stack_axes must be None or an int"):
+    fold_batch_norms(v, [("blocks/dense", "blocks/bn")], stack_axes=2)
+
+
+def test_fold_torch_layout_with_axis_matches_torch_fusion():
+  torch = pytest.importorskip("torch")
+  from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
+
+  rng = np.random.default_rng(6)
+  params, stats = _bn_vars(rng, 5)
+  t = lambda a: torch.tensor(np.asarray(a, np.float64))
+  for shape in ((5, 5), (5, 3, 2, 2)):  # Linear (out, in) with in == out; Conv2d OIHW
+    kernel = jnp.asarray(rng.normal(size=shape))
+    bias = jnp.asarray(rng.normal(size=5))
+    args = (t(stats["mean"]), t(stats["var"]), EPS, t(params["scale"]), t(params["bias"]))
+    fuse = fuse_linear_bn_weights if len(shape) == 2 else fuse_conv_bn_weights
+    ref_k, ref_b = fuse(t(kernel), t(bias), *args)
+    k, b = fold_batch_norm(kernel.astype(jnp.float32), bias, params, stats, axis=0)
+    np.testing.assert_allclose(k, ref_k.detach().numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(b, ref_b.detach().numpy(), rtol=1e-5, atol=1e-5)
+  # A stack of two PyTorch kernels (L, out, in): the stack axis leads, the channel axis is given.
+  k2, b2 = fold_batch_norm(
+    jnp.stack([kernel[..., 0, 0]] * 2), None, None, {n: jnp.stack([a, a]) for n, a in stats.items()}, axis=1
+  )
+  k1, b1 = fold_batch_norm(kernel[..., 0, 0], None, None, stats, axis=0)
+  np.testing.assert_allclose(k2, np.stack([k1, k1]), rtol=1e-6)
+  np.testing.assert_allclose(b2, np.stack([b1, b1]), rtol=1e-6)
+  with pytest.raises(ValueError, match=r"axis=0"):
+    fold_batch_norm(jnp.ones((3, 4)), None, None, {"mean": jnp.zeros(4), "var": jnp.ones(4)}, axis=0)
+
+
+def _layer_stats_reference(batches, layers, acts):
+  """Float64 population statistics of every layer's batch-norm input; each batch in training mode.
+
+  `layers` is a list of (kernel, bias, scale, beta) applied in order: h = x @ kernel + bias (h = x
+  when kernel is None), then batch norm with the batch's own statistics, then `acts[i]`.
+  """
+  f64 = lambda a: np.asarray(a, np.float64)
+  inputs = [[] for _ in layers]
+  for x in batches:
+    x = f64(x)
+    for i, (k, b, g, beta) in enumerate(layers):
+      h = x if k is None else x @ f64(k) + f64(b)
+      inputs[i].append(h)
+      x = acts[i]((h - h.mean(0)) / np.sqrt(h.var(0) + EPS) * f64(g) + f64(beta))
+  return [(np.concatenate(h).mean(0), np.concatenate(h).var(0)) for h in inputs]
+
+
+def test_recalibrate_linen_scan_needs_moments_axis_and_is_exact_per_layer():
+  batches = _batches(3, rows=12)
+  batches = [jnp.concatenate([b, b[:, :1] * 2], axis=1)[:, :3] for b in batches]  # width 3
+  depth, width = 2, 3
+  plain = _scan_mlp(depth, width)
+  v = _random_stats(plain.init(jax.random.key(0), batches[0]), 7)
+  # Without MOMENTS in variable_axes the scanned layers cannot report: an error that names them.
+  with pytest.raises(ValueError, match=r"(?s)blocks/bn\..*jaxbn\.linen\.MOMENTS: 0"):
+    recalibrate(plain, batches, v, train=True)
+  new = recalibrate(_scan_mlp(depth, width, moments=True), batches, v, train=True)
+  p = v["params"]["blocks"]
+  layers = [(p["dense"]["kernel"][i], np.zeros(width), p["bn"]["scale"][i], p["bn"]["bias"][i]) for i in range(depth)]
+  ref = _layer_stats_reference(batches, layers, [np.tanh] * depth)
+  got = new["batch_stats"]["blocks"]["bn"]
+  np.testing.assert_allclose(got["mean"], np.stack([m for m, _ in ref]), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got["var"], np.stack([s for _, s in ref]), rtol=1e-5, atol=1e-5)
+
+  # nn.vmap: one batch norm per group, statistics (groups, C).
+  class Grouped(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+      axes = {"params": 0, "batch_stats": 0, jaxbn.linen.MOMENTS: 0}
+      bn = nn.vmap(jaxbn.linen.BatchNorm, variable_axes=axes, split_rngs={"params": True})
+      return bn(use_running_average=not train)(x.reshape(2, -1, x.shape[-1]))
+
+  vg = Grouped().init(jax.random.key(1), batches[0], train=False)
+  got = recalibrate(Grouped(), batches, vg, train=True)["batch_stats"]["VmapBatchNorm_0"]
+  groups = np.concatenate([np.asarray(b, np.float64).reshape(2, -1, width) for b in batches], axis=1)
+  np.testing.assert_allclose(got["mean"], groups.mean(1), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got["var"], groups.var(1), rtol=1e-5, atol=1e-5)
+
+
+def test_recalibrate_linen_refuses_flax_batch_norm_layers_it_cannot_see():
+  class Mixed(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+      x = jaxbn.linen.BatchNorm(use_running_average=not train, name="ours")(x)
+      return nn.BatchNorm(use_running_average=not train, name="flax_bn")(x)
+
+  batches = _batches(2)
+  v = Mixed().init(jax.random.key(0), batches[0], train=False)
+  with pytest.raises(ValueError, match=r"(?s)old ones: flax_bn\. .*flax\.linen\.BatchNorm"):
+    recalibrate(Mixed(), batches, v, train=True)
+
+
+class _NnxBlock(nnx.Module):
+  def __init__(self, rngs):
+    self.lin = nnx.Linear(3, 3, rngs=rngs)
+    self.bn = jaxbn.nnx.BatchNorm(3, rngs=rngs)
+
+  def __call__(self, x):
+    return nnx.relu(self.bn(self.lin(x)))
+
+
+class _NnxLifted(nnx.Module):
+  """A plain layer, a layer under nnx.remat, a vmap-built stack run by nnx.scan, an unused layer."""
+
+  def __init__(self, rngs, depth=3):
+    self.stem = jaxbn.nnx.BatchNorm(3, rngs=rngs)
+    self.ckpt = _NnxBlock(rngs)
+    self.unused = jaxbn.nnx.BatchNorm(3, rngs=rngs)
+
+    @nnx.split_rngs(splits=depth)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+      return _NnxBlock(rngs)
+
+    self.blocks = make(rngs)
+
+  def __call__(self, x):
+    x = nnx.remat(lambda blk, x: blk(x))(self.ckpt, self.stem(x))
+
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def body(x, blk):
+      return blk(x)
+
+    return body(x, self.blocks)
+
+
+def test_recalibrate_nnx_reaches_layers_inside_remat_scan_and_vmap():
+  depth = 3
+  batches = [b[:, :1] + jnp.asarray([[0.0, 1.5, -2.0]]) * b[:, 1:] for b in _batches(3, rows=12)]  # width 3
+  model = _NnxLifted(nnx.Rngs(0), depth)
+  rng = np.random.default_rng(8)
+  pure = nnx.to_pure_dict(nnx.state(model))
+  pure = jax.tree.map(lambda a: jnp.asarray(rng.normal(0.3, 1.0, a.shape), a.dtype), pure)
+  for path in (("stem",), ("ckpt", "bn"), ("unused",), ("blocks", "bn")):
+    node = pure
+    for key in path:
+      node = node[key]
+    node["var"] = jnp.abs(node["var"]) + 0.5
+  nnx.update(model, _replaced(model, pure))
+  new = nnx.to_pure_dict(recalibrate(model, batches))
+
+  one = lambda d: (None, None, d["scale"], d["bias"])
+  dense = lambda d, i=None: tuple(
+    a if i is None else a[i] for a in (d["lin"]["kernel"], d["lin"]["bias"], d["bn"]["scale"], d["bn"]["bias"])
+  )
+  layers = [one(pure["stem"]), dense(pure["ckpt"])] + [dense(pure["blocks"], i) for i in range(depth)]
+  acts = [lambda z: z] + [lambda z: np.maximum(z, 0)] * (depth + 1)
+  ref = _layer_stats_reference(batches, layers, acts)
+  got = [new["stem"], new["ckpt"]["bn"]] + [
+    jax.tree.map(lambda a, i=i: a[i], new["blocks"]["bn"]) for i in range(depth)
+  ]
+  for (mean, var), g in zip(ref, got, strict=True):
+    np.testing.assert_allclose(g["mean"], mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(g["var"], var, rtol=1e-5, atol=1e-5)
+  # A layer never called keeps its statistics.
+  np.testing.assert_array_equal(new["unused"]["mean"], pure["unused"]["mean"])
+  np.testing.assert_array_equal(new["unused"]["var"], pure["unused"]["var"])
+
+
+def test_recalibrate_nnx_refuses_flax_batch_norm():
+  class Mixed(nnx.Module):
+    def __init__(self, rngs):
+      self.ours = jaxbn.nnx.BatchNorm(2, rngs=rngs)
+      self.theirs = nnx.BatchNorm(2, rngs=rngs)
+
+    def __call__(self, x):
+      return self.theirs(self.ours(x))
+
+  with pytest.raises(ValueError, match=r"theirs are flax\.nnx\.BatchNorm"):
+    recalibrate(Mixed(nnx.Rngs(0)), _batches(1))
