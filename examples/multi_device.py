@@ -21,8 +21,8 @@ Two computations are compared. "batch norm": ``jaxbn.batch_norm`` on a (rows, 16
 gradient of a loss with respect to the input, and the new running statistics). "full-batch step":
 ``--steps`` updates of ``jaxbn.training.full_batch_step`` on an MLP with two ``jaxbn.linen.BatchNorm``
 layers on MNIST-1D (loss at every step, then parameters and running statistics), with micro-batches
-of ``--micro-batch-size`` rows (ghost batches for batch norm). With micro-batches, a per-device step
-slices its own shard, so each device gets rows laid out such that the k-th micro-batches of all
+of ``--micro-batch-size`` rows (ghost batches for batch norm). With micro-batches, every multi-device
+step slices each device's own shard, so each device gets rows laid out such that the k-th micro-batches of all
 devices together are the k-th micro-batch of the single-device run (see :func:`device_major_order`);
 the numbers then agree exactly up to float rounding.
 
@@ -83,9 +83,9 @@ class MLP(nn.Module):
 def device_major_order(n: int, micro_batch_size: int, num_devices: int) -> np.ndarray:
   """Row order under which per-device micro-batches form the single-device run's micro-batches.
 
-  The single-device step uses the micro-batches ``rows[k*m:(k+1)*m]``. A per-device step (shard_map,
-  pmap) slices each device's shard into micro-batches of ``m / num_devices`` rows; laying out device
-  ``j``'s shard as the ``j``-th ``1/num_devices`` of every global micro-batch makes the k-th
+  The single-device step uses the micro-batches ``rows[k*m:(k+1)*m]``. A multi-device step (shard_map,
+  pmap, and jax.jit on sharded data) slices each device's shard into micro-batches of
+  ``m / num_devices`` rows; laying out device ``j``'s shard as the ``j``-th ``1/num_devices`` of every global micro-batch makes the k-th
   micro-batches of all devices together exactly the single-device k-th micro-batch. Returns the
   permutation to apply to the rows before splitting them evenly over the devices.
   """
@@ -200,21 +200,25 @@ def run_steps(
   state = jaxbn.training.TrainState.create(variables["params"], variables["batch_stats"], optimizer)
   losses = []
 
-  if style in ("one device", "jit + NamedSharding"):
-    _, _, step = make_step(None, None, micro, jit=True)
-    if style == "one device":
-      state, data = jax.device_put((state, data), devices[0])
-    else:
-      state, data = jax.device_put(state, NamedSharding(mesh, P())), jax.device_put(data, NamedSharding(mesh, P(AXIS)))
+  def run_jit(step, state, data):
     for _ in range(steps):
       state, metrics = step(state, data)
       losses.append(float(metrics.loss))
     return np.asarray(losses), state
 
-  # Per-device styles: device j gets the j-th part of every global micro-batch, and per-device
-  # micro-batches of micro / d rows.
+  if style == "one device":
+    _, _, step = make_step(None, None, micro, jit=True)
+    return run_jit(step, *jax.device_put((state, data), devices[0]))
+
+  # Every other style puts micro / d of each device's own rows into every micro-batch (jax.jit with
+  # sharded data does so by itself): device j gets the j-th part of every global micro-batch.
   order = device_major_order(n, micro or n, d)
   data = jax.tree.map(lambda a: np.asarray(a)[order], data)
+  if style == "jit + NamedSharding":
+    _, _, step = make_step(None, None, micro, jit=True)
+    return run_jit(
+      step, jax.device_put(state, NamedSharding(mesh, P())), jax.device_put(data, NamedSharding(mesh, P(AXIS)))
+    )
   per_device_micro = None if micro is None else micro // d
   if style in ("jax.shard_map", "jaxbn.batch_map"):
     _, _, step = make_step(AXIS, AXIS, per_device_micro, jit=False)

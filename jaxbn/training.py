@@ -17,8 +17,8 @@ With ``bn_mode="exact"`` the batch norms instead normalize with their statistics
 dataset, and the gradient is the exact gradient of that objective (``2L + 1`` sweeps over the
 micro-batches for ``L`` batch-norm layers), equal to one batch-norm pass over all the data at once.
 
-A non-finite loss or gradient makes the step change nothing: parameters, optimizer state AND batch
-statistics keep their values (``optax.apply_if_finite`` cannot protect the batch statistics, and
+A non-finite loss, gradient, update or batch statistic makes the step change nothing: parameters,
+optimizer state AND batch statistics keep their values (``optax.apply_if_finite`` cannot protect the batch statistics, and
 Flax's ImageNet example keeps the bad step's), and ``state.skipped`` counts it.
 
 References:
@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import flax
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -69,7 +70,12 @@ class TrainState(NamedTuple):
     batch_stats: running statistics of the model's batch norms (``{}`` for a model without).
     opt_state: the Optax optimizer's state.
     step: int32, number of steps applied (skipped steps not counted).
-    skipped: int32, number of steps skipped because the loss or a gradient was not finite.
+    skipped: int32, number of steps the guard skipped (a loss, gradient, update or batch statistic
+      that was not finite).
+    key: the random key of a loss function that draws random numbers (dropout), as raw ``uint32``
+      key data, or None. Step ``t`` (counting skipped ones, so a skipped step is not retried with
+      the same draws) uses ``fold_in(key, t)``, folded again with the micro-batch index (and the
+      device index under ``axis_name``).
   """
 
   params: Any
@@ -77,15 +83,26 @@ class TrainState(NamedTuple):
   opt_state: Any
   step: jax.Array
   skipped: jax.Array
+  key: Any = None
 
   @classmethod
-  def create(cls, params: Any, batch_stats: Any, optimizer: optax.GradientTransformation) -> TrainState:
-    """A state at step 0 with a fresh optimizer state."""
+  def create(
+    cls, params: Any, batch_stats: Any, optimizer: optax.GradientTransformation, *, key: Any = None
+  ) -> TrainState:
+    """A state at step 0 with a fresh optimizer state; ``key`` for a loss function with dropout."""
     # Distinct buffers throughout: the step donates every leaf of the state.
     copy = lambda tree: jax.tree.map(lambda a: jnp.array(a, copy=True), tree)
     params, batch_stats = copy(params), copy({} if batch_stats is None else batch_stats)
     opt_state = copy(optimizer.init(params))
-    return cls(params, batch_stats, opt_state, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+    if key is not None:
+      key = jnp.asarray(key)
+      key = jnp.array(jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key, copy=True)
+    zero = jnp.zeros((), jnp.int32)
+    return cls(params, batch_stats, opt_state, zero, jnp.zeros((), jnp.int32), key)
+
+  def step_key(self) -> jax.Array | None:
+    """The key of this state's next step (None without a key)."""
+    return None if self.key is None else jax.random.fold_in(self.key, self.step + self.skipped)
 
 
 class LossAux(NamedTuple):
@@ -170,12 +187,18 @@ def full_batch_step(
       divides the dataset size); ``loss`` is the mean loss over the valid rows, and batch norms must
       use only valid rows for their statistics. :func:`linen_loss` builds one from a Flax model.
     optimizer: any Optax gradient transformation.
-    micro_batch_size: rows per micro-batch; None for the whole dataset at once.
+    micro_batch_size: rows per micro-batch; None for the whole dataset at once. With ``data``
+      sharded over ``g`` devices under ``jax.jit``, each device puts ``micro_batch_size // g`` (at
+      least 1) of its own rows into every micro-batch, so data never moves between devices and
+      every device works on every micro-batch (one gradient all-reduce per micro-batch); one device
+      reproduces the step with the rows in that order. A row count not divisible by ``g`` falls
+      back to contiguous micro-batches, which XLA gathers.
     update_batch_stats: ``update_batch_stats(batch_stats, merged_stats) -> batch_stats`` folds
       the step's merged statistics into the running ones; required when ``LossAux.stats`` is given.
       Defaults to ``loss_fn.update_batch_stats``, which :func:`linen_loss` and :func:`nnx_loss`
       attach.
-    guard: skip a step whose loss or gradient is not finite, changing nothing but ``skipped``.
+    guard: skip a step whose loss, gradient, update or batch statistics are not finite, changing
+      nothing but ``skipped``.
     donate: donate the incoming state's buffers to the new state (do not reuse the old state).
     jit: return the step compiled with ``jax.jit`` (False to wrap it yourself, e.g. in pmap).
     loop: ``"scan"`` (default) runs the micro-batches in a ``lax.scan`` inside one compiled step;
@@ -259,9 +282,13 @@ def full_batch_step(
       grads, loss = _reduce_over_devices(grads, state.params, loss, data, axis_name)
       if extra is not None:
         extra = lax.psum(extra, axis_name)
+    grad_norm = _norm32(grads)  # of the float32 sums: a float16 gradient's norm can overflow float16
     grads = jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), grads, state.params)
     batch_stats = state.batch_stats
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if stats is not None:
+      # Statistics that overflowed (e.g. one huge row) would make the running ones inf for good.
+      finite &= jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(stats)]))
       if update_batch_stats is None:
         raise ValueError(
           f"{fn}: the loss function returns batch statistics (LossAux.stats) but no update_batch_stats "
@@ -271,8 +298,8 @@ def full_batch_step(
       batch_stats = update_batch_stats(state.batch_stats, stats)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    update_norm = _norm32(updates)
+    finite &= jnp.isfinite(update_norm)
     if guard:
       keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
       params = keep(params, state.params)
@@ -287,8 +314,9 @@ def full_batch_step(
       opt_state,
       state.step + applied.astype(jnp.int32),
       state.skipped + (~applied).astype(jnp.int32),
+      state.key,
     )
-    metrics = StepMetrics(loss, grad_norm, optax.tree.norm(updates), ~applied, extra)
+    metrics = StepMetrics(loss, grad_norm, update_norm, ~applied, extra)
     if layer_norms:
       metrics = metrics._replace(
         layer_grad_norms=diagnostics.norms_by_layer(grads), layer_param_norms=diagnostics.norms_by_layer(params)
@@ -297,19 +325,21 @@ def full_batch_step(
       due = state.step % sharpness_every == 0
       value = lax.cond(
         due,
-        lambda: _sharpness(gradient, state.params, state.batch_stats, data, axis_name, num_iters=sharpness_iters)[0],
+        lambda: _sharpness(
+          gradient, state.params, state.batch_stats, data, axis_name, key=state.step_key(), num_iters=sharpness_iters
+        )[0],
         lambda: jnp.full((), jnp.nan, jnp.float32),
       )
       metrics = metrics._replace(sharpness=value)
     return new_state, metrics
 
   def step(state: TrainState, data: Any) -> tuple[TrainState, StepMetrics]:
-    loss, grads, stats, extra = gradient(state.params, state.batch_stats, data)
+    loss, grads, stats, extra = gradient(state.params, state.batch_stats, data, state.step_key())
     return finish(state, data, grads, loss, stats, extra)
 
   def host_micro(state, data, acc, i):
     grads_acc, loss_acc, stats_acc, extra_acc = acc
-    loss, aux, grads, w = micro_terms(state.params, state.batch_stats, data, i)
+    loss, aux, grads, w = micro_terms(state.params, state.batch_stats, data, i, state.step_key())
     grads_acc = jax.tree.map(lambda a, g: a + w * g.astype(jnp.float32), grads_acc, grads)
     if aux.stats is not None:
       stats_acc = jax.tree.map(_stats.merge, stats_acc, aux.stats, is_leaf=lambda s: isinstance(s, _stats.Stats))
@@ -348,14 +378,14 @@ def full_batch_step(
   aux_shapes: dict[Any, Any] = {}
 
   def host_step(state: TrainState, data: Any) -> tuple[TrainState, StepMetrics]:
-    _, _, k = sizes(data)
+    *_, k = sizes(data)
     if k == 1:  # one micro-batch: the single compiled step has no loop to avoid
       return whole_jit(state, data)
     key = jax.tree.structure((state, data)), tuple((a.shape, a.dtype) for a in jax.tree.leaves((state, data)))
     if key not in aux_shapes:
-      aux_shapes[key] = jax.eval_shape(lambda s, d: micro_terms(s.params, s.batch_stats, d, jnp.int32(0)), state, data)[
-        1
-      ]
+      aux_shapes[key] = jax.eval_shape(
+        lambda s, d: micro_terms(s.params, s.batch_stats, d, jnp.int32(0), s.step_key()), state, data
+      )[1]
     aux = aux_shapes[key]
     zeros = lambda tree: jax.tree.map(lambda a: jnp.zeros(jnp.shape(a), jnp.float32), tree)
     # Empty statistics (count 0) merge exactly with the first micro-batch's.
@@ -368,6 +398,35 @@ def full_batch_step(
   return host_step
 
 
+def _data_shards(data: Any) -> int:
+  """Number of blocks the leading (row) axis of ``data`` is split into across devices under ``jax.jit``.
+
+  Explicit meshes say it in the type; on Auto meshes (where the type names the mesh only) the rows
+  are taken to be split over every device of the Auto axes, as the batch of data parallelism is.
+  """
+  leaves = jax.tree.leaves(data)
+  if not leaves:
+    return 1
+  first = leaves[0]
+  try:
+    sharding = jax.typeof(first).sharding
+    spec, mesh = sharding.spec, sharding.mesh
+  except AttributeError:
+    return 1
+  if spec and spec[0] is not None and not mesh.empty:
+    axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+    return math.prod(mesh.shape[a] for a in axes)
+  return _stats._auto_mesh(first)[1]
+
+
+def _norm32(tree: Any) -> jax.Array:
+  """Global L2 norm accumulated in float32 (float64 for float64 leaves)."""
+  leaves = [jnp.asarray(a) for a in jax.tree.leaves(tree)]
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  return jnp.sqrt(sum(jnp.sum(jnp.square(a.astype(_checks.stats_dtype(a.dtype)))) for a in leaves))
+
+
 def _gradient_fns(fn, loss_fn, micro_batch_size, bn_mode, axis_name):
   """``sizes(data)``, ``micro_terms(params, batch_stats, data, i)`` and ``gradient(params, batch_stats, data)``.
 
@@ -376,37 +435,69 @@ def _gradient_fns(fn, loss_fn, micro_batch_size, bn_mode, axis_name):
   objective: ghost batches per micro-batch, or batch norm over the whole dataset (``bn_mode='exact'``).
   """
 
-  def sizes(data):
-    n = _num_rows(fn, data)
-    m = n if micro_batch_size is None else min(micro_batch_size, n)
-    return n, m, math.ceil(n / m)
+  takes_key = bool(getattr(loss_fn, "takes_key", False))
+  # A loss function that draws random numbers gets its micro-batch's key packed with the batch.
+  call = (lambda p, bs, b, m: loss_fn(p, bs, b[0], m, b[1])) if takes_key else loss_fn
 
-  def micro_slice(data, i):
-    """Micro-batch ``i``: its rows, its row mask (None when all are valid) and its share of all rows."""
-    n, m, _ = sizes(data)
+  def sizes(data):
+    """``(n, g, m, k)``: rows, data shards, rows per shard in each micro-batch, micro-batches."""
+    n = _num_rows(fn, data)
+    g = 1 if axis_name is not None else math.gcd(n, _data_shards(data))
+    per = n // g
+    m = per if micro_batch_size is None else min(max(micro_batch_size // g, 1), per)
+    return n, g, m, math.ceil(per / m)
+
+  def micro_slice(data, i, key=None):
+    """Micro-batch ``i``: its rows, its row mask (None when all are valid) and its share of all rows.
+
+    With the rows sharded over ``g`` devices under ``jax.jit``, micro-batch ``i`` takes rows
+    ``i*m .. i*m + m - 1`` of every device's block of ``n/g`` rows, so that each device works on its
+    own rows and nothing is gathered: the same micro-batches as the per-device step of
+    ``jax.shard_map``/``jax.pmap`` code.
+    """
+    n, g, m, _ = sizes(data)
+    per = n // g
     total = n if axis_name is None else lax.psum(jnp.float32(n), axis_name)
-    start = jnp.minimum(i * m, n - m)
-    if n % m:
-      mask = start + jnp.arange(m) >= i * m  # the last slice re-reads rows of the one before: mask them
-      w = jnp.sum(mask).astype(jnp.float32) / total
+    start = jnp.minimum(i * m, per - m)
+    if per % m:
+      valid = start + jnp.arange(m) >= i * m  # the last slice re-reads rows of the one before: mask them
+      mask = jnp.tile(valid, g)
+      w = g * jnp.sum(valid).astype(jnp.float32) / total
     else:
-      mask, w = None, jnp.float32(m) / total  # every row valid: no mask for the loss or the batch norms
-    batch = jax.tree.map(lambda a: lax.dynamic_slice_in_dim(a, start, m, axis=0), data)
+      mask, w = None, jnp.float32(g * m) / total  # every row valid: no mask for the loss or the batch norms
+
+    def cut(a):
+      if g == 1:
+        return lax.dynamic_slice_in_dim(a, start, m, axis=0)
+      blocks = a.reshape(g, per, *a.shape[1:])
+      return lax.dynamic_slice_in_dim(blocks, start, m, axis=1).reshape(g * m, *a.shape[1:])
+
+    batch = jax.tree.map(cut, data)
+    if takes_key:
+      if key is None:
+        raise ValueError(
+          f"{fn}: the loss function draws random numbers (e.g. dropout) and the state has no key: create it "
+          "with TrainState.create(..., key=jax.random.key(0)) (nnx_loss: loss_fn.init_state(optimizer, key=...))."
+        )
+      key = jax.random.fold_in(key, i)
+      if axis_name is not None:
+        key = jax.random.fold_in(key, lax.axis_index(axis_name))
+      batch = (batch, key)
     return batch, mask, w
 
-  def micro_terms(params, batch_stats, data, i):
+  def micro_terms(params, batch_stats, data, i, key=None):
     """Loss, aux, gradient and weight (share of all rows) of micro-batch ``i``."""
-    batch, mask, w = micro_slice(data, i)
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats, batch, mask)
+    batch, mask, w = micro_slice(data, i, key)
+    (loss, aux), grads = jax.value_and_grad(call, has_aux=True)(params, batch_stats, batch, mask)
     return loss, aux, grads, w
 
-  def gradient(params, batch_stats, data):
-    _, _, k = sizes(data)
+  def gradient(params, batch_stats, data, key=None):
+    *_, k = sizes(data)
     if bn_mode == "exact":
-      return _exact_gradient(loss_fn, params, batch_stats, k, lambda i: micro_slice(data, i), axis_name, data)
+      return _exact_gradient(call, params, batch_stats, k, lambda i: micro_slice(data, i, key), axis_name, data)
 
     def body(i):
-      loss, aux, grads, w = micro_terms(params, batch_stats, data, i)
+      loss, aux, grads, w = micro_terms(params, batch_stats, data, i, key)
       terms = (jax.tree.map(lambda g: w * g.astype(jnp.float32), grads), w * loss.astype(jnp.float32))
       return terms, (aux, w)
 
@@ -446,11 +537,11 @@ def _weighted_metrics(aux, weights):
   return None if aux.metrics is None else jax.tree.map(lambda v: jnp.tensordot(weights, v, axes=1), aux.metrics)
 
 
-def _sharpness(gradient, params, batch_stats, data, axis_name, **options):
+def _sharpness(gradient, params, batch_stats, data, axis_name, key=None, **options):
   """Top Hessian eigenvalue (and vector) of the full-batch objective whose gradient ``gradient`` accumulates."""
 
   def grad_fn(p):
-    grads = gradient(p, batch_stats, data)[1]
+    grads = gradient(p, batch_stats, data, key)[1]
     return grads if axis_name is None else _sum_over_devices(grads, p, data, axis_name)
 
   return diagnostics.top_hessian_eigenvalue(grad_fn, params, **options)
@@ -469,8 +560,16 @@ class _ExactHook:
     self.given, self.target, self.cotangent, self.axis_name = given, target, cotangent, axis_name
     self.calls = 0
     self.out = None
+    self.trace = None  # the loss function's trace, set where the hook is installed
 
   def __call__(self, x, axes, mask):
+    if _trace_state() != self.trace:
+      raise ValueError(
+        "jaxbn.training.full_batch_step: bn_mode='exact' numbers the batch-norm calls of one forward pass, "
+        "so every jaxbn batch norm must be called at the loss function's own trace level; this one runs "
+        "inside a lifted or nested transform (nn.scan, nn.remat, nnx.scan, nnx.remat, jax.checkpoint, ...). "
+        "Call the layers without it, or use bn_mode='ghost', which supports them."
+      )
     j = self.calls
     self.calls += 1
     if j < len(self.given):
@@ -495,6 +594,11 @@ class _ExactHook:
     return None
 
 
+def _trace_state() -> Any:
+  """An opaque token of the current JAX trace (equal tokens: the same trace level)."""
+  return jax.extend.core.get_opaque_trace_state(convention="flax")
+
+
 def _exact_gradient(loss_fn, params, batch_stats, k, micro, axis_name, data):
   """Loss, gradient, full-data statistics and metrics of batch norm over the WHOLE dataset.
 
@@ -510,6 +614,7 @@ def _exact_gradient(loss_fn, params, batch_stats, k, micro, axis_name, data):
   fn = "jaxbn.training.full_batch_step"
 
   def run(hook, p, batch, mask):
+    hook.trace = _trace_state()
     with _hooks.stats_hook(hook):
       out = loss_fn(p, batch_stats, batch, mask)
     return out
@@ -651,6 +756,7 @@ def linen_loss(
   inputs: str = "x",
   targets: str = "y",
   metrics: Callable[[Any, Any], Any] | None = None,
+  rng_streams: Sequence[str] = (),
   **apply_kwargs: Any,
 ) -> LossFn:
   """A :func:`full_batch_step` loss function for a ``flax.linen`` model with batch norm.
@@ -668,17 +774,32 @@ def linen_loss(
     targets: key of the targets in each batch.
     metrics: optional ``metrics(outputs, batch[targets]) -> pytree of per-example values``,
       averaged over valid rows into ``StepMetrics.extra`` (e.g. accuracy).
+    rng_streams: names of the random streams the model draws from in training, e.g.
+      ``("dropout",)``. Each micro-batch of each step then gets fresh keys, derived from the
+      state's key (``TrainState.create(..., key=...)``); give ``rngs=`` to ``model.apply`` this
+      way, never as a fixed keyword, which would repeat the same dropout masks every step.
     **apply_kwargs: passed to ``model.apply`` for training, e.g. ``train=True``.
 
   Returns:
     The loss function, with ``update_batch_stats`` attached as an attribute, which
     :func:`full_batch_step` picks up.
+
+  Raises:
+    ValueError: ``rngs`` among ``apply_kwargs``, or a bad ``rng_streams``.
   """
+  fn = "jaxbn.training.linen_loss"
+  if "rngs" in apply_kwargs:
+    raise ValueError(
+      f"{fn}: rngs=... would give model.apply the same keys on every step and micro-batch "
+      "(the same dropout masks throughout); name the streams instead, linen_loss(..., rng_streams=('dropout',)), "
+      "and give the state a key: TrainState.create(..., key=jax.random.key(0))."
+    )
+  if isinstance(rng_streams, str) or not all(isinstance(name, str) for name in rng_streams):
+    raise ValueError(f"{fn}: rng_streams must be a sequence of stream names, e.g. ('dropout',), got {rng_streams!r}.")
+  rng_streams = tuple(rng_streams)
   layers: dict[tuple[str, ...], Any] = {}
 
-  def loss_fn(params, batch_stats, batch, mask):
-    collected: dict[tuple[str, ...], _stats.Stats] = {}
-
+  def loss_fn(params, batch_stats, batch, mask, key=None):
     def interceptor(next_fun, args, kwargs, context):
       module = context.module
       if context.method_name != "__call__" or not _is_batch_norm(module):
@@ -695,11 +816,6 @@ def linen_loss(
         full = rows if full is None else jnp.logical_and(rows, full)
         kwargs = {**kwargs, "mask": full}
       path = tuple(module.path)
-      if path in layers:
-        raise ValueError(
-          f"jaxbn.training.linen_loss: the batch norm at {'/'.join(path)} is called more than once per "
-          "forward pass; its running statistics cannot be updated once per step."
-        )
       layers[path] = module
       if isinstance(module, JaxbnBatchNorm):
         return next_fun(*args, **kwargs)  # reports the statistics it used in the MOMENTS collection
@@ -709,31 +825,53 @@ def linen_loss(
           "cannot normalize with statistics over the whole dataset (bn_mode='exact'); replace it with "
           "jaxbn.linen.BatchNorm (same arguments and variables)."
         )
+      # Flax's layer computes its statistics its own way; the exact ones go where jaxbn's layers put
+      # theirs, the MOMENTS collection, which lifted transforms (nn.scan, nn.remat) carry like any other.
+      if not module.is_mutable_collection(MOMENTS):
+        return next_fun(*args, **kwargs)  # a lift that does not carry MOMENTS: reported as missing below
       axes = tuple(sorted(a % x.ndim for a in np.atleast_1d(module.axis)))
-      collected[path] = _stats.compute_stats(
+      stats = _stats.compute_stats(
         x, axes, mask=full, axis_name=module.axis_name, axis_index_groups=module.axis_index_groups
       )
+      if module.has_variable(MOMENTS, "count"):
+        stats = _stats.merge(_stats.Stats(*(module.get_variable(MOMENTS, k) for k in ("count", "mean", "m2"))), stats)
+      for k, v in zip(("count", "mean", "m2"), stats, strict=True):
+        module.put_variable(MOMENTS, k, lax.stop_gradient(v))
       return next_fun(*args, **kwargs)
 
     variables = {"params": params}
     if batch_stats:
       variables["batch_stats"] = batch_stats
     layers.clear()
+    kwargs = dict(apply_kwargs)
+    if rng_streams:
+      kwargs["rngs"] = {name: jax.random.fold_in(key, j) for j, name in enumerate(rng_streams)}
     with nn.intercept_methods(interceptor):
-      out, updates = model.apply(variables, batch[inputs], mutable=["batch_stats", MOMENTS], **apply_kwargs)
+      out, updates = model.apply(variables, batch[inputs], mutable=["batch_stats", MOMENTS], **kwargs)
     moments = flax.core.unfreeze(updates.get(MOMENTS, {}))
-    for path in layers:
+    collected: dict[tuple[str, ...], _stats.Stats] = {}
+    missing = []
+    for path in layers:  # in call order
       node = moments
       for name in path:
         node = node.get(name, {}) if isinstance(node, dict) else {}
       if "count" in node:
         collected[path] = _stats.Stats(node["count"], node["mean"], node["m2"])
-    collected = {path: collected[path] for path in layers if path in collected}  # in call order
+      else:
+        missing.append("/".join(path))
+    if missing:
+      raise ValueError(
+        f"jaxbn.training.linen_loss: the batch norms at {', '.join(missing)} reported no statistics: they run "
+        f"inside a lifted transform that does not carry the {MOMENTS!r} collection (jaxbn.linen.MOMENTS). Add "
+        f"it where 'batch_stats' is, e.g. nn.scan(..., variable_axes={{'params': 0, 'batch_stats': 0, "
+        f"jaxbn.linen.MOMENTS: 0}}), or nn.vmap(..., variable_axes={{..., jaxbn.linen.MOMENTS: 0}})."
+      )
     value, extra = _masked_means(loss, metrics, out, batch[targets], mask)
     return value, LossAux(stats=collected or None, metrics=extra)
 
   def update_batch_stats(batch_stats, merged):
-    new = jax.tree.map(lambda v: v, batch_stats)  # a copy we can assign into
+    frozen = isinstance(batch_stats, flax.core.FrozenDict)
+    new = flax.core.unfreeze(batch_stats)  # a copy we can assign into (also of a FrozenDict)
     for path, stats in merged.items():
       module = layers[path]
       node = new
@@ -750,9 +888,10 @@ def linen_loss(
       node["mean"], node["var"] = state.mean, state.var
       if "count" in node:
         node["count"] = state.count
-    return new
+    return flax.core.freeze(new) if frozen else new
 
   loss_fn.update_batch_stats = update_batch_stats
+  loss_fn.takes_key = bool(rng_streams)
   return loss_fn
 
 
@@ -807,7 +946,15 @@ def sharpness(
 
   def run(state: TrainState, data: Any, init: Any = None) -> tuple[jax.Array, Any]:
     return _sharpness(
-      gradient, state.params, state.batch_stats, data, axis_name, num_iters=num_iters, method=method, init=init
+      gradient,
+      state.params,
+      state.batch_stats,
+      data,
+      axis_name,
+      key=state.step_key(),
+      num_iters=num_iters,
+      method=method,
+      init=init,
     )
 
   return jax.jit(run) if jit else run
@@ -855,8 +1002,11 @@ def nnx_loss(
   ``batch_stats = nnx.state(model, nnx.BatchStat)`` (``loss_fn.init_state(optimizer)`` builds the
   ``TrainState``); write a trained state back with ``nnx.update(model, state.params,
   state.batch_stats)``. Every :class:`jaxbn.nnx.BatchNorm` runs in training mode on the micro-batch's
-  valid rows and reports its exact statistics, so the running statistics are updated once per step.
-  Other state of the model (e.g. RNG streams) is held fixed.
+  valid rows and reports its exact statistics, so the running statistics are updated once per step,
+  also from inside ``nnx.remat`` and ``nnx.scan``/``nnx.vmap`` over stacked layers. A model with
+  random streams (``nnx.Rngs``, e.g. for ``nnx.Dropout``) has them reseeded for every micro-batch
+  of every step from the state's key (``loss_fn.init_state(optimizer, key=...)``); other state of
+  the model is held fixed.
 
   Args:
     model: the ``nnx.Module``; called as ``model(batch[inputs])``.
@@ -873,7 +1023,8 @@ def nnx_loss(
   """
   from flax import nnx
 
-  from jaxbn.nnx import BatchNorm, collect_moments
+  from jaxbn.nnx import _layers as nnx_layers
+  from jaxbn.nnx import collect_moments
 
   for path, node in nnx.iter_graph(model):
     if isinstance(node, nnx.BatchNorm):
@@ -884,26 +1035,27 @@ def nnx_loss(
       )
   graphdef, params, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
 
-  def layers(m):
-    return [(tuple(path), node) for path, node in nnx.iter_graph(m) if isinstance(node, BatchNorm)]
-
   def fresh(*states):
     # Rebuild the variables at the current trace level: NNX forbids mutating a variable created
     # at another one (the state arrives from the jitted step, the mutation happens under grad).
     return [jax.tree.map(lambda a: a, st) for st in states]
 
-  def loss_fn(params, batch_stats, batch, mask):
+  streams = sorted({node.tag for _, node in nnx.iter_graph(model) if isinstance(node, nnx.RngStream)})
+
+  def loss_fn(params, batch_stats, batch, mask, key=None):
     m = nnx.merge(graphdef, *fresh(params, batch_stats, rest))
     m.train()
-    with collect_moments(row_mask=mask) as sink:
+    if streams:
+      nnx.reseed(m, **{name: jax.random.fold_in(key, j) for j, name in enumerate(streams)})
+    with collect_moments(m, row_mask=mask) as read:
       out = m(batch[inputs])
-    collected = {path: sink[id(node)] for path, node in layers(m) if id(node) in sink}
+      collected = read()
     value, extra = _masked_means(loss, metrics, out, batch[targets], mask)
     return value, LossAux(stats=collected or None, metrics=extra)
 
   def update_batch_stats(batch_stats, merged):
     m = nnx.merge(graphdef, *fresh(params, batch_stats, rest))
-    for path, node in layers(m):
+    for path, node in nnx_layers(m):
       if path not in merged:
         continue
       count = node.count[...] if isinstance(getattr(node, "count", None), nnx.BatchStat) else jnp.zeros((), jnp.int32)
@@ -920,7 +1072,8 @@ def nnx_loss(
     return nnx.state(m, nnx.BatchStat)
 
   loss_fn.update_batch_stats = update_batch_stats
-  loss_fn.init_state = lambda optimizer: TrainState.create(params, batch_stats, optimizer)
+  loss_fn.takes_key = bool(streams)
+  loss_fn.init_state = lambda optimizer, key=None: TrainState.create(params, batch_stats, optimizer, key=key)
   return loss_fn
 
 

@@ -1,7 +1,9 @@
 """jaxbn.training: exact accumulated full-batch gradients, batch-norm state, guard, devices, tracing."""
 
+import re
 from functools import partial
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -119,6 +121,24 @@ def test_non_finite_step_changes_nothing():
   assert not np.all(np.isfinite(corrupted.batch_stats["BatchNorm_0"]["mean"]))
 
 
+def test_guard_also_covers_overflowing_statistics_and_float16_norms():
+  # One huge row: the loss and gradient stay finite (tanh saturates) but the batch variance is inf,
+  # which would make the running variance inf for good.
+  data = _data()
+  _, variables, opt, step = _setup(jaxbn.linen.BatchNorm, micro_batch_size=4, donate=False)
+  state = TrainState.create(variables["params"], flax.core.freeze(variables["batch_stats"]), opt)  # frozen works
+  new_state, metrics = step(state, {**data, "x": data["x"].at[0].set(1e25)})
+  assert np.isfinite(float(metrics.loss)) and bool(metrics.skipped) and int(new_state.skipped) == 1
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), new_state.batch_stats, state.batch_stats))
+  # float16 parameters whose gradient (components 300) is finite but whose norm overflows float16.
+  w = {"w": jnp.ones((4,), jnp.float16)}
+  step16 = full_batch_step(
+    lambda p, bs, b, m: (jnp.mean(300.0 * jnp.sum(p["w"] * b["x"], -1)), LossAux()), optax.sgd(0.0)
+  )
+  _, metrics = step16(TrainState.create(w, {}, optax.sgd(0.0)), {"x": jnp.ones((2, 4), jnp.float16)})
+  assert not bool(metrics.skipped) and float(metrics.grad_norm) == pytest.approx(600.0)
+
+
 def test_no_retracing_and_donated_state():
   traces = []
   data = _data()
@@ -144,13 +164,22 @@ def test_sharded_data_on_eight_devices_equals_one_device():
   data = _data(n=32)
   _, variables, opt, step = _setup(jaxbn.linen.BatchNorm, micro_batch_size=8, donate=False)
   state = TrainState.create(variables["params"], variables["batch_stats"], opt)
-  want, want_metrics = step(state, data)
   mesh = jax.make_mesh((8,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
   sharded = jax.device_put(data, NamedSharding(mesh, P("batch")))
+  # Each device holds 4 rows and takes 1 of its own into every micro-batch of 8: micro-batch i is
+  # rows {4d + i}. One device reproduces the step on the rows in that order.
+  order = np.array([4 * d + i for i in range(4) for d in range(8)])
+  want, want_metrics = step(state, jax.tree.map(lambda a: a[order], data))
   got, got_metrics = step(state, sharded)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(got_metrics.loss, want_metrics.loss, rtol=1e-6)
+  # Nothing moves the data: no collective of a row-sized (32-row) array.
+  hlo = step.lower(state, sharded).compile().as_text()
+  moved = [
+    line for line in hlo.splitlines() if re.search(r"= \w+\[32[,\]].* (all-gather|all-to-all|collective-permute)", line)
+  ]
+  assert not moved, moved
 
 
 def test_accumulates_in_float32_for_bfloat16_parameters():
@@ -248,6 +277,85 @@ def test_nnx_model_trains_like_the_same_linen_model():
   np.testing.assert_allclose(nnx_model.bn0.mean[...], state.batch_stats["BatchNorm_0"]["mean"], rtol=1e-5, atol=1e-6)
 
 
+def test_nnx_batch_norms_inside_lifted_transforms_report_their_statistics():
+  # A batch norm under nnx.remat and a stack of 3 built with nnx.vmap and run with nnx.scan: the
+  # step's running statistics (momentum 0) equal the batch statistics the model itself computes
+  # eagerly in training mode, layer by layer.
+  from flax import nnx
+
+  class Block(nnx.Module):
+    def __init__(self, rngs):
+      self.lin = nnx.Linear(4, 4, rngs=rngs)
+      self.bn = jaxbn.nnx.BatchNorm(4, momentum=0.0, rngs=rngs)
+
+    def __call__(self, x):
+      return nnx.tanh(self.bn(self.lin(x)))
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.stem = nnx.Linear(3, 4, rngs=rngs)
+      self.bn = jaxbn.nnx.BatchNorm(4, momentum=0.0, rngs=rngs)
+      self.blocks = nnx.split_rngs(splits=3)(nnx.vmap(Block, in_axes=0, out_axes=0))(rngs)
+
+    def __call__(self, x):
+      x = nnx.remat(lambda bn, h: bn(h))(self.bn, self.stem(x))
+      return nnx.scan(lambda h, blk: (blk(h), None), in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))(x, self.blocks)[0]
+
+  data = _data(n=12)
+  model = Net(nnx.Rngs(0))
+  loss_fn = jaxbn.training.nnx_loss(model, lambda out, y: jnp.sum(out**2, -1))
+  step = full_batch_step(loss_fn, optax.sgd(0.0), micro_batch_size=12)
+  state, _ = step(loss_fn.init_state(optax.sgd(0.0)), data)
+  model(data["x"])  # eager, training mode: momentum 0 stores each layer's batch statistics
+  expected = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+  got = nnx.to_pure_dict(state.batch_stats)
+  assert got["blocks"]["bn"]["mean"].shape == (3, 4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, expected)
+  assert not np.allclose(got["bn"]["var"], 1.0) and not np.allclose(got["blocks"]["bn"]["var"], 1.0)
+
+
+@pytest.mark.parametrize("lift", ["scan", "remat"])
+@pytest.mark.parametrize("norm", [nn.BatchNorm, jaxbn.linen.BatchNorm])
+def test_linen_batch_norms_inside_lifted_transforms_update_like_flax(lift, norm):
+  # Flax's own training-mode apply on the whole dataset is the oracle for the running statistics.
+  class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _=None):
+      y = nn.relu(norm(use_running_average=False, momentum=0.9)(nn.Dense(4)(x)))
+      return (y, None) if lift == "scan" else y
+
+  class Net(nn.Module):
+    moments: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+      if lift == "scan":
+        axes = {"params": 0, "batch_stats": 0} | ({jaxbn.linen.MOMENTS: 0} if self.moments else {})
+        x = nn.scan(Block, variable_axes=axes, split_rngs={"params": True}, length=3)()(x, None)[0]
+      else:
+        x = nn.remat(Block)()(x)
+      return nn.Dense(4)(x)
+
+  data = _data(n=12, d=4)
+  model = Net()
+  variables = model.init(jax.random.key(0), data["x"][:2])
+  loss_fn = linen_loss(model, xent)
+  state = TrainState.create(variables["params"], variables["batch_stats"], optax.sgd(0.1))
+  got, _ = full_batch_step(loss_fn, optax.sgd(0.1), donate=False)(state, data)
+  _, want = model.apply(variables, data["x"], mutable=["batch_stats"])
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got.batch_stats, want["batch_stats"]
+  )
+  if lift == "scan":  # without MOMENTS in variable_axes the statistics cannot leave the scan: say so
+    bare = linen_loss(Net(moments=False), xent)
+    with pytest.raises(ValueError, match=r"ScanBlock_0/BatchNorm_0 reported no statistics.*jaxbn.linen.MOMENTS: 0"):
+      full_batch_step(bare, optax.sgd(0.1))(state, data)
+  elif norm is jaxbn.linen.BatchNorm:  # exact mode numbers the calls of one trace: a lift is refused
+    exact = full_batch_step(loss_fn, optax.sgd(0.1), micro_batch_size=4, bn_mode="exact")
+    with pytest.raises(ValueError, match=r"bn_mode='exact'.*own trace level"):
+      exact(state, data)
+
+
 def test_nnx_loss_rejects_flax_batch_norm():
   from flax import nnx
 
@@ -316,3 +424,50 @@ def test_host_loop_equals_scan(micro):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match=r"loop='host' .* cannot be traced into pmap"):
     full_batch_step(loss_fn, opt, loop="host", axis_name="batch", jit=False)
+
+
+def test_dropout_draws_fresh_keys_per_step_and_micro_batch():
+  from flax import nnx
+
+  class Drop(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+      return nn.Dense(4)(nn.Dropout(0.5, deterministic=not train)(nn.Dense(8)(x)))
+
+  rows = _data(n=4)
+  data = jax.tree.map(lambda a: jnp.concatenate([a, a]), rows)  # two micro-batches with the same rows
+  model = Drop()
+  variables = model.init(jax.random.key(0), rows["x"], train=False)
+  with pytest.raises(ValueError, match=r"rngs=.* same keys on every step.*rng_streams=\('dropout',\)"):
+    linen_loss(model, xent, train=True, rngs={"dropout": jax.random.key(1)})
+  loss_fn = linen_loss(model, xent, train=True, rng_streams=("dropout",))
+  step = full_batch_step(loss_fn, optax.sgd(0.0), micro_batch_size=4, donate=False)
+  with pytest.raises(ValueError, match=r"draws random numbers.*TrainState.create\(\.\.\., key="):
+    step(TrainState.create(variables["params"], {}, optax.sgd(0.0)), data)
+  state = TrainState.create(variables["params"], {}, optax.sgd(0.0), key=jax.random.key(3))
+  losses = []
+  for t in range(2):
+    # Oracle: micro-batch i of step t applies the model with key fold_in(fold_in(fold_in(key, t), i), 0).
+    keys = [jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(jax.random.key(3), t), i), 0) for i in (0, 1)]
+    per = [jnp.mean(xent(model.apply(variables, rows["x"], rngs={"dropout": k}), rows["y"])) for k in keys]
+    state, metrics = step(state, data)
+    np.testing.assert_allclose(metrics.loss, np.mean(per), rtol=1e-6)
+    assert abs(float(per[0]) - float(per[1])) > 1e-4  # same rows, different masks
+    losses.append(float(metrics.loss))
+  assert losses[0] != losses[1]
+
+  class NnxDrop(nnx.Module):
+    def __init__(self, rngs):
+      self.a, self.drop, self.b = nnx.Linear(3, 8, rngs=rngs), nnx.Dropout(0.5, rngs=rngs), nnx.Linear(8, 4, rngs=rngs)
+
+    def __call__(self, x):
+      return self.b(self.drop(self.a(x)))
+
+  nnx_fn = jaxbn.training.nnx_loss(NnxDrop(nnx.Rngs(0, dropout=1)), xent)
+  nnx_step = full_batch_step(nnx_fn, optax.sgd(0.0), micro_batch_size=4)
+  nnx_state = nnx_fn.init_state(optax.sgd(0.0), key=jax.random.key(3))
+  nnx_losses = []
+  for _ in range(2):
+    nnx_state, metrics = nnx_step(nnx_state, data)
+    nnx_losses.append(float(metrics.loss))
+  assert nnx_losses[0] != nnx_losses[1]
