@@ -370,7 +370,9 @@ def batch_norm(
     fused: training-mode gradient, None, True or False. ``None`` (default): the closed-form backward pass
       (``dx = scale*inv_std/N * (N*dy - sum(dy) - xhat*sum(dy*xhat))``, one collective across
       devices, only ``x`` and per-feature vectors kept for the backward), switching to the plain
-      differentiable formula where forward-mode autodiff reaches it (``jax.jvp``, ``jax.hessian``).
+      differentiable formula where forward-mode autodiff traces it (``jax.jvp``, ``jax.hessian``),
+      but not under ``jax.linearize`` nor for a ``jax.jit`` function traced before outside forward
+      mode (JAX reuses its program): pass ``False`` for functions you differentiate in forward mode.
       ``True``: always the closed form; forward mode raises. ``False``: autodiff of the plain
       formula. All three give the same values and reverse-mode gradients (also reverse-over-reverse).
 
