@@ -67,7 +67,8 @@ def loss_fn(params, bn_state, x, y, *, model: str):
 
 
 # ---- Full-batch gradient descent --------------------------------------------------------------------------
-# jaxbn.training will provide this step; it is kept small so the swap is easy.
+# A hand-written step on purpose: the whole update fits on one screen (jaxbn.training.full_batch_step
+# does the same with micro-batches, a guard and batch-norm state; examples/full_batch_mnist1d.py uses it).
 
 
 @functools.partial(jax.jit, static_argnames=("model", "steps"))

@@ -18,6 +18,8 @@ from jaxbn.diagnostics import top_hessian_eigenvalue as top_hessian_eigenvalue
 from jaxbn.functional import BatchNormState as BatchNormState
 from jaxbn.functional import batch_norm as batch_norm
 from jaxbn.functional import init_state as init_state
+from jaxbn.functional import normalize as normalize
+from jaxbn.functional import update_running_stats as update_running_stats
 from jaxbn.inference import fold_batch_norm as fold_batch_norm
 from jaxbn.inference import fold_batch_norms as fold_batch_norms
 from jaxbn.inference import recalibrate as recalibrate
@@ -25,6 +27,7 @@ from jaxbn.parallel import batch_map as batch_map
 from jaxbn.parallel import sync_state as sync_state
 from jaxbn.stats import Stats as Stats
 from jaxbn.stats import moments as moments
+from jaxbn.variants import RenormSchedule as RenormSchedule
 from jaxbn.variants import batch_renorm as batch_renorm
 from jaxbn.variants import ghost_batch_norm as ghost_batch_norm
 from jaxbn.variants import paper_dmax as paper_dmax
@@ -35,6 +38,7 @@ __version__ = "0.1.0"
 
 __all__ = [
   "BatchNormState",
+  "RenormSchedule",
   "Stats",
   "batch_map",
   "batch_norm",
@@ -48,6 +52,7 @@ __all__ = [
   "linen",
   "moments",
   "nnx",
+  "normalize",
   "norms_by_layer",
   "paper_dmax",
   "paper_rmax",
@@ -58,4 +63,5 @@ __all__ = [
   "top_hessian_eigenvalue",
   "training",
   "transforms",
+  "update_running_stats",
 ]

@@ -173,7 +173,7 @@ def update_running_stats(
     BatchNormState(mean=Array([2.], dtype=float32), var=Array([1.], dtype=float32), count=Array(1, dtype=int32))
   """
   return _update_running_stats(
-    "jaxbn.functional.update_running_stats",
+    "jaxbn.update_running_stats",
     state,
     stats,
     momentum=momentum,
@@ -273,7 +273,7 @@ def normalize(
     Array([[-0.99995],
            [ 0.99995]], dtype=float32)
   """
-  fn = "jaxbn.functional.normalize"
+  fn = "jaxbn.normalize"
   axes = _checks.feature_axes(fn, jnp.ndim(x), feature_axes, arg="feature_axes")
   fshape = tuple(x.shape[a] for a in axes)
   mean = _checks.feature_array(fn, "mean", mean, fshape)

@@ -128,8 +128,9 @@ def fold_batch_norm(
       ``nnx.vmap`` stacks, ``0`` for one layer); None to find it from the shapes.
 
   Returns:
-    ``(kernel, bias)`` of the folded layer, in the kernel's dtype; computed in float32 (float64
-    for float64 kernels).
+    ``(kernel, bias)`` of the folded layer: the kernel in its own dtype, the bias in the given
+    bias's dtype (the kernel's when there is none); computed in float32 (float64 for float64
+    kernels).
 
   Raises:
     TypeError: the trees are not mappings.
@@ -369,7 +370,7 @@ def _unreported(fn: str, paths: list[str]) -> ValueError:
     "'batch_stats', e.g. variable_axes={'params': 0, 'batch_stats': 0, jaxbn.linen.MOMENTS: 0};\n"
     "  2. for a flax.linen.BatchNorm, use jaxbn.linen.BatchNorm instead (same arguments and variables);\n"
     "  3. for a layer that is never called in training mode, pass the call arguments that put it in "
-    "training mode (e.g. train=True)."
+    "training mode (e.g. train=True), or strict=False to keep the statistics of layers frozen on purpose."
   )
 
 
@@ -390,6 +391,7 @@ def recalibrate(
   variables: Mapping[str, Any] | None = None,
   *,
   unbiased_var: bool = False,
+  strict: bool = True,
   **call_kwargs: Any,
 ) -> Any:
   """PreciseBN: recomputes the population statistics of every jaxbn batch norm layer over ``batches``.
@@ -425,7 +427,11 @@ def recalibrate(
       in ``jax.shard_map`` for layers with an ``axis_name``; or a ``flax.nnx.Module``.
     batches: an iterable of model inputs, each passed as the single positional argument.
     variables: the linen variables (``{"params": ..., "batch_stats": ...}``); None for NNX.
-    unbiased_var: store the 1/(N-1) variance of the union instead of the 1/N one.
+    unbiased_var: store the 1/(N-1) variance of the union instead of the 1/N one, for every
+      layer whatever its own ``unbiased_running_var``.
+    strict: linen only: a layer with ``batch_stats`` that reports no statistics is an error (the
+      default); False leaves such layers as they are, for layers kept in evaluation mode on
+      purpose (a frozen backbone).
     **call_kwargs: further arguments of every call, e.g. ``train=True`` for a linen model that
       chooses ``use_running_average`` from it. jaxbn NNX batch norms are switched to batch
       statistics by this function.
@@ -482,7 +488,7 @@ def recalibrate(
   acc = _accumulate(fn, moments, batches, variables)
   batch_stats = variables.get("batch_stats", {})
   missing = [key for key in ("/".join(map(str, p)) for p in _stat_layers(batch_stats)) if key not in acc]
-  if missing:
+  if missing and _checks.static_bool(fn, "strict", strict):
     raise _unreported(fn, missing)
   if not acc:
     raise _no_layers(fn)

@@ -28,8 +28,11 @@ __all__ = ["MOMENTS", "BatchNorm"]
 MOMENTS = "batch_moments"
 """Collection into which training-mode calls write their batch statistics when it is named mutable.
 
-:func:`jaxbn.recalibrate` makes it mutable to collect exact per-layer statistics; each layer
-stores ``count``, ``mean`` and ``m2`` (sum of squared deviations), merged over repeated calls.
+:func:`jaxbn.recalibrate` and :func:`jaxbn.training.linen_loss` make it mutable to collect exact
+per-layer statistics; each layer stores ``count``, ``mean`` and ``m2`` (sum of squared
+deviations), merged over repeated calls. Lifted transforms that list their collections
+(``nn.scan``, ``nn.vmap``) must carry it where they carry ``batch_stats``, e.g.
+``variable_axes={"params": 0, "batch_stats": 0, MOMENTS: 0}``.
 """
 
 

@@ -9,7 +9,7 @@ Local statistics are computed in ONE pass over ``x`` with shifted sums
 ``S1 = sum(x - K)``, ``S2 = sum((x - K)**2)`` where the shift ``K`` is, per feature, the first valid
 element of the batch. Because ``K`` is a sample of the data, ``x - K`` is of the order of the
 standard deviation and the variance ``S2/n - (S1/n)**2`` does not cancel catastrophically, even when
-``|mean| / std`` is 1e5 in float32 (the textbook ``E[x^2] - E[x]^2`` returns 4.0 for a true 1.0
+``|mean| / std`` is 1e5 in float32 (the textbook ``E[x^2] - E[x]^2`` returns 0 or 8 for a true 1.0
 already at 1e4). Parts that are merged keep their mean as ``K + S1/n`` until the merge, which
 subtracts the shifts of two parts exactly: rounding each part's mean to float32 first would cost
 1e-3 of the variance at ``|mean| / std = 1e5``.

@@ -5,9 +5,10 @@ whose update uses the exact mean gradient over ALL of ``data``: micro-batches ar
 ``lax.scan``, gradients accumulate in float32, and no per-example gradient is ever kept, so memory
 is bounded by one micro-batch beyond the data itself.
 
-Micro-batches are the contiguous slices ``data[k*m:(k+1)*m]`` for micro-batch size ``m``; when
-``m`` does not divide the dataset size ``n``, the last micro-batch is the slice ``data[n-m:n]`` with
-the rows already seen masked out, so no example is dropped or counted twice and no padded copy of
+On one device, micro-batches are the contiguous slices ``data[k*m:(k+1)*m]`` for micro-batch size
+``m`` (with ``data`` sharded over devices under ``jax.jit``, each device's block of rows is sliced
+the same way, see :func:`full_batch_step`); when ``m`` does not divide the dataset size ``n``, the
+last micro-batch is the slice ``data[n-m:n]`` with the rows already seen masked out, so no example is dropped or counted twice and no padded copy of
 the data is made. Batch norm inside the loss normalizes each micro-batch with its own statistics
 (ghost batches over that partition); the running statistics are updated ONCE per step from the
 exact count-weighted merge of every micro-batch's statistics (Chan et al. 1983), not by an EMA per
@@ -89,14 +90,39 @@ class TrainState(NamedTuple):
   def create(
     cls, params: Any, batch_stats: Any, optimizer: optax.GradientTransformation, *, key: Any = None
   ) -> TrainState:
-    """A state at step 0 with a fresh optimizer state; ``key`` for a loss function with dropout."""
+    """A state at step 0 with a fresh optimizer state.
+
+    Args:
+      params: the model parameters.
+      batch_stats: the running statistics (None or ``{}`` for a model without batch norm).
+      optimizer: the Optax transformation whose state to initialize.
+      key: for a loss function that draws random numbers (dropout): a ``jax.random.key(seed)`` or
+        raw ``uint32`` key data; stored as raw key data (so checkpoints hold plain arrays).
+
+    Returns:
+      The ``TrainState``, with buffers of its own (the step may donate them).
+
+    Raises:
+      TypeError: ``key`` is neither a typed PRNG key nor raw ``uint32`` key data.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, optax
+      >>> from jaxbn.training import TrainState
+      >>> state = TrainState.create({"w": jnp.zeros(3)}, {}, optax.adam(1e-3), key=jax.random.key(0))
+      >>> int(state.step), state.key.dtype, state.step_key().shape
+      (0, dtype('uint32'), (2,))
+    """
     # Distinct buffers throughout: the step donates every leaf of the state.
     copy = lambda tree: jax.tree.map(lambda a: jnp.array(a, copy=True), tree)
     params, batch_stats = copy(params), copy({} if batch_stats is None else batch_stats)
     opt_state = copy(optimizer.init(params))
     if key is not None:
-      key = jnp.asarray(key)
-      key = jnp.array(jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key, copy=True)
+      typed = isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+      if not typed and not (hasattr(key, "dtype") and key.dtype == jnp.uint32 and jnp.ndim(key) >= 1):
+        raise TypeError(
+          f"jaxbn.training.TrainState.create: key must be a jax.random.key(seed) or raw uint32 key data, got {key!r}."
+        )
+      key = jnp.array(jax.random.key_data(key) if typed else key, copy=True)
     zero = jnp.zeros((), jnp.int32)
     return cls(params, batch_stats, opt_state, zero, jnp.zeros((), jnp.int32), key)
 
@@ -150,6 +176,15 @@ LossFn = Callable[[Any, Any, Any, jax.Array], tuple[jax.Array, LossAux]]
 UpdateStatsFn = Callable[[Any, Any], Any]
 
 
+def _positive_int_or_none(fn: str, arg: str, value: Any) -> int | None:
+  """``value`` as a Python int (NumPy integers accepted; bools are not counts), or None."""
+  if value is None:
+    return None
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value <= 0:
+    raise ValueError(f"{fn}: {arg} must be a positive int or None, got {value!r}.")
+  return int(value)
+
+
 def _num_rows(fn: str, data: Any) -> int:
   leaves = jax.tree.leaves(data)
   if not leaves:
@@ -186,13 +221,16 @@ def full_batch_step(
       marking its valid rows, or None when all are valid (always so when the micro-batch size
       divides the dataset size); ``loss`` is the mean loss over the valid rows, and batch norms must
       use only valid rows for their statistics. :func:`linen_loss` builds one from a Flax model.
+      A loss that draws random numbers (dropout) sets ``loss_fn.takes_key = True`` and takes a
+      fifth argument ``key``: a fresh key per micro-batch and step, from ``TrainState.key``.
     optimizer: any Optax gradient transformation.
     micro_batch_size: rows per micro-batch; None for the whole dataset at once. With ``data``
-      sharded over ``g`` devices under ``jax.jit``, each device puts ``micro_batch_size // g`` (at
-      least 1) of its own rows into every micro-batch, so data never moves between devices and
-      every device works on every micro-batch (one gradient all-reduce per micro-batch); one device
-      reproduces the step with the rows in that order. A row count not divisible by ``g`` falls
-      back to contiguous micro-batches, which XLA gathers.
+      sharded over ``d`` devices under ``jax.jit``, the rows are split into ``g = gcd(n, d)``
+      blocks (one per device when ``d`` divides ``n``) and each block puts
+      ``micro_batch_size // g`` (at least 1) of its own rows into every micro-batch, so data never
+      moves between devices and every device works on every micro-batch (one gradient all-reduce
+      per micro-batch); one device reproduces the step with the rows in that order. With
+      ``g = 1`` the micro-batches are contiguous and XLA gathers them.
     update_batch_stats: ``update_batch_stats(batch_stats, merged_stats) -> batch_stats`` folds
       the step's merged statistics into the running ones; required when ``LossAux.stats`` is given.
       Defaults to ``loss_fn.update_batch_stats``, which :func:`linen_loss` and :func:`nnx_loss`
@@ -204,9 +242,8 @@ def full_batch_step(
     loop: ``"scan"`` (default) runs the micro-batches in a ``lax.scan`` inside one compiled step;
       ``"host"`` calls one compiled micro-batch program per micro-batch from Python (accumulators
       donated) and one compiled update. Same numbers; ``"host"`` avoids slow convolution layouts
-      XLA:CPU picks inside loops (3x faster for the benchmark CNN of ``benchmarks/full_batch.py`` with
-      8 micro-batches, on a 2-core CPU) but cannot
-      be traced into ``jax.pmap``/``jax.shard_map``.
+      XLA:CPU picks inside loops (7-8x faster for the benchmark CNN of ``benchmarks/full_batch.py``
+      with 8 micro-batches, on a 2-core CPU) but cannot be traced into ``jax.pmap``/``jax.shard_map``.
     bn_mode: what batch norm means under micro-batching. ``"ghost"`` (default): each micro-batch
       is normalized with its own statistics (ghost batches of the partition above), one forward and
       backward sweep over the data. ``"exact"``: every layer normalizes with its statistics over the
@@ -232,13 +269,18 @@ def full_batch_step(
     ``step(state, data) -> (new_state, StepMetrics)``.
 
   Raises:
-    ValueError: bad ``micro_batch_size`` or ``data``, or statistics without ``update_batch_stats``.
+    ValueError: bad ``micro_batch_size``, ``sharpness_every``, ``bn_mode``, ``loop`` or ``data``;
+      ``loop="host"`` with ``bn_mode="exact"``, ``sharpness_every``, ``axis_name`` or ``jit=False``;
+      statistics without ``update_batch_stats``; a loss that needs a key and a state without one;
+      data that XLA cannot partition over Explicit mesh axes (at the first call).
+    TypeError: a ``flax.linen.BatchNorm`` under ``bn_mode="exact"`` (at the first call).
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, jaxbn
     >>> def loss_fn(params, batch_stats, batch, mask):
     ...   err = (batch["x"] @ params["w"] - batch["y"]) ** 2
-    ...   return jnp.sum(jnp.where(mask, err, 0)) / jnp.sum(mask), jaxbn.training.LossAux()
+    ...   valid = jnp.ones(err.shape, bool) if mask is None else mask  # None: every row is valid
+    ...   return jnp.sum(jnp.where(valid, err, 0)) / jnp.sum(valid), jaxbn.training.LossAux()
     >>> opt = optax.sgd(0.1)
     >>> step = jaxbn.training.full_batch_step(loss_fn, opt, micro_batch_size=3)
     >>> data = {"x": jnp.arange(20.0).reshape(10, 2) / 10, "y": jnp.ones(10)}
@@ -264,12 +306,9 @@ def full_batch_step(
       f"{fn}: loop='host' runs compiled pieces from Python, so it cannot be traced into pmap or "
       "shard_map: use loop='scan' with axis_name=... and jit=False there."
     )
-  if micro_batch_size is not None and (not isinstance(micro_batch_size, int) or micro_batch_size <= 0):
-    raise ValueError(f"{fn}: micro_batch_size must be a positive int or None, got {micro_batch_size!r}.")
-
+  micro_batch_size = _positive_int_or_none(fn, "micro_batch_size", micro_batch_size)
   sizes, micro_terms, gradient = _gradient_fns(fn, loss_fn, micro_batch_size, bn_mode, axis_name)
-  if sharpness_every is not None and (not isinstance(sharpness_every, int) or sharpness_every <= 0):
-    raise ValueError(f"{fn}: sharpness_every must be a positive int or None, got {sharpness_every!r}.")
+  sharpness_every = _positive_int_or_none(fn, "sharpness_every", sharpness_every)
   if sharpness_every is not None and loop == "host":
     raise ValueError(
       f"{fn}: sharpness_every needs the whole gradient in one compiled program (loop='scan'); with "
@@ -794,7 +833,12 @@ def linen_loss(
       "(the same dropout masks throughout); name the streams instead, linen_loss(..., rng_streams=('dropout',)), "
       "and give the state a key: TrainState.create(..., key=jax.random.key(0))."
     )
-  if isinstance(rng_streams, str) or not all(isinstance(name, str) for name in rng_streams):
+  if (
+    rng_streams is None
+    or isinstance(rng_streams, str)
+    or not isinstance(rng_streams, (tuple, list))
+    or not all(isinstance(name, str) for name in rng_streams)
+  ):
     raise ValueError(f"{fn}: rng_streams must be a sequence of stream names, e.g. ('dropout',), got {rng_streams!r}.")
   rng_streams = tuple(rng_streams)
   layers: dict[tuple[str, ...], Any] = {}
@@ -940,8 +984,7 @@ def sharpness(
   fn = "jaxbn.training.sharpness"
   if bn_mode not in ("ghost", "exact"):
     raise ValueError(f"{fn}: bn_mode must be 'ghost' or 'exact', got {bn_mode!r}.")
-  if micro_batch_size is not None and (not isinstance(micro_batch_size, int) or micro_batch_size <= 0):
-    raise ValueError(f"{fn}: micro_batch_size must be a positive int or None, got {micro_batch_size!r}.")
+  micro_batch_size = _positive_int_or_none(fn, "micro_batch_size", micro_batch_size)
   _, _, gradient = _gradient_fns(fn, loss_fn, micro_batch_size, bn_mode, axis_name)
 
   def run(state: TrainState, data: Any, init: Any = None) -> tuple[jax.Array, Any]:
@@ -1080,12 +1123,22 @@ def nnx_loss(
 # ---- checkpoints ----------------------------------------------------------------------------
 
 
+def _orbax() -> Any:
+  try:
+    import orbax.checkpoint as ocp
+  except ImportError as err:
+    raise ImportError(
+      "jaxbn.training checkpoints need Orbax: pip install 'jaxbn[checkpoint]' (or orbax-checkpoint)."
+    ) from err
+  return ocp
+
+
 def save_checkpoint(path: str, state: TrainState) -> None:
   """Saves the whole ``TrainState`` (params, batch statistics, optimizer state, counters) with Orbax.
 
   ``path`` must not exist yet; the call returns once the checkpoint is on disk.
   """
-  import orbax.checkpoint as ocp
+  ocp = _orbax()
 
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.abspath(path), state)
@@ -1103,7 +1156,7 @@ def restore_checkpoint(path: str, like: TrainState) -> TrainState:
   Returns:
     The saved state, bit for bit, with the tree structure (NamedTuples included) of ``like``.
   """
-  import orbax.checkpoint as ocp
+  ocp = _orbax()
 
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
   restored = ocp.StandardCheckpointer().restore(os.path.abspath(path), target)

@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxbn import _checks, _hooks
@@ -64,6 +65,13 @@ class RenormSchedule:
   start_step: int
   end_step: int
 
+  def __post_init__(self):
+    if not self.end_step > self.start_step:
+      raise ValueError(
+        f"jaxbn.RenormSchedule: end_step must be > start_step, got start_step={self.start_step}, "
+        f"end_step={self.end_step}."
+      )
+
   def __call__(self, step: Any) -> jax.Array:
     """The limit at ``step`` (float32)."""
     frac = jnp.clip((jnp.asarray(step, jnp.float32) - self.start_step) / (self.end_step - self.start_step), 0.0, 1.0)
@@ -99,6 +107,12 @@ def renorm_schedule(
     >>> rmax == renorm_schedule(start_value=1.0, end_value=3.0, start_step=10, end_step=30)
     True
   """
+  for arg, value in (("start_value", start_value), ("end_value", end_value)):
+    if isinstance(value, (str, bytes)) or _checks.concrete_number(value) is None:
+      raise TypeError(f"jaxbn.renorm_schedule: {arg} must be a Python number, got {value!r}.")
+  for arg, value in (("start_step", start_step), ("end_step", end_step)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+      raise TypeError(f"jaxbn.renorm_schedule: {arg} must be an int, got {value!r}.")
   if not end_step > start_step:
     raise ValueError(
       f"jaxbn.renorm_schedule: end_step must be > start_step, got start_step={start_step}, end_step={end_step}."

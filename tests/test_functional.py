@@ -458,7 +458,7 @@ def test_error_traced_training_says_to_make_it_static():
 def test_error_update_running_stats_arguments():
   update = jaxbn.functional.update_running_stats
   stats = jaxbn.stats.local_stats(jnp.ones((4, 3)), (1,))
-  fn = "jaxbn.functional.update_running_stats"
+  fn = "jaxbn.update_running_stats"
   with pytest.raises(ValueError, match=rf"{fn}: running_average must be one of .* got 'EMA'"):
     update(jaxbn.init_state(3), stats, running_average="EMA")
   with pytest.raises(ValueError, match=rf"{fn}: momentum must be in \[0, 1\], got 5.0"):
@@ -469,7 +469,7 @@ def test_error_update_running_stats_arguments():
 
 def test_error_normalize_arguments():
   x, v = jnp.ones((4, 3)), jnp.ones(3)
-  fn = "jaxbn.functional.normalize"
+  fn = "jaxbn.normalize"
   with pytest.raises(ValueError, match=rf"{fn}: feature_axes=\(2,\) is out of range"):
     jaxbn.functional.normalize(x, v, v, None, None, feature_axes=(2,), epsilon=1e-5)
   with pytest.raises(ValueError, match=rf"{fn}: mean must have the feature shape \(4,\)"):

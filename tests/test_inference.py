@@ -442,6 +442,10 @@ def test_recalibrate_linen_refuses_flax_batch_norm_layers_it_cannot_see():
   v = Mixed().init(jax.random.key(0), batches[0], train=False)
   with pytest.raises(ValueError, match=r"(?s)old ones: flax_bn\. .*flax\.linen\.BatchNorm"):
     recalibrate(Mixed(), batches, v, train=True)
+  # strict=False: the layers that report nothing (here flax's) keep their statistics; jaxbn's are recalibrated.
+  new = recalibrate(Mixed(), batches, v, train=True, strict=False)
+  np.testing.assert_array_equal(new["batch_stats"]["flax_bn"]["var"], v["batch_stats"]["flax_bn"]["var"])
+  np.testing.assert_allclose(new["batch_stats"]["ours"]["mean"], jnp.concatenate(batches).mean(0), rtol=1e-5, atol=1e-6)
 
 
 class _NnxBlock(nnx.Module):
