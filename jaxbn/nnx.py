@@ -73,6 +73,8 @@ def collect_moments(
     ``read() -> {path: Stats}``.
   """
   layers = _layers(model)
+  if any(isinstance(getattr(bn, "batch_moments", None), BatchMoments) for _, bn in layers):
+    raise ValueError("jaxbn.nnx.collect_moments: the model is already collecting (collect_moments blocks do not nest).")
   for _, bn in layers:
     bn.batch_moments = BatchMoments(jnp.zeros((*jnp.shape(bn.mean[...]), 3), jnp.float32))
   token = _ROW_MASK.set(row_mask)
@@ -261,6 +263,13 @@ class BatchNorm(nnx.Module):
     record = isinstance(moments, BatchMoments) and not use_running_average
     row_mask = _ROW_MASK.get()
     if row_mask is not None and not use_running_average:
+      if x.ndim == 0 or x.shape[0] != row_mask.shape[0]:
+        raise ValueError(
+          f"{fn}: the input's shape {x.shape} does not lead with the micro-batch's {row_mask.shape[0]} rows, "
+          "so the mask of the rows the last micro-batch re-reads cannot be applied (e.g. the layer runs inside "
+          "a vmap over the rows). Use a micro_batch_size that divides the number of rows (no mask is needed "
+          "then), or call the batch norm on the whole micro-batch."
+        )
       rows = row_mask.reshape(row_mask.shape + (1,) * (x.ndim - 1))
       mask = rows if mask is None else jnp.logical_and(mask, rows)
     y, new_state, stats = variants.module_forward(

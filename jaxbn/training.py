@@ -118,6 +118,12 @@ class TrainState(NamedTuple):
     opt_state = copy(optimizer.init(params))
     if key is not None:
       typed = isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+      if typed and str(jax.random.key_impl(key)) != str(jax.random.key_impl(jax.random.key(0))):
+        raise TypeError(
+          "jaxbn.training.TrainState.create: key must use the default PRNG implementation "
+          f"({jax.random.key_impl(jax.random.key(0))}), which the state's raw key data is read with; got "
+          f"{jax.random.key_impl(key)}."
+        )
       if not typed and not (hasattr(key, "dtype") and key.dtype == jnp.uint32 and jnp.ndim(key) >= 1):
         raise TypeError(
           f"jaxbn.training.TrainState.create: key must be a jax.random.key(seed) or raw uint32 key data, got {key!r}."
@@ -176,6 +182,17 @@ LossFn = Callable[[Any, Any, Any, jax.Array], tuple[jax.Array, LossAux]]
 UpdateStatsFn = Callable[[Any, Any], Any]
 
 
+def _check_rows(fn: str, x: jax.Array, row_mask: jax.Array, where: str) -> None:
+  """A micro-batch's row mask must match the leading axis of a batch norm's input."""
+  if x.ndim == 0 or x.shape[0] != row_mask.shape[0]:
+    raise ValueError(
+      f"{fn}: the batch norm at {where} gets an input of shape {x.shape}, whose leading axis is not the "
+      f"micro-batch's {row_mask.shape[0]} rows, so the mask of the rows the last micro-batch re-reads cannot "
+      "be applied (e.g. the layer runs inside a vmap over the rows). Use a micro_batch_size that divides the "
+      "number of rows (no mask is needed then), or call the batch norm on the whole micro-batch."
+    )
+
+
 def _positive_int_or_none(fn: str, arg: str, value: Any) -> int | None:
   """``value`` as a Python int (NumPy integers accepted; bools are not counts), or None."""
   if value is None:
@@ -230,7 +247,9 @@ def full_batch_step(
       ``micro_batch_size // g`` (at least 1) of its own rows into every micro-batch, so data never
       moves between devices and every device works on every micro-batch (one gradient all-reduce
       per micro-batch); one device reproduces the step with the rows in that order. With
-      ``g = 1`` the micro-batches are contiguous and XLA gathers them.
+      ``g = 1`` the micro-batches are contiguous and XLA gathers them. ``d`` comes from the data's
+      type: its sharding on Explicit meshes, all Auto-axis devices of the mesh on Auto meshes
+      (whose types do not say how data is laid out, so replicated data is split the same way).
     update_batch_stats: ``update_batch_stats(batch_stats, merged_stats) -> batch_stats`` folds
       the step's merged statistics into the running ones; required when ``LossAux.stats`` is given.
       Defaults to ``loss_fn.update_batch_stats``, which :func:`linen_loss` and :func:`nnx_loss`
@@ -338,7 +357,8 @@ def full_batch_step(
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     update_norm = _norm32(updates)
-    finite &= jnp.isfinite(update_norm)
+    # The new parameters too: a finite update can still overflow float16 parameters.
+    finite &= jnp.isfinite(update_norm) & jnp.isfinite(_norm32(params))
     if guard:
       keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
       params = keep(params, state.params)
@@ -398,8 +418,9 @@ def full_batch_step(
         raise
       raise ValueError(
         f"{fn}: JAX could not partition the step for data sharded over Explicit mesh axes "
-        "(jax.make_mesh's default): Flax layers contract over the sharded batch axis in their "
-        "backward pass. Consider one of the following options:\n"
+        "(jax.make_mesh's default): an operation of the loss contracts over the sharded batch axis "
+        "(a matmul with the batch, as in the backward pass of Flax's Dense and Conv layers). "
+        "Consider one of the following options:\n"
         "  1. shard the data over a mesh with Auto axes: jax.make_mesh(shape, names, "
         "axis_types=(jax.sharding.AxisType.Auto,) * len(names));\n"
         "  2. run the step per device: full_batch_step(..., axis_name=name, jit=False) inside "
@@ -856,6 +877,7 @@ def linen_loss(
       given = kwargs.get("mask")
       full = None if given is None else jnp.asarray(given) != 0
       if mask is not None:
+        _check_rows("jaxbn.training.linen_loss", x, mask, "/".join(module.path))
         rows = mask.reshape(mask.shape + (1,) * (x.ndim - 1))
         full = rows if full is None else jnp.logical_and(rows, full)
         kwargs = {**kwargs, "mask": full}
@@ -1089,7 +1111,9 @@ def nnx_loss(
     m = nnx.merge(graphdef, *fresh(params, batch_stats, rest))
     m.train()
     if streams:
-      nnx.reseed(m, **{name: jax.random.fold_in(key, j) for j, name in enumerate(streams)})
+      # match_shape: streams of layers stacked with nnx.vmap hold one key per layer.
+      keys = {name: jax.random.fold_in(key, j) for j, name in enumerate(streams)}
+      nnx.reseed(m, policy="match_shape", **keys)
     with collect_moments(m, row_mask=mask) as read:
       out = m(batch[inputs])
       collected = read()

@@ -137,6 +137,13 @@ def test_guard_also_covers_overflowing_statistics_and_float16_norms():
   )
   _, metrics = step16(TrainState.create(w, {}, optax.sgd(0.0)), {"x": jnp.ones((2, 4), jnp.float16)})
   assert not bool(metrics.skipped) and float(metrics.grad_norm) == pytest.approx(600.0)
+  # A finite loss and update (6000) that overflow float16 parameters (60000 + 6000 > 65504): skipped.
+  big = {"w": jnp.full((4,), 6e4, jnp.float16)}
+  state16 = TrainState.create(big, {}, optax.sgd(2000.0))
+  loss16 = lambda p, bs, b, m: (jnp.mean(-jnp.sum(p["w"].astype(jnp.float32) * b["x"], -1)), LossAux())
+  new16, metrics = full_batch_step(loss16, optax.sgd(2000.0))(state16, {"x": jnp.full((2, 4), 3.0)})
+  assert np.isfinite(float(metrics.loss)) and np.isfinite(float(metrics.update_norm))
+  assert bool(metrics.skipped) and bool(jnp.all(new16.params["w"] == big["w"]))
 
 
 def test_no_retracing_and_donated_state():
@@ -463,11 +470,40 @@ def test_dropout_draws_fresh_keys_per_step_and_micro_batch():
     def __call__(self, x):
       return self.b(self.drop(self.a(x)))
 
-  nnx_fn = jaxbn.training.nnx_loss(NnxDrop(nnx.Rngs(0, dropout=1)), xent)
-  nnx_step = full_batch_step(nnx_fn, optax.sgd(0.0), micro_batch_size=4)
-  nnx_state = nnx_fn.init_state(optax.sgd(0.0), key=jax.random.key(3))
-  nnx_losses = []
-  for _ in range(2):
-    nnx_state, metrics = nnx_step(nnx_state, data)
-    nnx_losses.append(float(metrics.loss))
-  assert nnx_losses[0] != nnx_losses[1]
+  class Stacked(nnx.Module):  # dropout streams of layers stacked with nnx.vmap hold one key per layer
+    def __init__(self, rngs):
+      self.blocks = nnx.split_rngs(splits=2)(nnx.vmap(lambda r: NnxDrop(r), in_axes=0, out_axes=0))(rngs)
+
+    def __call__(self, x):
+      return jnp.mean(nnx.vmap(lambda blk, x: blk(x), in_axes=(0, None))(self.blocks, x), 0)
+
+  for net in (NnxDrop(nnx.Rngs(0, dropout=1)), Stacked(nnx.Rngs(0, dropout=1))):
+    nnx_fn = jaxbn.training.nnx_loss(net, xent)
+    nnx_step = full_batch_step(nnx_fn, optax.sgd(0.0), micro_batch_size=4)
+    nnx_state = nnx_fn.init_state(optax.sgd(0.0), key=jax.random.key(3))
+    nnx_losses = []
+    for _ in range(2):
+      nnx_state, metrics = nnx_step(nnx_state, data)
+      nnx_losses.append(float(metrics.loss))
+    assert nnx_losses[0] != nnx_losses[1]
+  # The state keeps raw key data, read back with the default implementation: other ones are refused.
+  with pytest.raises(TypeError, match=r"key must use the default PRNG implementation"):
+    TrainState.create({}, {}, optax.sgd(0.0), key=jax.random.key(0, impl="rbg"))
+
+
+def test_row_mask_that_cannot_follow_rows_into_a_vmap_is_an_error():
+  # A batch norm vmapped over the rows sees one row at a time: the remainder's row mask cannot apply.
+  class PerRow(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      axes = {"params": None, "batch_stats": None, jaxbn.linen.MOMENTS: None}
+      bn = nn.vmap(jaxbn.linen.BatchNorm, axis_name="rows", variable_axes=axes, split_rngs={"params": False})
+      return nn.Dense(4)(bn(use_running_average=False, axis_name="rows")(nn.Dense(3)(x)))
+
+  data = _data(n=12)
+  variables = PerRow().init(jax.random.key(0), data["x"])
+  state = TrainState.create(variables["params"], variables["batch_stats"], optax.sgd(0.1))
+  step = full_batch_step(linen_loss(PerRow(), xent), optax.sgd(0.1), micro_batch_size=5)
+  with pytest.raises(ValueError, match=r"input of shape \(3,\).*not the micro-batch's 5 rows"):
+    step(state, data)
+  full_batch_step(linen_loss(PerRow(), xent), optax.sgd(0.1), micro_batch_size=6)(state, data)  # no mask: fine
