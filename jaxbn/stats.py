@@ -251,7 +251,7 @@ def gather_rows(
   axis_name: Hashable | tuple[Hashable, ...],
   *,
   size: int | None = None,
-  fn: str = "jaxbn.gather_rows",
+  fn: str = "jaxbn.stats.gather_rows",
 ) -> jax.Array:
   """Every device's ``x`` stacked along a new leading axis, on every device, with ONE ``psum``.
 
@@ -275,7 +275,7 @@ def all_reduce(
   axis_name: Hashable | tuple[Hashable, ...],
   axis_index_groups: Sequence[Sequence[int]] | None = None,
   *,
-  fn: str = "jaxbn.all_reduce",
+  fn: str = "jaxbn.stats.all_reduce",
 ) -> Stats:
   """Merges per-device summaries over the named axis (or axes) with one collective.
 
@@ -312,7 +312,7 @@ def compute_stats(
   mask: jax.Array | None = None,
   axis_name: Hashable | None = None,
   axis_index_groups: Sequence[Sequence[int]] | None = None,
-  fn: str = "jaxbn.compute_stats",
+  fn: str = "jaxbn.stats.compute_stats",
 ) -> Stats:
   """Local statistics, merged across ``axis_name`` when it is given."""
   if axis_index_groups is not None and axis_name is None:

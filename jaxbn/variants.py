@@ -141,7 +141,8 @@ def _check(fn, x, state, scale, bias, axis, momentum, epsilon, running_average, 
   if not isinstance(state, BatchNormState):
     raise TypeError(f"{fn}: state must be a jaxbn.BatchNormState (see jaxbn.init_state), got {type(state).__name__}.")
   _checks.in_range(fn, "momentum", momentum, 0.0, 1.0)
-  _checks.positive(fn, "epsilon", epsilon)
+  _checks.positive(fn, "epsilon", epsilon, finite=True)
+  _checks.state_count(fn, state.count, fshape)
   if running_average not in RUNNING_AVERAGES:
     raise ValueError(f"{fn}: running_average must be one of {RUNNING_AVERAGES}, got {running_average!r}.")
   _checks.feature_array(fn, "state.mean", state.mean, fshape)
@@ -153,8 +154,9 @@ def _check(fn, x, state, scale, bias, axis, momentum, epsilon, running_average, 
 
 
 def _check_ghost_size(fn: str, ghost_batch_size: Any, x: jax.Array, axes: tuple[int, ...]) -> int:
-  if isinstance(ghost_batch_size, bool) or not isinstance(ghost_batch_size, int) or ghost_batch_size < 1:
+  if isinstance(ghost_batch_size, bool) or not isinstance(ghost_batch_size, (int, np.integer)) or ghost_batch_size < 1:
     raise ValueError(f"{fn}: ghost_batch_size must be a positive int, got {ghost_batch_size!r}.")
+  ghost_batch_size = int(ghost_batch_size)
   if len(axes) == x.ndim:
     raise ValueError(
       f"{fn}: ghost batches split the leading non-feature axis, but every axis of x (shape {x.shape}) "
@@ -359,7 +361,7 @@ def ghost_batch_norm(
   """
   fn = "jaxbn.ghost_batch_norm"
   x, cfg = _check(fn, x, state, scale, bias, axis, momentum, epsilon, running_average, mask)
-  _check_ghost_size(fn, ghost_batch_size, x, cfg.axes)
+  ghost_batch_size = _check_ghost_size(fn, ghost_batch_size, x, cfg.axes)
   if not _checks.static_bool(fn, "training", training):
     return _evaluate(x, state, cfg, epsilon, dtype)
   y, new_state, _ = _train(
@@ -470,7 +472,7 @@ def batch_renorm(
   fn = "jaxbn.batch_renorm"
   x, cfg = _check(fn, x, state, scale, bias, axis, momentum, epsilon, running_average, mask)
   if ghost_batch_size is not None:
-    _check_ghost_size(fn, ghost_batch_size, x, cfg.axes)
+    ghost_batch_size = _check_ghost_size(fn, ghost_batch_size, x, cfg.axes)
   if not callable(rmax):
     _limit(fn, "rmax", rmax, state.count, 1.0)
   if not callable(dmax):
@@ -594,7 +596,7 @@ def module_forward(
     return y, new_state, stats if want_stats else None
   x, cfg = _check(fn, x, state, scale, bias, axis, momentum, epsilon, running_average, mask)
   if ghost_batch_size is not None:
-    _check_ghost_size(fn, ghost_batch_size, x, cfg.axes)
+    ghost_batch_size = _check_ghost_size(fn, ghost_batch_size, x, cfg.axes)
   return _train(
     fn,
     x,

@@ -297,3 +297,15 @@ def test_modules_and_schedules_pickle_like_flax_modules():
   assert jnp.array_equal(copy(x), bn(x)) and copy.rmax == paper_rmax
   graphdef, _ = nnx.split(bn)
   pickle.loads(pickle.dumps(graphdef))
+
+
+def test_variant_argument_checks_match_batch_norm():
+  x, state = jnp.ones((8, 3)), jaxbn.init_state(3)
+  y, _ = ghost_batch_norm(x, state, ghost_batch_size=np.int64(4), training=True)  # NumPy ints are ints
+  assert y.shape == (8, 3)
+  for fn in (ghost_batch_norm, batch_renorm):
+    extra = {"ghost_batch_size": 4} if fn is ghost_batch_norm else {}
+    with pytest.raises(ValueError, match=r"epsilon must be finite and > 0, got inf"):
+      fn(x, state, training=True, epsilon=float("inf"), **extra)
+    with pytest.raises(TypeError, match=r"training must be a Python bool"):
+      jax.jit(lambda t, fn=fn, extra=extra: fn(x, state, training=t, **extra))(True)
