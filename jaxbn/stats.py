@@ -195,7 +195,23 @@ def local_stats(x: jax.Array, feature_axes: tuple[int, ...], mask: jax.Array | N
 
 
 def merge(a: Stats, b: Stats) -> Stats:
-  """Exact count-weighted merge of two summaries (Chan et al. 1983)."""
+  """Exact count-weighted merge of two summaries (Chan et al. 1983).
+
+  Args:
+    a: one part's statistics.
+    b: the other's, with the same shapes.
+
+  Returns:
+    The statistics of the union of both parts; a part with count 0 does not enter.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from jaxbn.stats import local_stats, merge
+    >>> x = jnp.arange(10.0).reshape(10, 1)
+    >>> both = merge(local_stats(x[:3], (1,)), local_stats(x[3:], (1,)))
+    >>> float(both.mean[0]), float(both.var[0])
+    (4.5, 8.25)
+  """
   return merge_stacked(jax.tree.map(lambda u, v: jnp.stack([u, v]), a, b))
 
 
@@ -204,6 +220,13 @@ def merge_stacked(stats: Stats, weights: jax.Array | None = None) -> Stats:
 
   The merged mean is formed as an offset from the mean of the largest part, so that parts whose
   means are large and nearly equal (|mean| >> std) do not lose the digits that matter.
+
+  Args:
+    stats: ``Stats`` whose fields have a leading axis of parts.
+    weights: optional 0/1 vector over the parts; parts with weight 0 do not enter.
+
+  Returns:
+    The statistics of the union of the (selected) parts, without the leading axis.
   """
   count, mean, m2 = stats
   return _merge_rows(jnp.stack([count, mean, jnp.zeros_like(mean), m2], axis=1), weights)
@@ -286,6 +309,15 @@ def all_reduce(
   With ``axis_index_groups``, each device merges only the summaries of its own group. The grouping
   is applied after the exchange, so it works identically under ``jax.pmap``, ``jax.shard_map`` and
   ``jax.vmap`` (``shard_map`` has no grouped ``psum``).
+
+  Args:
+    stats: this device's statistics.
+    axis_name: the mapped axis (or tuple of axes) to merge over.
+    axis_index_groups: optional partition of the axis indices into groups merged separately.
+    fn: the public function named in error messages.
+
+  Returns:
+    The merged statistics (of the device's group), identical on every device of the group.
   """
   count, mean, m2 = stats
   return _all_reduce_rows(jnp.stack([count, mean, jnp.zeros_like(mean), m2]), axis_name, axis_index_groups, fn)
@@ -314,7 +346,25 @@ def compute_stats(
   axis_index_groups: Sequence[Sequence[int]] | None = None,
   fn: str = "jaxbn.stats.compute_stats",
 ) -> Stats:
-  """Local statistics, merged across ``axis_name`` when it is given."""
+  """Statistics of ``x`` over its non-feature axes, merged across ``axis_name`` when it is given.
+
+  Without ``axis_name``, inputs sharded under ``jax.jit`` give global statistics with one
+  collective (see the module docstring).
+
+  Args:
+    x: floating input.
+    feature_axes: sorted, non-negative feature axes.
+    mask: optional boolean array broadcastable to ``x``; True marks valid elements.
+    axis_name: mapped axis to merge over (``jax.shard_map``, ``jax.pmap``, ``jax.vmap``).
+    axis_index_groups: optional partition of ``axis_name``'s indices into groups.
+    fn: the public function named in error messages.
+
+  Returns:
+    ``Stats`` with the feature shape, in float32 (float64 for float64 input).
+
+  Raises:
+    ValueError: ``axis_index_groups`` without ``axis_name``.
+  """
   if axis_index_groups is not None and axis_name is None:
     raise ValueError(f"{fn}: axis_index_groups={axis_index_groups!r} needs an axis_name to group over.")
   if axis_name is not None:

@@ -1037,6 +1037,19 @@ def minibatch_epoch(
 
   The last batch holds the remainder (never dropped); it has another size, so it compiles once.
   Use a step built with ``micro_batch_size=None`` (or >= ``batch_size``) for plain mini-batch SGD.
+
+  Args:
+    step: a step from :func:`full_batch_step`.
+    state: the state to start from.
+    data: the pytree of examples, with a leading example axis.
+    batch_size: rows per mini-batch, a positive int.
+    key: PRNG key of the shuffle.
+
+  Returns:
+    ``(state, history)``: the state after the epoch and the metrics of every update, in order.
+
+  Raises:
+    ValueError: a bad ``batch_size`` or ``data``.
   """
   n = _num_rows("jaxbn.training.minibatch_epoch", data)
   if not isinstance(batch_size, int) or batch_size <= 0:
@@ -1161,6 +1174,13 @@ def save_checkpoint(path: str, state: TrainState) -> None:
   """Saves the whole ``TrainState`` (params, batch statistics, optimizer state, counters) with Orbax.
 
   ``path`` must not exist yet; the call returns once the checkpoint is on disk.
+
+  Args:
+    path: a directory path that does not exist yet.
+    state: the state to save.
+
+  Raises:
+    ImportError: Orbax is not installed (``pip install 'jaxbn[checkpoint]'``).
   """
   ocp = _orbax()
 
