@@ -86,6 +86,9 @@ class BatchNorm(nn.Module):
       layout); reductions are float32 either way.
     running_average: ``"ema"``, ``"debiased_ema"`` or ``"cumulative"``.
     unbiased_running_var: store the Bessel-corrected batch variance in the running variance.
+    per_feature_count: give ``batch_stats/count`` the feature shape, so that ``"cumulative"`` and
+      ``"debiased_ema"`` average each feature over the batches in which it had a valid element
+      (for masks that leave some features empty; see :func:`jaxbn.update_running_stats`).
     ghost_batch_size: rows per ghost batch, or None for ordinary batch norm.
     renorm: use batch renormalization in training.
     rmax: renorm limit of ``r`` (>= 1), a number or ``schedule(step)``.
@@ -127,6 +130,7 @@ class BatchNorm(nn.Module):
   force_float32_reductions: bool = True
   running_average: RunningAverage = "ema"
   unbiased_running_var: bool = False
+  per_feature_count: bool = False
   ghost_batch_size: int | None = None
   renorm: bool = False
   rmax: Any = variants.paper_rmax
@@ -155,7 +159,8 @@ class BatchNorm(nn.Module):
     ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, stat_dtype), fshape)
     ra_count = None
     if variants.needs_count(self.running_average, self.renorm, self.rmax, self.dmax):
-      ra_count = self.variable("batch_stats", "count", lambda: jnp.zeros((), jnp.int32))
+      cshape = fshape if self.per_feature_count else ()
+      ra_count = self.variable("batch_stats", "count", lambda: jnp.zeros(cshape, jnp.int32))
     scale = self.param("scale", self.scale_init, fshape, self.param_dtype) if self.use_scale else None
     bias = self.param("bias", self.bias_init, fshape, self.param_dtype) if self.use_bias else None
     out_dtype = dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)

@@ -132,6 +132,8 @@ class BatchNorm(nnx.Module):
     running_average: ``"ema"``, ``"debiased_ema"`` or ``"cumulative"``; the last two add a
       ``count`` BatchStat.
     unbiased_running_var: store the Bessel-corrected batch variance in the running variance.
+    per_feature_count: give the ``count`` BatchStat the feature shape (see
+      :class:`jaxbn.linen.BatchNorm`).
     ghost_batch_size: rows per ghost batch (see :func:`jaxbn.variants.ghost_batch_norm`).
     renorm: use batch renormalization in training (see :func:`jaxbn.variants.batch_renorm`).
     rmax: renorm limit of ``r``, a number or ``schedule(step)``; schedules add a ``count`` BatchStat.
@@ -177,6 +179,7 @@ class BatchNorm(nnx.Module):
     scale_metadata: Mapping[str, Any] = MappingProxyType({}),
     running_average: RunningAverage = "ema",
     unbiased_running_var: bool = False,
+    per_feature_count: bool = False,
     ghost_batch_size: int | None = None,
     renorm: bool = False,
     rmax: Any = variants.paper_rmax,
@@ -190,7 +193,7 @@ class BatchNorm(nnx.Module):
     self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
     self.var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
     if variants.needs_count(running_average, renorm, rmax, dmax):
-      self.count = nnx.BatchStat(jnp.zeros((), jnp.int32))
+      self.count = nnx.BatchStat(jnp.zeros(feature_shape if per_feature_count else (), jnp.int32))
 
     self.scale: nnx.Param[jax.Array] | None
     if use_scale:
@@ -218,6 +221,7 @@ class BatchNorm(nnx.Module):
     self.promote_dtype = promote_dtype
     self.running_average = running_average
     self.unbiased_running_var = unbiased_running_var
+    self.per_feature_count = per_feature_count
     self.ghost_batch_size = ghost_batch_size
     self.renorm = renorm
     self.rmax = rmax

@@ -265,3 +265,33 @@ def test_gradients_match_flax_under_jit():
 def test_bad_configuration_names_the_argument(kw, match):
   with pytest.raises(ValueError, match=re.escape(match)):
     BatchNorm(use_running_average=False, **kw).init(jax.random.key(0), _x())
+
+
+def test_per_feature_count_in_the_modules_matches_the_function():
+  # Feature 1 has no valid element in the first batch: with a count per feature, the cumulative
+  # average of feature 1 is its second batch's statistics alone.
+  from flax import nnx
+
+  import jaxbn
+
+  rng = np.random.default_rng(0)
+  xs = [jnp.asarray(rng.normal(100.0, 2.0, (6, 3)), jnp.float32) for _ in range(2)]
+  masks = [jnp.array([[True, False, True]] * 6), jnp.ones((6, 3), bool)]
+  state = jaxbn.init_state(3, per_feature_count=True)
+  for x, m in zip(xs, masks):
+    _, state = jaxbn.batch_norm(x, state, training=True, mask=m, running_average="cumulative")
+  np.testing.assert_allclose(state.mean[1], xs[1][:, 1].mean(), rtol=1e-6)
+
+  bn = BatchNorm(use_running_average=False, running_average="cumulative", per_feature_count=True)
+  variables = bn.init(jax.random.key(0), xs[0])
+  assert variables["batch_stats"]["count"].shape == (3,)
+  for x, m in zip(xs, masks):
+    _, upd = bn.apply(variables, x, mask=m, mutable=["batch_stats"])
+    variables = {**variables, **upd}
+  layer = jaxbn.nnx.BatchNorm(3, running_average="cumulative", per_feature_count=True, rngs=nnx.Rngs(0))
+  for x, m in zip(xs, masks):
+    layer(x, mask=m)
+  for got in (variables["batch_stats"], {"mean": layer.mean[...], "var": layer.var[...], "count": layer.count[...]}):
+    np.testing.assert_allclose(got["mean"], state.mean, rtol=1e-6)
+    np.testing.assert_allclose(got["var"], state.var, rtol=1e-5)
+    np.testing.assert_array_equal(got["count"], state.count)
