@@ -184,3 +184,14 @@ def unbound_axis(fn: str, axis_name: Hashable, err: Exception) -> ValueError:
     "  2. under jax.jit with sharded inputs, pass axis_name=None: XLA then computes statistics over "
     "the global batch."
   )
+
+
+def leading_rows(fn: str, x: jax.Array, row_mask: jax.Array, where: str) -> None:
+  """A micro-batch's row mask must match the leading axis of a batch norm's input."""
+  if x.ndim == 0 or x.shape[0] != row_mask.shape[0]:
+    raise ValueError(
+      f"{fn}: {where} gets an input of shape {x.shape}, whose leading axis is not the micro-batch's "
+      f"{row_mask.shape[0]} rows, so the mask of the rows the last micro-batch re-reads cannot be applied "
+      "(e.g. the layer runs inside a vmap over the rows). Use a micro_batch_size that divides the number of "
+      "rows (no mask is needed then), or call the batch norm on the whole micro-batch."
+    )

@@ -23,7 +23,7 @@ from jaxbn import _checks, variants
 from jaxbn.functional import BatchNormState, RunningAverage
 from jaxbn.stats import Stats, merge
 
-__all__ = ["MOMENTS", "BatchNorm"]
+__all__ = ["MOMENTS", "BatchNorm", "record_moments"]
 
 MOMENTS = "batch_moments"
 """Collection into which training-mode calls write their batch statistics when it is named mutable.
@@ -207,9 +207,13 @@ class BatchNorm(nn.Module):
       if ra_count is not None:
         ra_count.value = new_state.count
     if record:
-      if self.has_variable(MOMENTS, "count"):
-        old = Stats(*(self.get_variable(MOMENTS, k) for k in ("count", "mean", "m2")))
-        stats = merge(old, stats)
-      for k, v in zip(("count", "mean", "m2"), stats, strict=True):
-        self.put_variable(MOMENTS, k, jax.lax.stop_gradient(v))
+      record_moments(self, stats)
     return y
+
+
+def record_moments(module: nn.Module, stats: Stats) -> None:
+  """Merges ``stats`` into ``module``'s entry of the :data:`MOMENTS` collection (which must be mutable)."""
+  if module.has_variable(MOMENTS, "count"):
+    stats = merge(Stats(*(module.get_variable(MOMENTS, k) for k in ("count", "mean", "m2"))), stats)
+  for k, v in zip(("count", "mean", "m2"), stats, strict=True):
+    module.put_variable(MOMENTS, k, jax.lax.stop_gradient(v))

@@ -49,6 +49,11 @@ class BatchMoments(nnx.BatchStat):
   """
 
 
+def _unstack(value: jax.Array) -> Stats:
+  """The ``Stats`` held by a :class:`BatchMoments` value (``count, mean, m2`` on the last axis)."""
+  return Stats(value[..., 0], value[..., 1], value[..., 2])
+
+
 def _layers(model: Any) -> list[tuple[tuple[Any, ...], BatchNorm]]:
   return [(tuple(path), node) for path, node in nnx.iter_graph(model) if isinstance(node, BatchNorm)]
 
@@ -83,7 +88,7 @@ def collect_moments(
     out = {}
     for path, bn in layers:
       value = bn.batch_moments[...]
-      out[path] = Stats(value[..., 0], value[..., 1], value[..., 2])
+      out[path] = _unstack(value)
     return out
 
   try:
@@ -267,13 +272,7 @@ class BatchNorm(nnx.Module):
     record = isinstance(moments, BatchMoments) and not use_running_average
     row_mask = _ROW_MASK.get()
     if row_mask is not None and not use_running_average:
-      if x.ndim == 0 or x.shape[0] != row_mask.shape[0]:
-        raise ValueError(
-          f"{fn}: the input's shape {x.shape} does not lead with the micro-batch's {row_mask.shape[0]} rows, "
-          "so the mask of the rows the last micro-batch re-reads cannot be applied (e.g. the layer runs inside "
-          "a vmap over the rows). Use a micro_batch_size that divides the number of rows (no mask is needed "
-          "then), or call the batch norm on the whole micro-batch."
-        )
+      _checks.leading_rows(fn, x, row_mask, "the layer")
       rows = row_mask.reshape(row_mask.shape + (1,) * (x.ndim - 1))
       mask = rows if mask is None else jnp.logical_and(mask, rows)
     y, new_state, stats = variants.module_forward(
@@ -305,7 +304,7 @@ class BatchNorm(nnx.Module):
         self.count[...] = new_state.count
       if record:
         value = moments[...]
-        old = Stats(value[..., 0], value[..., 1], value[..., 2])
+        old = _unstack(value)
         stats = merge(old, jax.tree.map(lambda a: jax.lax.stop_gradient(a).astype(value.dtype), stats))
         moments[...] = jnp.stack(stats, axis=-1)
     return y

@@ -46,8 +46,9 @@ from jax import lax
 from jaxbn import _checks, _hooks, diagnostics
 from jaxbn import stats as _stats
 from jaxbn.functional import BatchNormState, update_running_stats
-from jaxbn.linen import MOMENTS
+from jaxbn.linen import MOMENTS, record_moments
 from jaxbn.linen import BatchNorm as JaxbnBatchNorm
+from jaxbn.transforms import _global_norm
 
 __all__ = [
   "LossAux",
@@ -182,22 +183,11 @@ LossFn = Callable[[Any, Any, Any, jax.Array], tuple[jax.Array, LossAux]]
 UpdateStatsFn = Callable[[Any, Any], Any]
 
 
-def _check_rows(fn: str, x: jax.Array, row_mask: jax.Array, where: str) -> None:
-  """A micro-batch's row mask must match the leading axis of a batch norm's input."""
-  if x.ndim == 0 or x.shape[0] != row_mask.shape[0]:
-    raise ValueError(
-      f"{fn}: the batch norm at {where} gets an input of shape {x.shape}, whose leading axis is not the "
-      f"micro-batch's {row_mask.shape[0]} rows, so the mask of the rows the last micro-batch re-reads cannot "
-      "be applied (e.g. the layer runs inside a vmap over the rows). Use a micro_batch_size that divides the "
-      "number of rows (no mask is needed then), or call the batch norm on the whole micro-batch."
-    )
-
-
 def _positive_int_or_none(fn: str, arg: str, value: Any) -> int | None:
-  """``value`` as a Python int (NumPy integers accepted; bools are not counts), or None."""
+  """``value`` as a Python int (NumPy integers accepted, bools refused), or None."""
   if value is None:
     return None
-  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value <= 0:
+  if not _checks._is_int(value) or value <= 0:
     raise ValueError(f"{fn}: {arg} must be a positive int or None, got {value!r}.")
   return int(value)
 
@@ -340,7 +330,7 @@ def full_batch_step(
       grads, loss = _reduce_over_devices(grads, state.params, loss, data, axis_name)
       if extra is not None:
         extra = lax.psum(extra, axis_name)
-    grad_norm = _norm32(grads)  # of the float32 sums: a float16 gradient's norm can overflow float16
+    grad_norm = _global_norm(grads)  # of the float32 sums: a float16 gradient's norm can overflow float16
     grads = jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), grads, state.params)
     batch_stats = state.batch_stats
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -356,9 +346,9 @@ def full_batch_step(
       batch_stats = update_batch_stats(state.batch_stats, stats)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    update_norm = _norm32(updates)
+    update_norm = _global_norm(updates)
     # The new parameters too: a finite update can still overflow float16 parameters.
-    finite &= jnp.isfinite(update_norm) & jnp.isfinite(_norm32(params))
+    finite &= jnp.isfinite(update_norm) & jnp.isfinite(_global_norm(params))
     if guard:
       keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
       params = keep(params, state.params)
@@ -477,14 +467,6 @@ def _data_shards(data: Any) -> int:
     axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
     return math.prod(mesh.shape[a] for a in axes)
   return _stats._auto_mesh(first)[1]
-
-
-def _norm32(tree: Any) -> jax.Array:
-  """Global L2 norm accumulated in float32 (float64 for float64 leaves)."""
-  leaves = [jnp.asarray(a) for a in jax.tree.leaves(tree)]
-  if not leaves:
-    return jnp.zeros((), jnp.float32)
-  return jnp.sqrt(sum(jnp.sum(jnp.square(a.astype(_checks.stats_dtype(a.dtype)))) for a in leaves))
 
 
 def _gradient_fns(fn, loss_fn, micro_batch_size, bn_mode, axis_name):
@@ -877,7 +859,7 @@ def linen_loss(
       given = kwargs.get("mask")
       full = None if given is None else jnp.asarray(given) != 0
       if mask is not None:
-        _check_rows("jaxbn.training.linen_loss", x, mask, "/".join(module.path))
+        _checks.leading_rows("jaxbn.training.linen_loss", x, mask, f"the batch norm at {'/'.join(module.path)}")
         rows = mask.reshape(mask.shape + (1,) * (x.ndim - 1))
         full = rows if full is None else jnp.logical_and(rows, full)
         kwargs = {**kwargs, "mask": full}
@@ -899,10 +881,7 @@ def linen_loss(
       stats = _stats.compute_stats(
         x, axes, mask=full, axis_name=module.axis_name, axis_index_groups=module.axis_index_groups
       )
-      if module.has_variable(MOMENTS, "count"):
-        stats = _stats.merge(_stats.Stats(*(module.get_variable(MOMENTS, k) for k in ("count", "mean", "m2"))), stats)
-      for k, v in zip(("count", "mean", "m2"), stats, strict=True):
-        module.put_variable(MOMENTS, k, lax.stop_gradient(v))
+      record_moments(module, stats)
       return next_fun(*args, **kwargs)
 
     variables = {"params": params}

@@ -68,7 +68,7 @@ class RenormSchedule:
   def __post_init__(self):
     if not self.end_step > self.start_step:
       raise ValueError(
-        f"jaxbn.RenormSchedule: end_step must be > start_step, got start_step={self.start_step}, "
+        f"jaxbn.renorm_schedule: end_step must be > start_step, got start_step={self.start_step}, "
         f"end_step={self.end_step}."
       )
 
@@ -113,10 +113,6 @@ def renorm_schedule(
   for arg, value in (("start_step", start_step), ("end_step", end_step)):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
       raise TypeError(f"jaxbn.renorm_schedule: {arg} must be an int, got {value!r}.")
-  if not end_step > start_step:
-    raise ValueError(
-      f"jaxbn.renorm_schedule: end_step must be > start_step, got start_step={start_step}, end_step={end_step}."
-    )
   return RenormSchedule(float(start_value), float(end_value), int(start_step), int(end_step))
 
 
