@@ -489,6 +489,19 @@ def test_jit_auto_mesh_layouts_exact(layout):
     assert _collectives(f.lower(*args).compile()) == expected
 
 
+def test_context_mesh_chunking_only_where_the_mesh_has_devices():
+  """Eager jax.checkpoint under an abstract mesh alone used to pin single-device arrays to that mesh."""
+  mesh = _mesh(AxisType.Auto, (8,), ("data",))
+  x = jnp.asarray(np.random.default_rng(3).normal(5.0, 2.0, (16, 4)), jnp.float32)
+  f = jax.checkpoint(lambda x: jaxbn.batch_norm(x, jaxbn.init_state(4), training=True)[0])
+  want = f(x)
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    np.testing.assert_allclose(f(x), want, **TOL)
+  with jax.set_mesh(mesh):  # a concrete mesh: the chunked statistics, eager and under jit
+    np.testing.assert_allclose(f(x), want, **TOL)
+    np.testing.assert_allclose(jax.jit(f)(x), want, **TOL)
+
+
 # --- sync_state -----------------------------------------------------------------------------------
 
 
