@@ -51,6 +51,11 @@ from jax import lax
 
 from jaxbn import _checks
 
+try:  # the concrete mesh in context; see _context_mesh_has_devices
+  from jax._src.mesh import get_concrete_mesh as _get_concrete_mesh
+except ImportError:
+  _get_concrete_mesh = None
+
 __all__ = ["Stats", "all_reduce", "compute_stats", "local_stats", "merge", "merge_stacked", "moments"]
 
 
@@ -420,36 +425,28 @@ def _context_mesh_has_devices(abstract: Any) -> bool:
   """Whether a concrete mesh of the same shape backs the context's abstract mesh.
 
   ``jax.set_mesh`` sets both (and ``jax.jit`` carries both into its trace); an abstract mesh alone
-  (``jax.sharding.use_abstract_mesh``) names no devices. JAX has no public query that works inside a
-  trace (``jax.sharding.get_mesh`` refuses there), so this reads the context that JAX's own
+  (``jax.sharding.use_abstract_mesh``) names no devices that arrays evaluated outside ``jax.jit``
+  (eager ``jax.checkpoint``, for one) could be constrained to. JAX has no public query that works
+  inside a trace (``jax.sharding.get_mesh`` refuses there), so this reads the context that JAX's own
   ``with_sharding_constraint`` reads, and assumes a mesh where that is not available.
   """
-  try:
-    from jax._src import mesh as mesh_lib
-
-    concrete = mesh_lib.get_concrete_mesh()
-  except (ImportError, AttributeError):
+  if _get_concrete_mesh is None:
     return True
+  concrete = _get_concrete_mesh()
   return not concrete.empty and (concrete.axis_names, concrete.axis_sizes) == (abstract.axis_names, abstract.axis_sizes)
 
 
 def _auto_mesh(x: jax.Array) -> tuple[Any, int]:
-  """The mesh ``x`` is typed with (or the context mesh) and the number of devices along its Auto axes.
-
-  The context mesh counts only where ``jax.set_mesh`` set one: an abstract mesh alone (as
-  ``jax.sharding.use_abstract_mesh`` sets) names no devices that arrays evaluated outside ``jax.jit``
-  (eager ``jax.checkpoint``, for one) could be constrained to.
-  """
+  """The mesh ``x`` is typed with (or the context mesh, see :func:`_context_mesh_has_devices`) and
+  the number of devices along its Auto axes."""
   try:
     mesh = jax.typeof(x).sharding.mesh
   except AttributeError:
     mesh = None
   if mesh is None or mesh.empty:
     mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and not _context_mesh_has_devices(mesh):
+    if mesh.empty or not _context_mesh_has_devices(mesh):
       return None, 1
-  if mesh is None or mesh.empty:
-    return None, 1
   sizes = [s for s, t in zip(mesh.axis_sizes, mesh.axis_types) if t == jax.sharding.AxisType.Auto]
   return mesh, math.prod(sizes)
 
