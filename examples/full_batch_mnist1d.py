@@ -54,8 +54,20 @@ the first 40 steps with 4 devices); once the learning rate is high enough for th
 oscillations, rounding differences grow, as between any two builds, and the runs end at similar
 accuracy (96.5% vs 96.9%, seed 0). ``examples/multi_device.py`` compares the parallel styles exactly.
 
+Checkpoints: every ``--checkpoint-every`` steps (and after the last) the whole state of the run goes
+into ``checkpoints/<step>/`` inside the output folder, written atomically with Orbax's checkpoint
+manager, the newest 3 kept: parameters, optimizer state (with ``clip_by_running_norm``'s running
+statistics and clip count), batch statistics, the applied and guard-skipped step counters, and every
+metric so far. Rerunning the same command resumes from the newest checkpoint and says so; the
+resumed run writes the same ``metrics.csv`` and ends with bitwise the same parameters as one that
+was never interrupted (``tests/test_resume.py`` SIGKILLs one to check). A checkpoint that cannot be
+read back intact is reported and moved to ``checkpoints_unreadable/``, and the one before it is
+used. A rerun with other settings is refused; ``--fresh`` deletes the checkpoints and starts over,
+``--checkpoint-every 0`` neither writes nor reads them. The data set is fixed and the initialisation
+comes from ``--seed``, so nothing else is random.
+
 Outputs (in ``runs/full_batch_mnist1d/`` unless ``--out`` says otherwise): ``loss.png``,
-``grad_norm.png``, ``test_accuracy.png`` and ``metrics.csv``.
+``grad_norm.png``, ``test_accuracy.png``, ``metrics.csv`` and ``checkpoints/``.
 """
 
 from __future__ import annotations
@@ -80,6 +92,8 @@ import jaxbn.training
 import jaxbn.transforms
 
 NAME = "full_batch_mnist1d"
+# Flags that do not change the run's numbers: a run may resume the checkpoints of one that differs in these only.
+NOT_CONFIG = ("out", "no_progress", "checkpoint_every", "fresh", "hold_after_step")
 CONVS = ((5, 2), (3, 2), (3, 2))  # (kernel width, stride) per convolution: length 40 -> 20 -> 10 -> 5
 
 
@@ -170,6 +184,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument("--train-examples", type=int, default=None, help="use only the first N training examples")
   parser.add_argument("--out", default=f"runs/{NAME}", help="output folder")
   parser.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
+  parser.add_argument(
+    "--checkpoint-every",
+    type=int,
+    default=50,
+    help="save the whole state to <out>/checkpoints/ every this many steps and after the last (0: never save "
+    "nor resume); rerunning the same command resumes from the newest checkpoint",
+  )
+  parser.add_argument("--fresh", action="store_true", help="delete the checkpoints in --out and start over")
+  # For tests only, hence hidden: after step N (and its checkpoint, if any) print "holding after step N"
+  # and sleep until killed, so that a test can SIGKILL the run at a known point without racing its end.
+  parser.add_argument("--hold-after-step", type=int, default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.steps < 1:
     parser.error(f"--steps must be >= 1, got {args.steps}")
@@ -179,7 +204,50 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.error(f"--micro-batch-size must be >= 1, got {args.micro_batch_size}")
   if args.spike_z < 0:
     parser.error(f"--spike-z must be >= 0, got {args.spike_z}")
+  if args.checkpoint_every < 0:
+    parser.error(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
   return args
+
+
+def new_log(steps: int) -> dict[str, np.ndarray]:
+  """Per-step metrics of a run of ``steps`` steps, filled in as it goes; checkpointed with the state.
+
+  Row ``t - 1`` is step ``t``: loss, gradient norm and train accuracy before update ``t``, whether the
+  guard skipped it and whether ``clip_by_running_norm`` rescaled it, and the test accuracy after it
+  where ``evaluated`` (NaN elsewhere). Fixed shapes, so that a checkpoint restores into a fresh log.
+  """
+  zeros = lambda dtype: np.zeros(steps, dtype)
+  log = {k: zeros(np.float32) for k in ("loss", "grad_norm", "train_accuracy")}
+  log.update(skipped=zeros(bool), clipped=zeros(bool), evaluated=zeros(bool))
+  log["test_accuracy"] = np.full(steps, np.nan, np.float32)
+  return log
+
+
+def resume(
+  args: argparse.Namespace, out: Any, state: jaxbn.training.TrainState
+) -> tuple[_common.Checkpoints | None, int, jaxbn.training.TrainState, dict[str, np.ndarray]]:
+  """Opens the run's checkpoints and restores the newest one, if any.
+
+  Args:
+    args: the parsed command line.
+    out: the output folder.
+    state: the initial training state (its structure, shapes and shardings are those restored).
+
+  Returns:
+    ``(checkpoints, done, state, log)``: the checkpoints (None with ``--checkpoint-every 0``), the
+    number of steps already taken, and the training state and metrics log to continue from.
+  """
+  log = new_log(args.steps)
+  if not args.checkpoint_every:
+    return None, 0, state, log
+  config = {k: v for k, v in vars(args).items() if k not in NOT_CONFIG}
+  checkpoints = _common.Checkpoints(out, config, every=args.checkpoint_every, fresh=args.fresh)
+  restored = checkpoints.restore({"train": state, "log": log})
+  if restored is None:
+    return checkpoints, 0, state, log
+  done, saved = restored
+  print(f"resuming from the checkpoint of step {done} of {args.steps} in {checkpoints.directory} (--fresh starts over)")
+  return checkpoints, done, saved["train"], {k: np.array(v) for k, v in saved["log"].items()}
 
 
 def _shardings(devices: list[Any], sizes: tuple[int, ...]):
@@ -240,23 +308,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     f"{devices[0].platform} device(s)"
   )
 
-  history: dict[str, list[float]] = {"loss": [], "grad_norm": [], "train_accuracy": [], "skipped": [], "clipped": []}
-  eval_steps, test_accuracy = [], []
-  clipped_before = 0
-  bar = _common.progress(range(1, args.steps + 1), total=args.steps, desc="full-batch GD", enabled=not args.no_progress)
+  checkpoints, done, state, log = resume(args, out, state)
+  clipped_before = int(state.opt_state[0].num_clipped) if args.spike_z else 0
+  bar = _common.progress(
+    range(done + 1, args.steps + 1), total=args.steps, initial=done, desc="full-batch GD", enabled=not args.no_progress
+  )
   for i in bar:
     state, metrics = step(state, train)
-    history["loss"].append(float(metrics.loss))
-    history["grad_norm"].append(float(metrics.grad_norm))
-    history["train_accuracy"].append(float(metrics.extra))
-    history["skipped"].append(bool(metrics.skipped))
+    log["loss"][i - 1], log["grad_norm"][i - 1] = metrics.loss, metrics.grad_norm
+    log["train_accuracy"][i - 1], log["skipped"][i - 1] = metrics.extra, metrics.skipped
     clipped_now = int(state.opt_state[0].num_clipped) if args.spike_z else 0
-    history["clipped"].append(clipped_now > clipped_before)
+    log["clipped"][i - 1] = clipped_now > clipped_before
     clipped_before = clipped_now
     if i % args.eval_every == 0 or i == args.steps:
-      eval_steps.append(i)
-      test_accuracy.append(float(evaluate(state.params, state.batch_stats, test)))
-      bar.set_postfix(loss=f"{history['loss'][-1]:.4f}", test_acc=f"{test_accuracy[-1]:.3f}", refresh=False)
+      log["test_accuracy"][i - 1], log["evaluated"][i - 1] = evaluate(state.params, state.batch_stats, test), True
+      bar.set_postfix(loss=f"{log['loss'][i - 1]:.4f}", test_acc=f"{log['test_accuracy'][i - 1]:.3f}", refresh=False)
+    if checkpoints is not None:
+      checkpoints.save(i, {"train": state, "log": log}, last=i == args.steps)
+    if i == args.hold_after_step:
+      print(f"holding after step {i}", flush=True)
+      while True:
+        time.sleep(60)
+  if checkpoints is not None:
+    checkpoints.close()
+
+  history = {k: log[k].tolist() for k in ("loss", "grad_norm", "train_accuracy", "skipped", "clipped")}
+  eval_steps = [int(s) for s in np.flatnonzero(log["evaluated"]) + 1]
+  test_accuracy = log["test_accuracy"][log["evaluated"]].tolist()
 
   # Loss, gradient norm and train accuracy at step t are those of the parameters before update t;
   # test accuracy is measured after it.
@@ -327,6 +405,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     "test_accuracy_history": test_accuracy,
     "skipped_steps": int(state.skipped),
     "applied_steps": int(state.step),
+    "resumed_from_step": done,
     "clipped_steps": len(clipped_at),
     "steps": args.steps,
     "devices": len(devices),
