@@ -2,7 +2,7 @@
 
 ``full_batch_step`` turns a loss function into a jitted ``step(state, data) -> (state, metrics)``
 whose update uses the exact mean gradient over ALL of ``data``: micro-batches are scanned with
-``lax.scan``, gradients accumulate in float32, and no per-example gradient is ever kept, so memory
+``lax.scan``, gradients accumulate in float32 (float64 for float64 parameters), and no per-example gradient is ever kept, so memory
 is bounded by one micro-batch beyond the data itself.
 
 On one device, micro-batches are the contiguous slices ``data[k*m:(k+1)*m]`` for micro-batch size
@@ -29,6 +29,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -43,7 +44,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from jaxbn import _checks, _hooks, diagnostics
+from jaxbn import _checks, _hooks, _rows, diagnostics
 from jaxbn import stats as _stats
 from jaxbn.functional import BatchNormState, update_running_stats
 from jaxbn.linen import MOMENTS, record_moments
@@ -143,7 +144,9 @@ class LossAux(NamedTuple):
 
   Attributes:
     stats: per-layer raw batch statistics (a pytree of :class:`jaxbn.Stats`) of this micro-batch,
-      or None for a model without batch norm.
+      or None for a model without batch norm. A layer called more than once in the forward pass
+      (weights shared) reports a tuple with one ``Stats`` per call, in call order, and gets one
+      running update per call, as ``model.apply`` applies them.
     metrics: optional pytree of per-micro-batch values to average (count-weighted) into the step's
       metrics, e.g. accuracy.
   """
@@ -246,7 +249,8 @@ def full_batch_step(
       attach.
     guard: skip a step whose loss, gradient, update or batch statistics are not finite, changing
       nothing but ``skipped``.
-    donate: donate the incoming state's buffers to the new state (do not reuse the old state).
+    donate: donate the incoming state's buffers to the new state: continue from the returned
+      state; a consumed state passed again is refused with a ``ValueError`` saying so.
     jit: return the step compiled with ``jax.jit`` (False to wrap it yourself, e.g. in pmap).
     loop: ``"scan"`` (default) runs the micro-batches in a ``lax.scan`` inside one compiled step;
       ``"host"`` calls one compiled micro-batch program per micro-batch from Python (accumulators
@@ -261,8 +265,13 @@ def full_batch_step(
       memory stays that of one micro-batch. It costs ``2L + 1`` sweeps over the data for ``L``
       batch-norm layers (one statistics sweep per layer, since a layer's statistics depend on the
       layers before it; one loss sweep; one vector-Jacobian sweep per layer for the adjoints of
-      the statistics, last layer first), needs jaxbn's batch-norm modules (``jaxbn.linen.BatchNorm``,
-      ``jaxbn.nnx.BatchNorm``) without ghost batches or renormalization, and ``loop="scan"``.
+      the statistics, last layer first) and ``loop="scan"``. Every jaxbn batch norm takes part
+      (``jaxbn.linen.BatchNorm``, ``jaxbn.nnx.BatchNorm``, ``jaxbn.batch_norm`` in a hand-written
+      loss); at trace time the step proves from the loss's jaxpr that, with their statistics
+      fixed, the loss treats each row on its own, and refuses a loss where something else mixes
+      rows (a batch norm that is not jaxbn's, ghost batches, renormalization), naming the
+      operation. All derivatives (gradient, Hessian-vector products, sharpness) are those of one
+      ordinary pass over the whole dataset.
     layer_norms: add per-layer gradient and parameter norms to the metrics.
     sharpness_every: every ``k`` applied steps, add the top Hessian eigenvalue of the same full-batch
       objective (Lanczos on Hessian-vector products through this accumulated gradient) to the
@@ -279,6 +288,8 @@ def full_batch_step(
 
   Raises:
     ValueError: bad ``micro_batch_size``, ``sharpness_every``, ``bn_mode``, ``loop`` or ``data``;
+      under ``bn_mode="exact"``, a loss that mixes rows other than through jaxbn's batch norms
+      (at the first call); a state consumed by an earlier call (``donate=True``);
       ``loop="host"`` with ``bn_mode="exact"``, ``sharpness_every``, ``axis_name`` or ``jit=False``;
       statistics without ``update_batch_stats``; a loss that needs a key and a state without one;
       data that XLA cannot partition over Explicit mesh axes (at the first call).
@@ -377,7 +388,7 @@ def full_batch_step(
         lambda: _sharpness(
           gradient, state.params, state.batch_stats, data, axis_name, key=state.step_key(), num_iters=sharpness_iters
         )[0],
-        lambda: jnp.full((), jnp.nan, jnp.float32),
+        lambda: jnp.full((), jnp.nan, _weight_dtype(state.params)),
       )
       metrics = metrics._replace(sharpness=value)
     return new_state, metrics
@@ -389,12 +400,12 @@ def full_batch_step(
   def host_micro(state, data, acc, i):
     grads_acc, loss_acc, stats_acc, extra_acc = acc
     loss, aux, grads, w = micro_terms(state.params, state.batch_stats, data, i, state.step_key())
-    grads_acc = jax.tree.map(lambda a, g: a + w * g.astype(jnp.float32), grads_acc, grads)
+    grads_acc = jax.tree.map(lambda a, g: a + _weighted(w, g, a.dtype), grads_acc, grads)
     if aux.stats is not None:
       stats_acc = jax.tree.map(_stats.merge, stats_acc, aux.stats, is_leaf=lambda s: isinstance(s, _stats.Stats))
     if aux.metrics is not None:
       extra_acc = jax.tree.map(lambda a, v: a + w * v, extra_acc, aux.metrics)
-    return grads_acc, loss_acc + w * loss.astype(jnp.float32), stats_acc, extra_acc
+    return grads_acc, loss_acc + _weighted(w, loss, loss_acc.dtype), stats_acc, extra_acc
 
   def host_finish(state, data, acc):
     grads, loss, stats, extra = acc
@@ -420,7 +431,7 @@ def full_batch_step(
   if loop == "scan":
     if not jit:
       return checked_step
-    return jax.jit(checked_step, donate_argnums=(0,) if donate else ())
+    return _DonationChecked(fn, jax.jit(checked_step, donate_argnums=(0,) if donate else ()))
 
   micro_jit = jax.jit(host_micro, donate_argnums=(2,))
   finish_jit = jax.jit(host_finish, donate_argnums=(0,) if donate else ())
@@ -437,15 +448,44 @@ def full_batch_step(
         lambda s, d: micro_terms(s.params, s.batch_stats, d, jnp.int32(0), s.step_key()), state, data
       )[1]
     aux = aux_shapes[key]
-    zeros = lambda tree: jax.tree.map(lambda a: jnp.zeros(jnp.shape(a), jnp.float32), tree)
+    wdt = _weight_dtype(state.params)
+    zeros = lambda tree: jax.tree.map(lambda a: jnp.zeros(jnp.shape(a), wdt), tree)
     # Empty statistics (count 0) merge exactly with the first micro-batch's.
-    acc = (zeros(state.params), jnp.zeros((), jnp.float32), zeros(aux.stats), zeros(aux.metrics))
+    acc = (_zeros_like_grads(state.params), jnp.zeros((), wdt), zeros(aux.stats), zeros(aux.metrics))
     for i in range(k):
       acc = micro_jit(state, data, acc, jnp.int32(i))
     return finish_jit(state, data, acc)
 
+  host_step = _DonationChecked(fn, host_step)
   host_step.programs = {"micro-batch": micro_jit, "update": finish_jit}  # for inspection, e.g. memory
   return host_step
+
+
+class _DonationChecked:
+  """``step``, refusing with a clear message a state whose buffers an earlier call consumed (donated).
+
+  Everything else (``lower``, ``trace``, attributes) is ``step``'s own.
+  """
+
+  def __init__(self, fn: str, step: Callable[..., Any]):
+    self._fn, self._step = fn, step
+    functools.update_wrapper(self, step)
+
+  def __call__(self, state: TrainState, *args: Any) -> Any:
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+      if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer) and leaf.is_deleted():
+        raise ValueError(
+          f"{self._fn}: the state passed in was already consumed: its buffer state{jax.tree_util.keystr(path)} "
+          "was donated to an earlier call, whose returned state holds the values now. Consider one of the "
+          "following options:\n"
+          "  1. continue from the state the previous call returned: state, metrics = step(state, data);\n"
+          "  2. build the step with donate=False, so that every state passed in stays usable (at the cost of "
+          "memory for a second copy of the state)."
+        )
+    return self._step(state, *args)
+
+  def __getattr__(self, name: str) -> Any:
+    return getattr(self._step, name)
 
 
 def _data_shards(data: Any) -> int:
@@ -472,7 +512,7 @@ def _data_shards(data: Any) -> int:
 def _gradient_fns(fn, loss_fn, micro_batch_size, bn_mode, axis_name):
   """``sizes(data)``, ``micro_terms(params, batch_stats, data, i)`` and ``gradient(params, batch_stats, data)``.
 
-  ``gradient`` returns the mean loss, the float32 gradient (this device's share under ``axis_name``),
+  ``gradient`` returns the mean loss, the gradient accumulated in float32 or wider (this device's share under ``axis_name``),
   the merged statistics for the running update and the count-weighted metrics of the full-batch
   objective: ghost batches per micro-batch, or batch norm over the whole dataset (``bn_mode='exact'``).
   """
@@ -489,7 +529,7 @@ def _gradient_fns(fn, loss_fn, micro_batch_size, bn_mode, axis_name):
     m = per if micro_batch_size is None else min(max(micro_batch_size // g, 1), per)
     return n, g, m, math.ceil(per / m)
 
-  def micro_slice(data, i, key=None):
+  def micro_slice(data, i, key=None, wdt=jnp.float32):
     """Micro-batch ``i``: its rows, its row mask (None when all are valid) and its share of all rows.
 
     With the rows sharded over ``g`` devices under ``jax.jit``, micro-batch ``i`` takes rows
@@ -499,14 +539,15 @@ def _gradient_fns(fn, loss_fn, micro_batch_size, bn_mode, axis_name):
     """
     n, g, m, _ = sizes(data)
     per = n // g
-    total = n if axis_name is None else lax.psum(jnp.float32(n), axis_name)
+    wdt = jnp.dtype(wdt)
+    total = wdt.type(n) if axis_name is None else lax.psum(wdt.type(n), axis_name)
     start = jnp.minimum(i * m, per - m)
     if per % m:
       valid = start + jnp.arange(m) >= i * m  # the last slice re-reads rows of the one before: mask them
       mask = jnp.tile(valid, g)
-      w = g * jnp.sum(valid).astype(jnp.float32) / total
+      w = g * jnp.sum(valid).astype(wdt) / total
     else:
-      mask, w = None, jnp.float32(g * m) / total  # every row valid: no mask for the loss or the batch norms
+      mask, w = None, wdt.type(g * m) / total  # every row valid: no mask for the loss or the batch norms
 
     def cut(a):
       if g == 1:
@@ -529,23 +570,25 @@ def _gradient_fns(fn, loss_fn, micro_batch_size, bn_mode, axis_name):
 
   def micro_terms(params, batch_stats, data, i, key=None):
     """Loss, aux, gradient and weight (share of all rows) of micro-batch ``i``."""
-    batch, mask, w = micro_slice(data, i, key)
+    batch, mask, w = micro_slice(data, i, key, _weight_dtype(params))
     (loss, aux), grads = jax.value_and_grad(call, has_aux=True)(params, batch_stats, batch, mask)
     return loss, aux, grads, w
 
   def gradient(params, batch_stats, data, key=None):
     *_, k = sizes(data)
     if bn_mode == "exact":
-      return _exact_gradient(call, params, batch_stats, k, lambda i: micro_slice(data, i, key), axis_name, data)
+      micro = lambda i: micro_slice(data, i, key, _weight_dtype(params))
+      return _exact_gradient(call, params, batch_stats, k, micro, axis_name, data, takes_key)
 
     def body(i):
       loss, aux, grads, w = micro_terms(params, batch_stats, data, i, key)
-      terms = (jax.tree.map(lambda g: w * g.astype(jnp.float32), grads), w * loss.astype(jnp.float32))
+      terms = (jax.tree.map(lambda g, z: _weighted(w, g, z.dtype), grads, zeros), _weighted(w, loss, wdt))
       return terms, (aux, w)
 
-    zeros = jax.tree.map(lambda p: _varying_like(jnp.zeros(jnp.shape(p), jnp.float32), p), params)
+    wdt = _weight_dtype(params)
+    zeros = _zeros_like_grads(params)
     # Under jax.shard_map the accumulated loss varies over the data's axes: so must the loop's initial value.
-    init = (zeros, _varying_like(jnp.zeros((), jnp.float32), *jax.tree.leaves(data)))
+    init = (zeros, _varying_like(jnp.zeros((), wdt), *jax.tree.leaves(data)))
     (grads, loss), (aux, weights) = _sweep(k, body, init)
     stats = None
     if aux.stats is not None:
@@ -572,6 +615,24 @@ def _sweep(k, body, init=None):
     return (None if carry is None else jax.tree.map(jnp.add, carry, terms)), outputs
 
   return lax.scan(step, init, jnp.arange(k))
+
+
+def _weight_dtype(params: Any) -> jnp.dtype:
+  """The dtype micro-batch weights, losses and statistics accumulate in: float32, float64 with a float64 parameter."""
+  dtypes = [_checks.stats_dtype(jnp.result_type(p)) for p in jax.tree.leaves(params)]
+  return jnp.dtype(jnp.result_type(jnp.float32, *dtypes))
+
+
+def _zeros_like_grads(params: Any) -> Any:
+  """Accumulators for the gradient: float32 per leaf (float64 for float64 leaves), typed like the leaf under shard_map."""
+  return jax.tree.map(
+    lambda p: _varying_like(jnp.zeros(jnp.shape(p), _checks.stats_dtype(jnp.result_type(p))), p), params
+  )
+
+
+def _weighted(w: jax.Array, value: jax.Array, dtype: Any) -> jax.Array:
+  """``w * value`` computed and returned in the accumulator's ``dtype``."""
+  return w.astype(dtype) * jnp.asarray(value).astype(dtype)
 
 
 def _weighted_metrics(aux, weights):
@@ -603,6 +664,7 @@ class _ExactHook:
     self.calls = 0
     self.out = None
     self.trace = None  # the loss function's trace, set where the hook is installed
+    self.shapes = []  # the types of every call's statistics
 
   def __call__(self, x, axes, mask):
     if _trace_state() != self.trace:
@@ -614,6 +676,7 @@ class _ExactHook:
       )
     j = self.calls
     self.calls += 1
+    self.shapes.append(jax.eval_shape(lambda x, mask: _stats.compute_stats(x, axes, mask=mask), x, mask))
     if j < len(self.given):
       return self.given[j]
     if j != self.target:
@@ -641,7 +704,7 @@ def _trace_state() -> Any:
   return jax.extend.core.get_opaque_trace_state(convention="flax")
 
 
-def _exact_gradient(loss_fn, params, batch_stats, k, micro, axis_name, data):
+def _exact_gradient(loss_fn, params, batch_stats, k, micro, axis_name, data, takes_key):
   """Loss, gradient, full-data statistics and metrics of batch norm over the WHOLE dataset.
 
   With ``S_l`` the statistics (mean, variance) of batch-norm layer ``l`` over all rows, and ``F``
@@ -675,6 +738,7 @@ def _exact_gradient(loss_fn, params, batch_stats, k, micro, axis_name, data):
       "jaxbn.nnx.BatchNorm, in training mode); the loss function reports batch statistics but no jaxbn "
       "batch norm was called."
     )
+  _check_rows_separate(fn, run, params, batch0, mask0, probe.shapes, takes_key)
 
   # Forward: one statistics sweep per layer.
   diff, counts = [], []
@@ -694,17 +758,17 @@ def _exact_gradient(loss_fn, params, batch_stats, k, micro, axis_name, data):
   # Loss and the partial gradients with respect to the parameters and to every layer's statistics.
   def weighted_loss(p, d, batch, mask, w):
     loss, aux = run(_ExactHook(given(d, counts)), p, batch, mask)
-    return w * loss.astype(jnp.float32), (loss, aux)
+    return _weighted(w, loss, w.dtype), (loss, aux)
 
   def loss_body(i):
     batch, mask, w = micro(i)
     (_, (loss, aux)), (g_params, g_diff) = jax.value_and_grad(weighted_loss, argnums=(0, 1), has_aux=True)(
       params, diff, batch, mask, w
     )
-    g_params = jax.tree.map(lambda g: g.astype(jnp.float32), g_params)
-    return g_params, (w, loss.astype(jnp.float32), g_diff, aux)
+    g_params = jax.tree.map(lambda g, z: g.astype(z.dtype), g_params, zeros)
+    return g_params, (w, loss.astype(w.dtype), g_diff, aux)
 
-  zeros = jax.tree.map(lambda p: _varying_like(jnp.zeros(jnp.shape(p), jnp.float32), p), params)
+  zeros = _zeros_like_grads(params)
   grads, (weights, losses, g_diff, aux) = _sweep(k, loss_body, zeros)
   loss = jnp.dot(weights, losses)
   adjoint = [jax.tree.map(lambda a: jnp.sum(a, 0), t) for t in g_diff]
@@ -714,7 +778,7 @@ def _exact_gradient(loss_fn, params, batch_stats, k, micro, axis_name, data):
   # Adjoint sweeps, last layer first: lam_m is complete once every layer after m has contributed.
   for layer in reversed(range(num_layers)):
     t_mean, t_var = adjoint[layer]
-    cotangent = (t_mean, t_var, lax.stop_gradient(diff[layer][0]), counts[layer])
+    cotangent = (t_mean, t_var, diff[layer][0], counts[layer])
 
     def vjp_term(p, d, batch, mask, layer=layer, cotangent=cotangent):
       hook = _ExactHook(given(d, counts[:layer]), target=layer, cotangent=cotangent, axis_name=axis_name)
@@ -724,7 +788,7 @@ def _exact_gradient(loss_fn, params, batch_stats, k, micro, axis_name, data):
     def adjoint_body(i, vjp_term=vjp_term, layer=layer):
       batch, mask, _ = micro(i)
       g_params, g_diff = jax.grad(vjp_term, argnums=(0, 1))(params, diff[:layer], batch, mask)
-      return jax.tree.map(lambda g: g.astype(jnp.float32), g_params), g_diff
+      return jax.tree.map(lambda g, z: g.astype(z.dtype), g_params, zeros), g_diff
 
     g_params, g_diff = _sweep(k, adjoint_body, zeros)
     grads = jax.tree.map(jnp.add, grads, g_params)
@@ -737,6 +801,50 @@ def _exact_gradient(loss_fn, params, batch_stats, k, micro, axis_name, data):
   # Every micro-batch reports the same (full-data) statistics; metrics are averaged by row share.
   stats = None if aux.stats is None else jax.tree.map(lambda a: a[0], aux.stats)
   return loss, grads, stats, _weighted_metrics(aux, weights)
+
+
+def _check_rows_separate(fn, run, params, batch, mask, shapes, takes_key):
+  """Refuses a loss that still mixes rows once every jaxbn batch norm has whole-data statistics.
+
+  Such a loss holds a batch norm that is not jaxbn's (or another operation over the batch), which
+  would normalize each micro-batch by itself: the result would not be the exact objective.
+  """
+  fixed = [
+    _stats.Stats(
+      jnp.ones(s.count.shape, s.count.dtype), jnp.zeros(s.mean.shape, s.mean.dtype), jnp.ones(s.m2.shape, s.m2.dtype)
+    )
+    for s in shapes
+  ]
+
+  def loss(p, rows, key, m):
+    return run(_ExactHook(fixed), p, (rows, key) if takes_key else rows, m)[0]
+
+  rows, key = batch if takes_key else (batch, None)
+  if all(np.shape(a)[0] == 1 for a in jax.tree.leaves((rows, mask))):
+    # With one row there is nothing to mix, and a row axis of size 1 is ambiguous: check two rows.
+    rows, mask = jax.tree.map(lambda a: jax.ShapeDtypeStruct((2, *np.shape(a)[1:]), a.dtype), (rows, mask))
+  found = _rows.mixing_of_rows(loss, (params, rows, key, mask), (False, True, False, True))
+  if found is None:
+    return
+  kind, where = found
+  if kind == "mixes":
+    problem = (
+      f"with every jaxbn batch norm given those statistics, the loss still mixes the rows of a micro-batch at "
+      f"{where}: a batch norm that is not jaxbn's (flax.nnx.BatchNorm, haiku.BatchNorm, equinox.nn.BatchNorm, a "
+      "hand-written one) or another operation over the batch, which would see one micro-batch at a time"
+    )
+  else:
+    problem = (
+      f"the step cannot prove that the loss treats each row on its own once every jaxbn batch norm has "
+      f"those statistics: the rows pass through {where}, which its check does not follow"
+    )
+  raise ValueError(
+    f"{fn}: bn_mode='exact' differentiates the loss with batch-norm statistics over the whole dataset, but "
+    f"{problem}. Consider one of the following options:\n"
+    "  1. use jaxbn's batch norms (jaxbn.batch_norm, jaxbn.linen.BatchNorm, jaxbn.nnx.BatchNorm) for every "
+    "batch norm of the model;\n"
+    "  2. use bn_mode='ghost', which normalizes each micro-batch with its own statistics."
+  )
 
 
 def _varying_like(x, *like):
@@ -900,7 +1008,9 @@ def linen_loss(
       node = moments
       for name in path:
         node = node.get(name, {}) if isinstance(node, dict) else {}
-      if "count" in node:
+      if "calls" in node:  # a layer called more than once: one running update per call, in order
+        collected[path] = tuple(_stats.Stats(*call) for call in node["calls"])
+      elif "count" in node:
         collected[path] = _stats.Stats(node["count"], node["mean"], node["m2"])
       else:
         missing.append("/".join(path))
@@ -922,14 +1032,15 @@ def linen_loss(
       node = new
       for name in path:
         node = node[name]
-      old = BatchNormState(node["mean"], node["var"], node.get("count", jnp.zeros((), jnp.int32)))
-      state = update_running_stats(
-        old,
-        stats,
-        momentum=module.momentum,
-        running_average=getattr(module, "running_average", "ema"),
-        unbiased_running_var=getattr(module, "unbiased_running_var", False),
-      )
+      state = BatchNormState(node["mean"], node["var"], node.get("count", jnp.zeros((), jnp.int32)))
+      for call in (stats,) if isinstance(stats, _stats.Stats) else stats:
+        state = update_running_stats(
+          state,
+          call,
+          momentum=module.momentum,
+          running_average=getattr(module, "running_average", "ema"),
+          unbiased_running_var=getattr(module, "unbiased_running_var", False),
+        )
       node["mean"], node["var"] = state.mean, state.var
       if "count" in node:
         node["count"] = state.count
@@ -1011,11 +1122,18 @@ def minibatch_epoch(
   *,
   batch_size: int,
   key: jax.Array,
+  start: int = 0,
+  on_update: Callable[[int, TrainState, StepMetrics], None] | None = None,
 ) -> tuple[TrainState, list[StepMetrics]]:
   """One epoch of mini-batch SGD with the same step: shuffle, then one update per batch.
 
   The last batch holds the remainder (never dropped); it has another size, so it compiles once.
   Use a step built with ``micro_batch_size=None`` (or >= ``batch_size``) for plain mini-batch SGD.
+
+  The epoch is fixed by ``key`` (the order of the rows) and ``batch_size``; ``start`` and
+  ``on_update`` resume it in the middle. Checkpoint the state and the position ``on_update`` is given
+  (with the epoch's key, or the epoch number it is derived from); after a kill, call again with the
+  restored state and ``start=position``: the epoch ends bit for bit as the uninterrupted one.
 
   Args:
     step: a step from :func:`full_batch_step`.
@@ -1023,22 +1141,56 @@ def minibatch_epoch(
     data: the pytree of examples, with a leading example axis.
     batch_size: rows per mini-batch, a positive int.
     key: PRNG key of the shuffle.
+    start: number of this epoch's batches already applied (0 to ``ceil(n / batch_size)``): the call
+      applies the rest.
+    on_update: optional ``on_update(position, state, metrics)``, called after each update with the
+      number of this epoch's batches applied so far, e.g. to checkpoint; it must be done reading
+      ``state`` when it returns (the next step may donate its buffers).
 
   Returns:
-    ``(state, history)``: the state after the epoch and the metrics of every update, in order.
+    ``(state, history)``: the state after the epoch and the metrics of this call's updates, in order.
 
   Raises:
-    ValueError: a bad ``batch_size`` or ``data``.
+    ValueError: a bad ``batch_size``, ``start`` or ``data``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, jaxbn
+    >>> def loss_fn(params, batch_stats, batch, mask):
+    ...   return jnp.mean((batch["x"] @ params["w"] - 1.0) ** 2), jaxbn.training.LossAux()
+    >>> opt, data = optax.sgd(0.1), {"x": jnp.arange(20.0).reshape(10, 2) / 10}
+    >>> step = jaxbn.training.full_batch_step(loss_fn, opt, donate=False)
+    >>> fresh = jaxbn.training.TrainState.create({"w": jnp.zeros(2)}, {}, opt)
+    >>> saved = {}
+    >>> def checkpoint(position, state, metrics):
+    ...   saved.update(position=position, state=state) if position == 2 else None
+    >>> whole, _ = jaxbn.training.minibatch_epoch(
+    ...   step, fresh, data, batch_size=3, key=jax.random.key(0), on_update=checkpoint)
+    >>> resumed, history = jaxbn.training.minibatch_epoch(
+    ...   step, saved["state"], data, batch_size=3, key=jax.random.key(0), start=saved["position"])
+    >>> len(history), bool(jnp.array_equal(resumed.params["w"], whole.params["w"]))
+    (2, True)
   """
-  n = _num_rows("jaxbn.training.minibatch_epoch", data)
-  if not isinstance(batch_size, int) or batch_size <= 0:
-    raise ValueError(f"jaxbn.training.minibatch_epoch: batch_size must be a positive int, got {batch_size!r}.")
+  fn = "jaxbn.training.minibatch_epoch"
+  n = _num_rows(fn, data)
+  batch_size = _positive_int_or_none(fn, "batch_size", batch_size)
+  if batch_size is None:
+    raise ValueError(f"{fn}: batch_size must be a positive int, got None.")
+  num_batches = -(-n // batch_size)
+  if not _checks._is_int(start) or not 0 <= start <= num_batches:
+    raise ValueError(
+      f"{fn}: start must be an int from 0 to the epoch's {num_batches} batches ({n} rows in batches of "
+      f"{batch_size}), got {start!r}."
+    )
+  if on_update is not None and not callable(on_update):
+    raise TypeError(f"{fn}: on_update must be callable as on_update(position, state, metrics), got {on_update!r}.")
   order = jax.random.permutation(key, n)
   history = []
-  for start in range(0, n, batch_size):
-    batch = jax.tree.map(lambda a, idx=order[start : start + batch_size]: a[idx], data)
+  for b in range(int(start), num_batches):
+    batch = jax.tree.map(lambda a, idx=order[b * batch_size : (b + 1) * batch_size]: a[idx], data)
     state, metrics = step(state, batch)
     history.append(metrics)
+    if on_update is not None:
+      on_update(b + 1, state, metrics)
   return state, history
 
 

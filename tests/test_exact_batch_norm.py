@@ -210,3 +210,156 @@ def test_errors():
     full_batch_step(linen_loss(MLP(), xent), opt, bn_mode="full")
   with pytest.raises(ValueError, match=r"bn_mode='exact' .* use loop='scan'"):
     full_batch_step(linen_loss(MLP(), xent), opt, bn_mode="exact", loop="host")
+
+
+def _plain_bn_loss(params, x, y):
+  """A loss with batch norm written out by hand over all of ``x``: the oracle for the functional form."""
+  h = x @ params["w1"]
+  h = (h - h.mean(0, keepdims=True)) / jnp.sqrt(h.var(0, keepdims=True) + 1e-5) * params["scale"][None] + params[
+    "bias"
+  ][None]
+  return jnp.mean(xent(jnp.tanh(h) @ params["w2"], y))
+
+
+def _functional_params():
+  rng = np.random.default_rng(5)
+  return {
+    "w1": jnp.asarray(rng.normal(size=(5, 6)), jnp.float32),
+    "scale": jnp.asarray(1.0 + 0.1 * rng.normal(size=6), jnp.float32),
+    "bias": jnp.asarray(0.1 * rng.normal(size=6), jnp.float32),
+    "w2": jnp.asarray(rng.normal(size=(6, 3)), jnp.float32),
+  }
+
+
+@pytest.mark.parametrize("micro_batch_size", [None, 8, 7])
+def test_functional_batch_norm_takes_part_in_exact_mode(micro_batch_size):
+  """A hand-written loss calling jaxbn.batch_norm gets whole-data statistics, like the modules."""
+  data = _data(24, (5,))
+
+  def loss_fn(params, batch_stats, batch, mask):
+    h = batch["x"] @ params["w1"]
+    h, _ = jaxbn.batch_norm(
+      h,
+      jaxbn.init_state(6),
+      params["scale"],
+      params["bias"],
+      training=True,
+      mask=None if mask is None else mask[:, None],
+    )
+    per_row = xent(jnp.tanh(h) @ params["w2"], batch["y"])
+    valid = jnp.ones(per_row.shape, bool) if mask is None else mask
+    return jnp.sum(jnp.where(valid, per_row, 0)) / jnp.sum(valid), jaxbn.training.LossAux()
+
+  params = _functional_params()
+  step = full_batch_step(loss_fn, _recorder(), micro_batch_size=micro_batch_size, bn_mode="exact")
+  new, metrics = step(TrainState.create(params, {}, _recorder()), data)
+  loss, grads = jax.value_and_grad(_plain_bn_loss)(params, data["x"], data["y"])
+  np.testing.assert_allclose(float(metrics.loss), float(loss), rtol=1e-5)
+  _close(new.opt_state, grads, atol=2e-5)
+
+
+def _haiku_loss():
+  import haiku as hk
+
+  def forward(x):
+    h = hk.Linear(6)(x)
+    h = hk.BatchNorm(create_scale=True, create_offset=True, decay_rate=0.9)(h, is_training=True)
+    return hk.Linear(3)(jnp.tanh(h))
+
+  model = hk.transform_with_state(forward)
+  params, hk_state = model.init(jax.random.key(0), jnp.ones((4, 5)))
+
+  def loss_fn(params, batch_stats, batch, mask):
+    out, _ = model.apply(params, hk_state, None, batch["x"])
+    return jnp.mean(xent(out, batch["y"])), jaxbn.training.LossAux()
+
+  return loss_fn, params
+
+
+def _equinox_loss():
+  import equinox as eqx
+
+  layer = eqx.nn.BatchNorm(5, axis_name="batch")
+  eqx_state = eqx.nn.State(layer)
+
+  def loss_fn(params, batch_stats, batch, mask):
+    out, _ = jax.vmap(layer, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(batch["x"], eqx_state)
+    return jnp.mean((out @ params["w"]) ** 2), jaxbn.training.LossAux()
+
+  return loss_fn, {"w": jnp.ones(5)}
+
+
+def _jaxbn_variant_loss(variant):
+  def loss_fn(params, batch_stats, batch, mask):
+    h = batch["x"] @ params["w1"]
+    if variant == "ghost":
+      h, _ = jaxbn.ghost_batch_norm(h, jaxbn.init_state(6), training=True, ghost_batch_size=4)
+    else:
+      h, _ = jaxbn.batch_renorm(h, jaxbn.init_state(6), training=True, rmax=2.0, dmax=1.0)
+    return jnp.mean(xent(h @ params["w2"], batch["y"])), jaxbn.training.LossAux()
+
+  return loss_fn, _functional_params()
+
+
+def _hand_written_loss():
+  def loss_fn(params, batch_stats, batch, mask):
+    h = batch["x"] @ params["w1"]
+    h = (h - h.mean(0, keepdims=True)) / jnp.sqrt(h.var(0, keepdims=True) + 1e-5)
+    return jnp.mean(xent(h @ params["w2"], batch["y"])), jaxbn.training.LossAux()
+
+  return loss_fn, _functional_params()
+
+
+@pytest.mark.parametrize(
+  "make, match",
+  [
+    (_haiku_loss, r"mixes the rows of a micro-batch at"),
+    (_equinox_loss, r"mixes the rows of a micro-batch at"),
+    (_hand_written_loss, r"mixes the rows of a micro-batch at"),
+    (lambda: _jaxbn_variant_loss("ghost"), r"jaxbn.ghost_batch_norm: the training loop supplies statistics"),
+    (lambda: _jaxbn_variant_loss("renorm"), r"jaxbn.batch_renorm: the training loop supplies statistics"),
+  ],
+  ids=["haiku", "equinox", "hand-written", "ghost_batch_norm", "batch_renorm"],
+)
+def test_exact_mode_refuses_batch_norms_it_cannot_make_exact(make, match):
+  """Never a silent fallback to per-micro-batch statistics under the name 'exact'."""
+  loss_fn, params = make()
+  data = _data(16, (5,))
+  opt = optax.sgd(0.1)
+  state = TrainState.create(params, {}, opt)
+  with pytest.raises(ValueError, match=match):
+    full_batch_step(loss_fn, opt, micro_batch_size=8, bn_mode="exact")(state, data)
+  with pytest.raises(ValueError, match=match):
+    jaxbn.training.sharpness(loss_fn, micro_batch_size=8, bn_mode="exact")(state, data)
+  # The same losses are fine in ghost mode, which is what they compute.
+  full_batch_step(loss_fn, opt, micro_batch_size=8)(state, data)
+
+
+class Shared(nn.Module):
+  """One batch norm (and one Dense) applied twice in a forward pass: shared weights."""
+
+  bn: type = jaxbn.linen.BatchNorm
+
+  @nn.compact
+  def __call__(self, x):
+    dense, norm = nn.Dense(5), self.bn(use_running_average=False, momentum=0.8)
+    h = jnp.tanh(norm(dense(x)))
+    h = jnp.tanh(norm(dense(h)))
+    return nn.Dense(3)(h)
+
+
+@pytest.mark.parametrize(("bn_mode", "micro_batch_size"), [("exact", 7), ("exact", None), ("ghost", None)])
+def test_layer_called_twice_updates_like_model_apply(bn_mode, micro_batch_size):
+  """Two running updates, in call order, each from its call's statistics over all rows: flax's model.apply."""
+  data = _data(24, (5,))
+  variables = Shared(nn.BatchNorm).init(jax.random.key(1), data["x"])
+  loss, grads, batch_stats = _reference(Shared(nn.BatchNorm), variables, data)
+  state = TrainState.create(variables["params"], variables["batch_stats"], _recorder())
+  step = full_batch_step(linen_loss(Shared(), xent), _recorder(), micro_batch_size=micro_batch_size, bn_mode=bn_mode)
+  new, metrics = step(state, data)
+  np.testing.assert_allclose(float(metrics.loss), float(loss), rtol=1e-5)
+  _close(new.opt_state, grads)
+  _close(new.batch_stats, batch_stats)
+  # One update from the two calls' merged statistics would differ: the comparison can fail.
+  once = jax.tree.map(lambda a, b: a - b, batch_stats, variables["batch_stats"])
+  assert float(jnp.max(jnp.abs(once["BatchNorm_0"]["mean"]))) > 1e-2

@@ -165,6 +165,15 @@ def test_no_retracing_and_donated_state():
     state, _ = step(state, data)
     assert all(leaf.is_deleted() for leaf in jax.tree.leaves(old.params))
   assert len(traces) == 1
+  # Reusing a consumed state is refused before XLA sees the deleted buffers, saying what to do.
+  for loop in ("scan", "host"):
+    again = full_batch_step(base, opt, micro_batch_size=4, loop=loop)
+    state, _ = again(old := state, data)
+    with pytest.raises(
+      ValueError, match=r"(?s)full_batch_step: the state passed in was already consumed: .*donate=False"
+    ):
+      again(old, data)
+  assert again.programs and full_batch_step(base, opt).lower(state, data).compile()  # still the jitted step's own
 
 
 def test_sharded_data_on_eight_devices_equals_one_device():
@@ -222,10 +231,23 @@ def test_minibatch_epoch_visits_every_example_once():
   opt = optax.sgd(0.01)
   step = full_batch_step(loss_fn, opt)
   state, history = minibatch_epoch(
-    step, TrainState.create({"w": jnp.ones(3)}, {}, opt), data, batch_size=4, key=jax.random.key(1)
+    step, TrainState.create({"w": jnp.ones(3)}, {}, opt), data, batch_size=np.int64(4), key=jax.random.key(1)
   )
   assert len(history) == 3 and int(state.step) == 3
   np.testing.assert_allclose(sorted(seen), sorted(np.asarray(data["x"][:, 0]).tolist()), rtol=1e-6)
+
+  # Resumed after its first batch (a checkpoint taken by on_update), the epoch ends bit for bit the same.
+  step = full_batch_step(loss_fn, opt, donate=False)
+  saved, seen[:] = {}, []
+  start = TrainState.create({"w": jnp.ones(3)}, {}, opt)
+  whole, _ = minibatch_epoch(
+    step, start, data, batch_size=4, key=jax.random.key(1), on_update=lambda i, st, m: saved.setdefault(i, st)
+  )
+  assert sorted(saved) == [1, 2, 3]
+  resumed, history = minibatch_epoch(step, saved[1], data, batch_size=4, key=jax.random.key(1), start=1)
+  assert len(history) == 2
+  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(whole), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_errors():
@@ -242,6 +264,8 @@ def test_errors():
     step(state, {"x": jnp.ones((4, 3)), "y": jnp.ones(5, jnp.int32)})
   with pytest.raises(ValueError, match=r"batch_size must be a positive int"):
     minibatch_epoch(step, state, _data(), batch_size=0, key=jax.random.key(0))
+  with pytest.raises(ValueError, match=r"minibatch_epoch: start must be an int from 0 to the epoch's 3 batches"):
+    minibatch_epoch(step, state, _data(), batch_size=4, key=jax.random.key(0), start=4)
 
 
 def test_nnx_model_trains_like_the_same_linen_model():

@@ -1,0 +1,246 @@
+"""Every derivative of the full-batch step against an oracle outside jaxbn, in float64.
+
+The oracle is ``jax.grad`` / ``jax.jvp`` / ``jax.hessian`` of ONE ordinary pass of the same model
+built with Flax's own batch norm (``flax.linen.BatchNorm``, ``flax.nnx.BatchNorm``): over all rows
+for ``bn_mode="exact"``, over each ghost batch (the step's micro-batches) for ``bn_mode="ghost"``.
+jaxbn's step, its Hessian-vector products and its sharpness must equal those derivatives for every
+loop, micro-batch size (with and without a remainder) and device count.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.flatten_util import ravel_pytree
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxbn
+from jaxbn import training
+from jaxbn.training import TrainState, full_batch_step, linen_loss, nnx_loss, sharpness
+
+xent = optax.softmax_cross_entropy_with_integer_labels
+F64 = jnp.float64
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+  with jax.enable_x64(True):
+    yield
+
+
+class Net(nn.Module):
+  """Dense -> BN -> relu, twice, then Dense: the model in which exact mode's Hessian was wrong."""
+
+  bn: type = jaxbn.linen.BatchNorm
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    for width in (8, 6):
+      x = nn.Dense(width, param_dtype=F64)(x)
+      x = self.bn(use_running_average=False, momentum=0.8, param_dtype=F64, axis_name=self.axis_name)(x)
+      x = nn.relu(x)
+    return nn.Dense(4, param_dtype=F64)(x)
+
+
+def _data(n, seed=0):
+  rng = np.random.default_rng(seed)
+  return {"x": jnp.asarray(rng.normal(size=(n, 5)) * 1.5 + 2.0, F64), "y": jnp.asarray(np.arange(n) % 4)}
+
+
+def _recorder() -> optax.GradientTransformation:
+  """An 'optimizer' whose state becomes the gradient it receives; the parameters stay."""
+  return optax.GradientTransformation(
+    lambda params: jax.tree.map(jnp.zeros_like, params),
+    lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads),
+  )
+
+
+def _trained_variables(n=36):
+  """Parameters after a few plain steps, away from the initialization's symmetries."""
+  data = _data(n, seed=1)
+  variables = Net(nn.BatchNorm).init(jax.random.key(1), data["x"])
+  params = variables["params"]
+
+  def loss(p):
+    out, _ = Net(nn.BatchNorm).apply({"params": p, **variables}, data["x"], mutable=["batch_stats"])
+    return jnp.mean(xent(out, data["y"]))
+
+  for _ in range(10):
+    params = jax.tree.map(lambda p, g: p - 0.3 * g, params, jax.grad(loss)(params))
+  return {"params": params, "batch_stats": variables["batch_stats"]}
+
+
+def _flax_objective(variables, data, blocks):
+  """Row-weighted mean over ``blocks`` (index arrays) of the mean loss of one flax pass per block."""
+  n = sum(len(b) for b in blocks)
+
+  def objective(params):
+    total = 0.0
+    for rows in blocks:
+      out, _ = Net(nn.BatchNorm).apply(
+        {"params": params, "batch_stats": variables["batch_stats"]}, data["x"][rows], mutable=["batch_stats"]
+      )
+      total += len(rows) / n * jnp.mean(xent(out, data["y"][rows]))
+    return total
+
+  return objective
+
+
+def _ghost_blocks(n, micro_batch_size, devices=1):
+  """The step's micro-batches: per device block of ``n/devices`` rows, contiguous slices of ``m`` rows."""
+  per = n // devices
+  m = per if micro_batch_size is None else min(max(micro_batch_size // devices, 1), per)
+  blocks = []
+  for start in range(0, per, m):
+    blocks.append(np.concatenate([np.arange(d * per + start, d * per + min(start + m, per)) for d in range(devices)]))
+  return blocks
+
+
+def _dense_hessian(objective, params):
+  flat, unravel = ravel_pytree(params)
+  return np.asarray(jax.hessian(lambda f: objective(unravel(f)))(flat)), unravel
+
+
+def _assert_tree_close(actual, expected, rtol, atol):
+  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=rtol, atol=atol)
+
+
+def _vector(params, seed=3):
+  flat, unravel = ravel_pytree(params)
+  return unravel(jnp.asarray(np.random.default_rng(seed).normal(size=flat.shape), F64))
+
+
+CASES = [
+  # (bn_mode, loop, micro_batch_size) on 36 rows: one micro-batch, even ones, a remainder.
+  ("exact", "scan", None),
+  ("exact", "scan", 10),
+  ("ghost", "scan", 12),
+  ("ghost", "scan", 10),
+  ("ghost", "host", 10),
+]
+
+
+@pytest.mark.parametrize(("bn_mode", "loop", "micro_batch_size"), CASES)
+def test_linen_gradient_hvp_and_sharpness_equal_one_flax_pass(bn_mode, loop, micro_batch_size):
+  n = 36
+  variables, data = _trained_variables(n), _data(n)
+  blocks = [np.arange(n)] if bn_mode == "exact" else _ghost_blocks(n, micro_batch_size)
+  objective = _flax_objective(variables, data, blocks)
+  params = variables["params"]
+  loss_fn = linen_loss(Net(), xent)
+  options = dict(micro_batch_size=micro_batch_size, bn_mode=bn_mode, loop=loop, donate=False)
+  if loop == "scan":  # the host loop offers neither sharpness nor exact mode (refused, tested elsewhere)
+    options.update(sharpness_every=1, sharpness_iters=40)
+
+  # The gradient the step applies, and the sharpness it reports: the top eigenvalue of the dense Hessian.
+  state = TrainState.create(params, variables["batch_stats"], _recorder())
+  new, metrics = full_batch_step(loss_fn, _recorder(), **options)(state, data)
+  _assert_tree_close(new.opt_state, jax.grad(objective)(params), rtol=1e-10, atol=1e-12)
+  np.testing.assert_allclose(float(metrics.loss), float(objective(params)), rtol=1e-12)
+  if loop == "host":
+    return
+  top = np.linalg.eigvalsh(_dense_hessian(objective, params)[0])[-1]
+  assert metrics.sharpness.dtype == F64
+  np.testing.assert_allclose(float(metrics.sharpness), top, rtol=1e-6)
+
+  # Hessian-vector products through the step's accumulated gradient.
+  _, _, gradient = training._gradient_fns("test", loss_fn, micro_batch_size, bn_mode, None)
+  grad_fn = jax.jit(lambda p: gradient(p, variables["batch_stats"], data)[1])
+  v = _vector(params)
+  expected = jax.jvp(jax.grad(objective), (params,), (v,))[1]
+  modes = ("forward", "reverse") if (bn_mode, micro_batch_size) == ("exact", 10) else ("forward",)
+  for mode in modes:
+    _assert_tree_close(jaxbn.hessian_vector_product(grad_fn, params, v, mode=mode), expected, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("bn_mode", ["exact", "ghost"])
+def test_eight_devices_equal_one_flax_pass(bn_mode):
+  """jit over data sharded on 8 devices, and the pmap-style step: the same derivatives."""
+  n, micro_batch_size = 48, 16
+  variables, data = _trained_variables(n), _data(n)
+  params = variables["params"]
+  blocks = [np.arange(n)] if bn_mode == "exact" else _ghost_blocks(n, micro_batch_size, devices=8)
+  objective = _flax_objective(variables, data, blocks)
+  expected_grad = jax.grad(objective)(params)
+  top = np.linalg.eigvalsh(_dense_hessian(objective, params)[0])[-1]
+  options = dict(bn_mode=bn_mode, sharpness_every=1, sharpness_iters=40, donate=False)
+  state = TrainState.create(params, variables["batch_stats"], _recorder())
+
+  mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+  sharded = jax.device_put(data, NamedSharding(mesh, P("data")))
+  step = full_batch_step(linen_loss(Net(), xent), _recorder(), micro_batch_size=micro_batch_size, **options)
+  new, metrics = step(state, sharded)
+  _assert_tree_close(new.opt_state, expected_grad, rtol=1e-10, atol=1e-12)
+  np.testing.assert_allclose(float(metrics.sharpness), top, rtol=1e-6)
+
+  per_device = micro_batch_size // 8  # under axis_name, the micro-batch size counts each device's rows
+  step = full_batch_step(
+    linen_loss(Net(axis_name="d"), xent), _recorder(), micro_batch_size=per_device, axis_name="d", jit=False, **options
+  )
+  stacked = jax.tree.map(lambda a: a.reshape(8, -1, *a.shape[1:]), data)
+  new, metrics = jax.pmap(step, axis_name="d", in_axes=(None, 0), out_axes=None)(state, stacked)
+  _assert_tree_close(new.opt_state, expected_grad, rtol=1e-10, atol=1e-12)
+  np.testing.assert_allclose(float(metrics.sharpness), top, rtol=1e-6)
+
+
+class NnxNet(nnx.Module):
+  def __init__(self, bn, rngs):
+    self.layers = nnx.List(
+      [
+        nnx.Linear(5, 8, param_dtype=F64, rngs=rngs),
+        bn(8, momentum=0.8, param_dtype=F64, rngs=rngs),
+        nnx.Linear(8, 6, param_dtype=F64, rngs=rngs),
+        bn(6, momentum=0.8, param_dtype=F64, rngs=rngs),
+      ]
+    )
+    self.head = nnx.Linear(6, 4, param_dtype=F64, rngs=rngs)
+
+  def __call__(self, x):
+    for i in range(0, 4, 2):
+      x = jnp.tanh(self.layers[i + 1](self.layers[i](x)))
+    return self.head(x)
+
+
+@pytest.mark.parametrize(("bn_mode", "micro_batch_size"), [("exact", 10), ("ghost", 10)])
+def test_nnx_gradient_and_sharpness_equal_one_flax_pass(bn_mode, micro_batch_size):
+  n = 36
+  data = _data(n)
+  model = NnxNet(jaxbn.nnx.BatchNorm, nnx.Rngs(0))
+  oracle = NnxNet(nnx.BatchNorm, nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  nnx.update(oracle, params)
+  graphdef, _, rest = nnx.split(oracle, nnx.Param, ...)
+  blocks = [np.arange(n)] if bn_mode == "exact" else _ghost_blocks(n, micro_batch_size)
+
+  def objective(p):
+    total = 0.0
+    for rows in blocks:
+      m = nnx.merge(graphdef, p, jax.tree.map(lambda a: a, rest))  # fresh variables at this trace level
+      m.train()
+      total += len(rows) / n * jnp.mean(xent(m(data["x"][rows]), data["y"][rows]))
+    return total
+
+  loss_fn = nnx_loss(model, xent)
+  new, metrics = full_batch_step(
+    loss_fn, _recorder(), micro_batch_size=micro_batch_size, bn_mode=bn_mode, sharpness_every=1, sharpness_iters=40
+  )(loss_fn.init_state(_recorder()), data)
+  _assert_tree_close(new.opt_state, jax.grad(objective)(params), rtol=1e-10, atol=1e-12)
+  top = np.linalg.eigvalsh(_dense_hessian(objective, params)[0])[-1]
+  np.testing.assert_allclose(float(metrics.sharpness), top, rtol=1e-6)
+
+
+def test_standalone_sharpness_equals_the_dense_top_eigenvalue():
+  """jaxbn.training.sharpness, outside any step: exact mode with a remainder."""
+  n = 36
+  variables, data = _trained_variables(n), _data(n)
+  objective = _flax_objective(variables, data, [np.arange(n)])
+  top = np.linalg.eigvalsh(_dense_hessian(objective, variables["params"])[0])[-1]
+  state = TrainState.create(variables["params"], variables["batch_stats"], optax.sgd(0.1))
+  value, _ = sharpness(linen_loss(Net(), xent), micro_batch_size=10, bn_mode="exact", num_iters=40)(state, data)
+  np.testing.assert_allclose(float(value), top, rtol=1e-6)
