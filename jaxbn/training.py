@@ -1260,7 +1260,7 @@ def nnx_loss(
       nnx.reseed(m, policy="match_shape", **keys)
     with collect_moments(m, row_mask=mask) as read:
       out = m(batch[inputs])
-      collected = read()
+      collected = read(per_call=True)
     value, extra = _masked_means(loss, metrics, out, batch[targets], mask)
     return value, LossAux(stats=collected or None, metrics=extra)
 
@@ -1270,13 +1270,15 @@ def nnx_loss(
       if path not in merged:
         continue
       count = node.count[...] if isinstance(getattr(node, "count", None), nnx.BatchStat) else jnp.zeros((), jnp.int32)
-      state = update_running_stats(
-        BatchNormState(node.mean[...], node.var[...], count),
-        merged[path],
-        momentum=node.momentum,
-        running_average=node.running_average,
-        unbiased_running_var=node.unbiased_running_var,
-      )
+      state = BatchNormState(node.mean[...], node.var[...], count)
+      for call in (merged[path],) if isinstance(merged[path], _stats.Stats) else merged[path]:
+        state = update_running_stats(
+          state,
+          call,
+          momentum=node.momentum,
+          running_average=node.running_average,
+          unbiased_running_var=node.unbiased_running_var,
+        )
       node.mean[...], node.var[...] = state.mean, state.var
       if isinstance(getattr(node, "count", None), nnx.BatchStat):
         node.count[...] = state.count

@@ -363,3 +363,37 @@ def test_layer_called_twice_updates_like_model_apply(bn_mode, micro_batch_size):
   # One update from the two calls' merged statistics would differ: the comparison can fail.
   once = jax.tree.map(lambda a, b: a - b, batch_stats, variables["batch_stats"])
   assert float(jnp.max(jnp.abs(once["BatchNorm_0"]["mean"]))) > 1e-2
+
+
+@pytest.mark.parametrize(("bn_mode", "micro_batch_size"), [("exact", 7), ("ghost", None)])
+def test_nnx_layer_called_twice_updates_like_the_model_itself(bn_mode, micro_batch_size):
+  from flax import nnx
+
+  class SharedNnx(nnx.Module):
+    def __init__(self, bn, rngs):
+      self.dense, self.norm, self.out = (
+        nnx.Linear(5, 5, rngs=rngs),
+        bn(5, momentum=0.8, rngs=rngs),
+        nnx.Linear(5, 3, rngs=rngs),
+      )
+
+    def __call__(self, x):
+      h = jnp.tanh(self.norm(self.dense(x)))
+      return self.out(jnp.tanh(self.norm(self.dense(h))))
+
+  data = _data(24, (5,))
+  oracle = SharedNnx(nnx.BatchNorm, nnx.Rngs(0))
+  graphdef, params, batch_stats = nnx.split(oracle, nnx.Param, nnx.BatchStat)
+
+  def reference(params):  # flax's own layer, called twice on all rows: two updates in call order
+    m = nnx.merge(graphdef, params, jax.tree.map(lambda a: a, batch_stats))
+    return jnp.mean(xent(m(data["x"]), data["y"])), nnx.state(m, nnx.BatchStat)
+
+  (loss, want), grads = jax.value_and_grad(reference, has_aux=True)(params)
+  model = SharedNnx(jaxbn.nnx.BatchNorm, nnx.Rngs(0))
+  loss_fn = nnx_loss(model, xent)
+  step = full_batch_step(loss_fn, _recorder(), micro_batch_size=micro_batch_size, bn_mode=bn_mode)
+  new, metrics = step(loss_fn.init_state(_recorder()), data)
+  np.testing.assert_allclose(float(metrics.loss), float(loss), rtol=1e-5)
+  _close(new.opt_state, grads)
+  _close(new.batch_stats["norm"], want["norm"])
