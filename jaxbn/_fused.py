@@ -159,7 +159,7 @@ def _bn_train_bwd(feature_axes, axis_name, groups, out_dtype, fn, res, cotangent
     # Where scale may differ between devices (pmap/vmap, which do not say; a per-device scale
     # under shard_map), dx needs the sums of dy * scale, which sum(dy) * scale is not.
     per_device = not _varying(x) or bool(_varying(scale) & names)
-    rows = jnp.concatenate([local, local[:2] * mul]) if per_device else local
+    rows = jnp.concatenate([local, local[:2] * mul[None]]) if per_device else local
     total, everywhere = _sums_across(rows, axis_name, groups, fn)
     sum_dy, sum_dy_xhat = (total[3], total[4]) if per_device else (total[0] * mul, total[1] * mul)
   by_varying = {}

@@ -145,8 +145,10 @@ def fold_batch_norm(
     >>> bn_stats = {"mean": jnp.array([0.1, -0.2, 0.3]), "var": jnp.array([1.0, 4.0, 0.25])}
     >>> k2, b2 = fold_batch_norm(k, None, bn_params, bn_stats)
     >>> x = jax.random.normal(jax.random.key(1), (5, 4))
-    >>> ref = (x @ k - bn_stats["mean"]) / jnp.sqrt(bn_stats["var"] + 1e-5) * bn_params["scale"] + bn_params["bias"]
-    >>> bool(jnp.allclose(x @ k2 + b2, ref, atol=1e-5))
+    >>> import jaxbn  # the folded layer gives the batch norm's evaluation output
+    >>> state = jaxbn.BatchNormState(bn_stats["mean"], bn_stats["var"], 0)
+    >>> ref, _ = jaxbn.batch_norm(x @ k, state, bn_params["scale"], bn_params["bias"], training=False)
+    >>> bool(jnp.allclose(x @ k2 + b2[None], ref, atol=1e-5))
     True
 
     The same layer with a PyTorch ``(out, in)`` kernel, and a stack of two such layers:

@@ -250,14 +250,14 @@ def _merge_rows(rows: jax.Array, weights: jax.Array | None = None) -> Stats:
   part = count > 0
   total = jnp.sum(count, axis=0)
   largest = jnp.argmax(count, axis=0)[None]
-  ref_hi = jnp.take_along_axis(hi, largest, axis=0)[0]
-  ref_lo = jnp.take_along_axis(lo, largest, axis=0)[0]
+  ref_hi = jnp.take_along_axis(hi, largest, axis=0)  # the leading axis kept: it broadcasts over the parts
+  ref_lo = jnp.take_along_axis(lo, largest, axis=0)
   delta = (hi - ref_hi) + (lo - ref_lo)
   dmean = jnp.sum(jnp.where(part, count * delta, 0), axis=0) / jnp.maximum(total, 1)
-  dev = delta - dmean
+  dev = delta - dmean[None]
   out_m2 = jnp.sum(jnp.where(part, m2 + count * dev * dev, 0), axis=0)
   valid = total > 0
-  return Stats(total, jnp.where(valid, ref_hi + (ref_lo + dmean), 0), jnp.where(valid, out_m2, 0))
+  return Stats(total, jnp.where(valid, ref_hi[0] + (ref_lo[0] + dmean), 0), jnp.where(valid, out_m2, 0))
 
 
 def _group_weights(fn: str, axis_name: Hashable, groups: Sequence[Sequence[int]], size: int) -> jax.Array:
@@ -295,7 +295,7 @@ def gather_rows(
     slot = jax.nn.one_hot(lax.axis_index(axis_name), size, dtype=x.dtype)
   except NameError as err:
     raise _checks.unbound_axis(fn, axis_name, err) from None
-  return lax.psum(slot.reshape((size,) + (1,) * x.ndim) * x, axis_name)
+  return lax.psum(slot.reshape((size,) + (1,) * x.ndim) * x[None], axis_name)
 
 
 def all_reduce(

@@ -3,8 +3,12 @@
 import os
 
 os.environ.setdefault("XLA_FLAGS", "")
+os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")  # for the subprocesses some tests start
 import jax
 
 # Must happen before JAX initializes its backend; every test process (xdist workers included)
 # imports this file first.
 jax.config.update("jax_num_cpu_devices", 8)
+# Implicit rank promotion is an error, as in Flax's CI (JAX_NUMPY_RANK_PROMOTION=raise): the library
+# must broadcast explicitly to work in such programs.
+jax.config.update("jax_numpy_rank_promotion", "raise")

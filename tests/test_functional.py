@@ -124,9 +124,9 @@ def test_jit_grad_and_vmap():
     return jnp.sum(jax.nn.relu(y) ** 2)
 
   def plain(v, scale, bias):
-    mean = v.mean((0, 1))
-    var = ((v - mean) ** 2).mean((0, 1))
-    y = (v - mean) / jnp.sqrt(var + 1e-5) * scale + bias
+    mean = v.mean((0, 1), keepdims=True)
+    var = ((v - mean) ** 2).mean((0, 1), keepdims=True)
+    y = (v - mean) / jnp.sqrt(var + 1e-5) * scale[None, None] + bias[None, None]
     return jnp.sum(jax.nn.relu(y) ** 2)
 
   args = (x, jnp.linspace(0.5, 2.0, 4), jnp.linspace(-1.0, 1.0, 4))

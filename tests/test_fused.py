@@ -146,7 +146,7 @@ def test_fused_cross_device_equals_plain_with_one_collective_each_way(groups):
         y, st = jaxbn.batch_norm(
           x, jaxbn.init_state(5), s, b, training=True, mask=mask, axis_name="d", axis_index_groups=groups, fused=fused
         )
-        return jnp.sum(jax.nn.relu(y) ** 2 * jnp.arange(1.0, 6.0)), st
+        return jnp.sum(jax.nn.relu(y) ** 2 * jnp.broadcast_to(jnp.arange(1.0, 6.0), y.shape)), st
 
       g, st = jax.grad(loss, (0, 1, 2), has_aux=True)(x, s, b)
       return g[0], g[1][None], g[2][None], st.mean[None]
@@ -171,7 +171,7 @@ def test_fused_under_pmap_and_vmap_equals_plain(style):
       y, st = jaxbn.batch_norm(
         x, jaxbn.init_state(3), s, b, training=True, axis_name="d", axis_index_groups=groups, fused=fused
       )
-      return jnp.sum(jnp.sin(y) * jnp.arange(1.0, 4.0)), st.var
+      return jnp.sum(jnp.sin(y) * jnp.broadcast_to(jnp.arange(1.0, 4.0), y.shape)), st.var
 
     g = jax.grad(loss, (0, 1, 2), has_aux=True)
     mapped = (
@@ -307,7 +307,7 @@ def test_fused_epsilon_gradient_across_devices():
         y, _ = jaxbn.batch_norm(
           x, jaxbn.init_state(5), sc[0], b, training=True, epsilon=eps, axis_name="d", fused=fused
         )
-        return jnp.sum(jnp.sin(y) * jnp.arange(1.0, 6.0))
+        return jnp.sum(jnp.sin(y) * jnp.broadcast_to(jnp.arange(1.0, 6.0), y.shape))
 
       return jax.grad(loss, (0, 1, 2))(x, sc, eps)
 
@@ -336,7 +336,7 @@ def test_fused_under_explicit_mesh_sharded_along_batch_and_features(scale_spec):
   def grads(fused):
     def loss(x, s, b, eps):
       y, _ = jaxbn.batch_norm(x, state, s, b, training=True, epsilon=eps, fused=fused)
-      return jnp.sum(jnp.sin(y) * jnp.arange(1.0, 5.0))
+      return jnp.sum(jnp.sin(y) * jnp.broadcast_to(jnp.arange(1.0, 5.0), y.shape))
 
     argnums = (0, 3) if scale_spec is None else (0, 1, 2, 3)
     with jax.set_mesh(mesh):
@@ -377,7 +377,7 @@ def test_fused_with_per_device_scale_under_vmap_equals_plain():
   def grads(fused):
     def loss(x, s):
       y, _ = jaxbn.batch_norm(x, jaxbn.init_state(3), s, b, training=True, axis_name="d", fused=fused)
-      return jnp.sum(jnp.sin(y) * jnp.arange(1.0, 4.0))
+      return jnp.sum(jnp.sin(y) * jnp.broadcast_to(jnp.arange(1.0, 4.0), y.shape))
 
     return jax.jit(jax.vmap(jax.grad(loss, (0, 1)), axis_name="d"))(x, scales)
 

@@ -30,7 +30,7 @@ KW = {"momentum": 0.9, "epsilon": 1e-5}
 
 def _data(seed=0, rows=D * R):
   k = jax.random.split(jax.random.key(seed), 4)
-  x = jax.random.normal(k[0], (rows, C)) * jnp.array([2.0, 0.5, 4.0]) + jnp.array([3.0, -1.0, 20.0])
+  x = jax.random.normal(k[0], (rows, C)) * jnp.array([[2.0, 0.5, 4.0]]) + jnp.array([[3.0, -1.0, 20.0]])
   w = jax.random.normal(k[1], (rows, C))  # cotangent of y: loss = sum(y * w)
   scale = 1.0 + 0.1 * jax.random.normal(k[2], (C,))
   bias = 0.1 * jax.random.normal(k[3], (C,))

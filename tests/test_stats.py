@@ -156,8 +156,8 @@ def test_gradients_match_two_pass_formula():
     return jnp.sum(w[0] * mean + w[1] * var)
 
   def plain(v):
-    mean = v.mean((0, 1))
-    return jnp.sum(w[0] * mean + w[1] * ((v - mean) ** 2).mean((0, 1)))
+    mean = v.mean((0, 1), keepdims=True)
+    return jnp.sum(w[0] * mean[0, 0] + w[1] * ((v - mean) ** 2).mean((0, 1)))
 
   np.testing.assert_allclose(jax.grad(ours)(x), jax.grad(plain)(x), rtol=1e-5, atol=1e-6)
 
@@ -189,6 +189,19 @@ def test_moments_under_jit_and_vmap():
   per_group = jax.vmap(jaxbn.moments)(x)
   for i in range(3):
     np.testing.assert_allclose(per_group[1][i], reference_moments(x[i], (1,))[1], rtol=1e-5)
+
+
+@pytest.mark.parametrize("groups", [None, [[0, 2], [1, 3]]], ids=["all", "groups"])
+def test_axis_name_merge_needs_no_rank_promotion(groups):
+  # Flax's CI runs with JAX_NUMPY_RANK_PROMOTION=raise; gather_rows multiplied a (size, 1, ...) slot
+  # into x by implicit rank promotion.
+  x = jnp.asarray(np.random.default_rng(11).normal(5.0, 2.0, size=(4, 6, 3)), jnp.float32)
+  with jax.numpy_rank_promotion("raise"):
+    mean, var, count = jax.vmap(lambda x: jaxbn.moments(x, axis_name="d", axis_index_groups=groups), axis_name="d")(x)
+  first = np.asarray(x)[[0, 2] if groups else slice(None)].reshape(-1, 3)
+  np.testing.assert_allclose(mean[0], first.mean(0), rtol=1e-5)
+  np.testing.assert_allclose(var[0], first.var(0), rtol=1e-5)
+  np.testing.assert_array_equal(count[0], first.shape[0])
 
 
 @st.composite

@@ -543,7 +543,7 @@ def test_register_batch_norm():
   class MyNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
-      return (x - x.mean(0)) / (x.std(0) + 1e-5)
+      return (x - x.mean(0, keepdims=True)) / (x.std(0, keepdims=True) + 1e-5)
 
   class Net(nn.Module):
     @nn.compact

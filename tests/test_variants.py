@@ -198,7 +198,7 @@ def test_renorm_gradient_holds_r_and_d_constant():
     sigma_b, sigma = jnp.sqrt(var + eps), jnp.sqrt(state.var + eps)
     r = jax.lax.stop_gradient(jnp.clip(sigma_b / sigma, 1 / 1.5, 1.5))
     d = jax.lax.stop_gradient(jnp.clip((mu - state.mean) / sigma, -0.5, 0.5))
-    return jnp.sum(((((x - mu) / sigma_b) * r + d) * scale + bias) * w)
+    return jnp.sum(((((x - mu[None]) / sigma_b[None]) * r[None] + d[None]) * scale[None] + bias[None]) * w)
 
   def ours(x, scale, bias):
     y, _ = batch_renorm(x, state, scale, bias, training=True, rmax=1.5, dmax=0.5, **KW)
