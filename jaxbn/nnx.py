@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.nnx.module import first_from
 from flax.nnx.nn import dtypes, initializers
@@ -114,7 +115,8 @@ class BatchNorm(nnx.Module):
   statistics.
 
   Args:
-    num_features: the feature size (an int), or a tuple of sizes when ``axis`` names several axes.
+    num_features: the feature size (a Python or NumPy int), or a tuple of sizes when ``axis`` names
+      several axes.
     use_running_average: use the stored statistics (True) or the batch's (False).
     axis: the feature axis or axes.
     momentum: decay of the running average: ``new = momentum * old + (1 - momentum) * batch``.
@@ -190,11 +192,17 @@ class BatchNorm(nnx.Module):
     rmax: Any = variants.paper_rmax,
     dmax: Any = variants.paper_dmax,
   ):
-    feature_shape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
-    if not feature_shape or not all(isinstance(d, int) and d > 0 for d in feature_shape):
+    if _checks._is_int(num_features):
+      feature_shape = (num_features,)
+    elif isinstance(num_features, (Sequence, np.ndarray)) and not isinstance(num_features, (str, bytes)):
+      feature_shape = tuple(num_features)
+    else:
+      feature_shape = ()
+    if not feature_shape or not all(_checks._is_int(d) and d > 0 for d in feature_shape):
       raise ValueError(
         f"jaxbn.nnx.BatchNorm: num_features must be a positive int or a tuple of them, got {num_features!r}."
       )
+    feature_shape = tuple(int(d) for d in feature_shape)
     self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
     self.var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
     if variants.needs_count(running_average, renorm, rmax, dmax):

@@ -66,6 +66,8 @@ def _static_axis(fn: str, channel_axis: Any) -> int:
   """``channel_axis`` as a Python int (None: -1, the last axis)."""
   if channel_axis is None:
     return -1
+  if isinstance(channel_axis, (bool, np.bool_)):
+    raise TypeError(f"{fn}: channel_axis must be an int, got {channel_axis!r}.")
   try:
     value = int(channel_axis)
   except (TypeError, jax.errors.ConcretizationTypeError):
@@ -903,7 +905,7 @@ def _bn_feature_axes(module: Any, args: tuple, kwargs: dict, ndim: int) -> froze
   if ura or getattr(module, "renorm", False):
     return None
   axis = getattr(module, "axis", -1)
-  axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+  axes = (axis,) if _checks._is_int(axis) else tuple(axis)
   return frozenset(int(a) % ndim for a in axes)
 
 

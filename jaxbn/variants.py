@@ -24,7 +24,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from jaxbn import _checks, _hooks
@@ -111,7 +110,7 @@ def renorm_schedule(
     if isinstance(value, (str, bytes)) or _checks.concrete_number(value) is None:
       raise TypeError(f"jaxbn.renorm_schedule: {arg} must be a Python number, got {value!r}.")
   for arg, value in (("start_step", start_step), ("end_step", end_step)):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    if not _checks._is_int(value):
       raise TypeError(f"jaxbn.renorm_schedule: {arg} must be an int, got {value!r}.")
   return RenormSchedule(float(start_value), float(end_value), int(start_step), int(end_step))
 
@@ -150,7 +149,7 @@ def _check(fn, x, state, scale, bias, axis, momentum, epsilon, running_average, 
 
 
 def _check_ghost_size(fn: str, ghost_batch_size: Any, x: jax.Array, axes: tuple[int, ...]) -> int:
-  if isinstance(ghost_batch_size, bool) or not isinstance(ghost_batch_size, (int, np.integer)) or ghost_batch_size < 1:
+  if not _checks._is_int(ghost_batch_size) or ghost_batch_size < 1:
     raise ValueError(f"{fn}: ghost_batch_size must be a positive int, got {ghost_batch_size!r}.")
   ghost_batch_size = int(ghost_batch_size)
   if len(axes) == x.ndim:

@@ -348,11 +348,13 @@ def test_fold_scanned_layers_folds_each_layer(depth, width):
   else:
     folded = fold_batch_norms(v, [("blocks/dense", "blocks/bn")])
     np.testing.assert_allclose(folded_model.apply(folded, x), ref, rtol=1e-5, atol=1e-5)
-  folded = fold_batch_norms(v, [("blocks/dense", "blocks/bn")], stack_axes=1)
-  assert folded["params"]["blocks"]["dense"]["bias"].shape == (depth, width)
-  np.testing.assert_allclose(folded_model.apply(folded, x), ref, rtol=1e-5, atol=1e-5)
-  with pytest.raises(ValueError, match="stack_axes must be None or an int"):
-    fold_batch_norms(v, [("blocks/dense", "blocks/bn")], stack_axes=2)
+  for stack_axes in (1, np.int64(1)):  # NumPy integers are integers, as everywhere in jaxbn
+    folded = fold_batch_norms(v, [("blocks/dense", "blocks/bn")], stack_axes=stack_axes)
+    assert folded["params"]["blocks"]["dense"]["bias"].shape == (depth, width)
+    np.testing.assert_allclose(folded_model.apply(folded, x), ref, rtol=1e-5, atol=1e-5)
+  for bad in (2, True):
+    with pytest.raises(ValueError, match="stack_axes must be None or an int"):
+      fold_batch_norms(v, [("blocks/dense", "blocks/bn")], stack_axes=bad)
 
 
 def test_fold_torch_layout_with_axis_matches_torch_fusion():

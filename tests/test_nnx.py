@@ -187,3 +187,15 @@ def test_several_feature_axes():
   np.testing.assert_allclose(bn.var[...], state.var, **TOL)
   linen_vars = jaxbn.linen.BatchNorm(axis=(1, 3)).init(jax.random.key(0), x, use_running_average=True)
   assert linen_vars["batch_stats"]["mean"].shape == bn.mean[...].shape
+
+
+def test_num_features_takes_numpy_ints_and_refuses_bools():
+  # One rule for integer arguments, as jaxbn.init_state: NumPy integers accepted, bools refused.
+  for num_features, shape in [(np.int64(4), (4,)), ((np.int32(2), np.int64(3)), (2, 3)), (np.array([2, 3]), (2, 3))]:
+    bn = BatchNorm(num_features, axis=-1 if len(shape) == 1 else (1, 2), rngs=nnx.Rngs(0))
+    assert bn.mean[...].shape == bn.scale[...].shape == jaxbn.init_state(num_features).mean.shape == shape
+  for bad in (True, (2, True), np.bool_(True), 2.0, "4"):
+    with pytest.raises(ValueError, match=r"jaxbn\.nnx\.BatchNorm: num_features must be a positive int"):
+      BatchNorm(bad, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"jaxbn\.init_state: num_features must be a positive int"):
+      jaxbn.init_state(bad)

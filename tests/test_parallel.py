@@ -667,10 +667,11 @@ def test_batch_map_under_set_mesh_and_leaves_other_axes_automatic():
     np.testing.assert_allclose(g, r, **TOL)
 
 
-def test_batch_map_reshards_explicit_inputs():
+@pytest.mark.parametrize("in_axes", [0, np.int64(0)], ids=["int", "numpy-int"])
+def test_batch_map_reshards_explicit_inputs(in_axes):
   x, _, _, _ = _data(8)
   mesh = _mesh(AxisType.Explicit)
-  f = batch_map(lambda x: jaxbn.moments(x, axis_name="d"), mesh, out_axes=None)
+  f = batch_map(lambda x: jaxbn.moments(x, axis_name="d"), mesh, in_axes=in_axes, out_axes=None)
   for g, r in zip(jax.jit(f)(x), jaxbn.moments(x), strict=True):  # x arrives unsharded
     np.testing.assert_allclose(g, r, **TOL)
 
@@ -682,8 +683,9 @@ def test_batch_map_errors():
     batch_map(lambda x: x)(x)
   with pytest.raises(ValueError, match=r"batch_map: mesh_axes must be distinct axes of the mesh \('d',\), got 'q'"):
     batch_map(lambda x: x, mesh, mesh_axes="q")(x)
-  with pytest.raises(ValueError, match=r"batch_map: in_axes entries must be a non-negative int"):
-    batch_map(lambda x: x, mesh, in_axes=-1)(x)
+  for bad in (-1, True):
+    with pytest.raises(ValueError, match=r"batch_map: in_axes entries must be a non-negative int"):
+      batch_map(lambda x: x, mesh, in_axes=bad)(x)
   with pytest.raises(ValueError, match=r"batch_map: in_axes splits dimension 2 of an argument with shape \(8, 3\)"):
     batch_map(lambda x: x, mesh, in_axes=2)(x)
   with pytest.raises(ValueError, match=r"batch_map: out_axes entries must be"):

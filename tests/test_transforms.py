@@ -218,6 +218,12 @@ def test_projection_errors():
     tx.update(w, tx.init(w))
   with pytest.raises(ValueError, match="channel_axis=2 is out of range for a parameter of shape"):
     transforms.project_scale_invariant(channel_axis=2).update(w, tx.init(w), w)
+  with pytest.raises(TypeError, match="project_scale_invariant: channel_axis must be an int, got True"):
+    transforms.project_scale_invariant(channel_axis=True).update(w, tx.init(w), w)
+  np.testing.assert_array_equal(  # a NumPy integer is an int
+    transforms.project_scale_invariant(channel_axis=np.int64(1)).update(w, tx.init(w), w)[0],
+    transforms.project_scale_invariant(channel_axis=1).update(w, tx.init(w), w)[0],
+  )
   with pytest.raises(TypeError, match=r"inner must be an optax\.GradientTransformation"):
     transforms.project_scale_invariant(inner=optax.sgd)
   with pytest.raises(ValueError, match=r"sgdp: momentum must be in \[0, 1\)"):
