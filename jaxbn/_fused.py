@@ -9,6 +9,8 @@ Backward, with ``xhat = (x - mean) * inv_std`` recomputed from ``x``::
 
 where the sums run over every element (the normalized output of masked elements depends on the
 statistics too), ``valid`` is the mask and ``N`` the global count of valid elements per feature.
+A feature with no valid element has ``inv_std = 0`` (see :func:`inv_std`): its output is the bias,
+and of its gradients only ``dbias`` is nonzero.
 Across devices the per-feature sums are reduced in ONE collective (those of ``dy * scale`` as well
 where ``scale`` may differ between devices); ``dscale``/``dbias``/``depsilon`` are the local
 contributions or their sums over devices, as autodiff of the plain formula gives them under
@@ -37,7 +39,7 @@ from jax import lax
 from jaxbn import _checks
 from jaxbn.stats import Stats, _group_weights, _same_sharding, compute_stats, gather_rows
 
-__all__ = ["batch_norm_train", "forward_mode_active"]
+__all__ = ["batch_norm_train", "forward_mode_active", "inv_std", "scale_shift"]
 
 
 def forward_mode_active() -> bool:
@@ -110,12 +112,44 @@ def _bshape(x_shape, feature_axes):
   return tuple(x_shape[a] if a in feature_axes else 1 for a in range(len(x_shape)))
 
 
-def _forward(x, scale, bias, mask, epsilon, feature_axes, axis_name, groups, out_dtype, fn):
-  from jaxbn.functional import normalize  # functional imports this module
+def inv_std(var: jax.Array, count: jax.Array, epsilon: Any) -> jax.Array:
+  """Per feature ``rsqrt(var + epsilon)``, and 0 for a feature with no valid element (``count == 0``).
 
+  Such a feature has no statistics (its mean and variance read 0): a zero inverse standard deviation
+  normalizes it to 0, so its output is the bias and its gradient is 0 for ``x``, ``scale`` and
+  ``epsilon``, where ``rsqrt(0 + epsilon)`` would give ``x / sqrt(epsilon)``.
+  """
+  inv = lax.rsqrt(var + jnp.asarray(epsilon, var.dtype))
+  return jnp.where(count > 0, inv, jnp.zeros((), inv.dtype))
+
+
+def scale_shift(
+  x: jax.Array,
+  mean: jax.Array,
+  inv: jax.Array,
+  scale: jax.Array | None,
+  bias: jax.Array | None,
+  feature_axes: tuple[int, ...],
+  dtype: Any,
+) -> jax.Array:
+  """``(x - mean) * inv * scale + bias`` in the dtype of ``mean``, cast to ``dtype``; unchecked.
+
+  The per-feature arrays have the feature shape (the sizes of ``x`` along the sorted
+  ``feature_axes``); ``inv`` is the inverse standard deviation.
+  """
+  cdt = mean.dtype
+  b = _bshape(x.shape, feature_axes)
+  mul = inv if scale is None else inv * scale.astype(cdt)
+  y = (x.astype(cdt) - mean.reshape(b)) * mul.reshape(b)
+  if bias is not None:
+    y = y + bias.astype(cdt).reshape(b)
+  return y.astype(dtype)
+
+
+def _forward(x, scale, bias, mask, epsilon, feature_axes, axis_name, groups, out_dtype, fn):
   stats = compute_stats(x, feature_axes, mask=mask, axis_name=axis_name, axis_index_groups=groups, fn=fn)
-  y = normalize(x, stats.mean, stats.var, scale, bias, feature_axes=feature_axes, epsilon=epsilon, dtype=out_dtype)
-  inv = lax.rsqrt(stats.var + jnp.asarray(epsilon, stats.mean.dtype))  # the same rsqrt: XLA computes it once
+  inv = inv_std(stats.var, stats.count, epsilon)
+  y = scale_shift(x, stats.mean, inv, scale, bias, feature_axes, out_dtype)
   return y, stats, inv
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from jax import lax
 
 from jaxbn import _checks
-from jaxbn._fused import batch_norm_train, forward_mode_active
+from jaxbn._fused import batch_norm_train, forward_mode_active, inv_std, scale_shift
 from jaxbn.stats import Stats, _same_sharding, compute_stats
 
 __all__ = ["BatchNormState", "batch_norm", "init_state", "normalize", "update_running_stats"]
@@ -283,15 +283,8 @@ def normalize(
   _checks.positive(fn, "epsilon", epsilon)
   dtype = _checks.floating_dtype(fn, "dtype", dtype)
   x = jnp.asarray(x)
-  cdt = mean.dtype
-  bshape = tuple(x.shape[a] if a in axes else 1 for a in range(x.ndim))
-  mul = lax.rsqrt(var + jnp.asarray(epsilon, cdt))
-  if scale is not None:
-    mul = mul * scale.astype(cdt)
-  y = (x.astype(cdt) - mean.reshape(bshape)) * mul.reshape(bshape)
-  if bias is not None:
-    y = y + bias.astype(cdt).reshape(bshape)
-  return y.astype(x.dtype if dtype is None else dtype)
+  inv = lax.rsqrt(var + jnp.asarray(epsilon, mean.dtype))
+  return scale_shift(x, mean, inv, scale, bias, axes, x.dtype if dtype is None else dtype)
 
 
 def _fused_forward_mode_error(fn: str) -> ValueError:
@@ -356,6 +349,8 @@ def batch_norm(
     epsilon: added to the variance, > 0.
     mask: optional boolean array broadcastable to ``x``; statistics use only elements where it is
       True. A batch with no valid element leaves the state unchanged. All elements are normalized.
+      A feature with no valid element has no batch statistics: it normalizes to 0, so its output is
+      ``bias`` (0 without one) and its gradient w.r.t. ``x``, ``scale`` and ``epsilon`` is 0.
       A mask that leaves some features without valid elements in some batches needs a per-feature
       count for ``"cumulative"`` and ``"debiased_ema"`` (``init_state(..., per_feature_count=True)``;
       see :func:`update_running_stats`).
@@ -469,7 +464,8 @@ def _batch_norm(
 
   def plain():
     stats = compute_stats(x, axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups, fn=fn)
-    return normalize(x, stats.mean, stats.var, scale, bias, feature_axes=axes, epsilon=epsilon, dtype=dtype), stats
+    inv = inv_std(stats.var, stats.count, epsilon)
+    return scale_shift(x, stats.mean, inv, scale, bias, axes, x.dtype if dtype is None else dtype), stats
 
   if fused is True and forward_mode_active():
     raise _fused_forward_mode_error(fn)

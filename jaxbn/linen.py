@@ -53,7 +53,8 @@ class BatchNorm(nn.Module):
   * With ``axis_name`` the statistics are merged count-weighted (exact with masks and uneven
     devices) where Flax averages per-device means.
   * ``mask`` may be boolean or 0/1 (converted with ``mask != 0``); where no element of a feature is
-    valid the running statistics keep their values instead of becoming NaN.
+    valid the running statistics keep their values instead of becoming NaN, and the feature
+    normalizes to 0: its output is ``bias`` (0 without one), its gradient w.r.t. ``x`` 0.
 
   Extras (defaults reproduce Flax):
 

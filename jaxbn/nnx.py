@@ -112,7 +112,7 @@ class BatchNorm(nnx.Module):
   float32 (``use_fast_variance`` is accepted and ignored); the running statistics stay float32
   whatever ``dtype`` is (Flax casts them to ``dtype`` before normalizing); ``axis_name`` merges
   count-weighted; a mask may be boolean or 0/1; features with no valid element keep their running
-  statistics.
+  statistics and normalize to 0 (output ``bias``, gradient 0 w.r.t. ``x``), where Flax's are NaN.
 
   Args:
     num_features: the feature size (a Python or NumPy int), or a tuple of sizes when ``axis`` names

@@ -27,13 +27,13 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxbn import _checks, _hooks
+from jaxbn._fused import inv_std, scale_shift
 from jaxbn.functional import (
   RUNNING_AVERAGES,
   BatchNormState,
   RunningAverage,
   _batch_norm,
   batch_norm,
-  normalize,
   update_running_stats,
 )
 from jaxbn.stats import Stats, all_reduce, compute_stats, local_stats, merge_stacked
@@ -253,15 +253,15 @@ def _train(
     mean_b = lax.stop_gradient(chunk_stats.mean)
     sigma_b = jnp.sqrt(lax.stop_gradient(chunk_stats.var) + eps)
     r = lax.stop_gradient(jnp.clip(sigma_b / sigma, 1.0 / r_lim, r_lim))
-    d = lax.stop_gradient(jnp.clip((mean_b - mu) / sigma, -d_lim, d_lim))
-    # scale * (xhat * r + d) + bias, folded into the affine part so that `normalize` does one pass.
+    # A feature with no valid element has no batch mean to correct: it normalizes to 0, y = bias.
+    d = lax.stop_gradient(jnp.where(chunk_stats.count > 0, jnp.clip((mean_b - mu) / sigma, -d_lim, d_lim), 0))
+    # scale * (xhat * r + d) + bias, folded into the affine part so that the normalization is one pass.
     shift = d if scale is None else d * scale
     scale = r if scale is None else r * scale
     bias = shift if bias is None else shift + bias
 
-  y = normalize(
-    xr, chunk_stats.mean, chunk_stats.var, scale, bias, feature_axes=norm_axes, epsilon=epsilon, dtype=dtype
-  )
+  inv = inv_std(chunk_stats.var, chunk_stats.count, epsilon)
+  y = scale_shift(xr, chunk_stats.mean, inv, scale, bias, norm_axes, x.dtype if dtype is None else dtype)
   if ghost_batch_size is not None:
     y = y.reshape((*y.shape[:b], y.shape[b] * y.shape[b + 1], *y.shape[b + 2 :]))
     if pad:
@@ -323,7 +323,8 @@ def ghost_batch_norm(
     momentum: decay of the running average, in [0, 1].
     epsilon: added to the variance, > 0.
     mask: optional boolean array broadcastable to ``x``; True marks elements that count in the
-      statistics.
+      statistics. A feature with no valid element in a ghost batch outputs ``bias`` there, as in
+      :func:`jaxbn.batch_norm`.
     axis_name: mapped axis over which the running-statistics update is merged.
     axis_index_groups: optional partition of ``axis_name``'s indices for that merge.
     running_average: ``"ema"``, ``"debiased_ema"`` or ``"cumulative"`` (see :func:`jaxbn.batch_norm`).
@@ -430,7 +431,8 @@ def batch_renorm(
     axis: the feature axis or axes.
     momentum: decay of the running average, in [0, 1].
     epsilon: added to both variances, > 0.
-    mask: optional boolean array broadcastable to ``x``; True marks elements that count.
+    mask: optional boolean array broadcastable to ``x``; True marks elements that count. A feature
+      with no valid element outputs ``bias``, as in :func:`jaxbn.batch_norm` (``d`` is 0 for it).
     axis_name: mapped axis to compute global batch statistics over.
     axis_index_groups: optional partition of ``axis_name``'s indices.
     running_average: ``"ema"``, ``"debiased_ema"`` or ``"cumulative"``.
@@ -514,8 +516,8 @@ def _hooked_forward(fn, hook, x, scale, bias, *, axis, epsilon, dtype, mask, gho
       f"this layer's {setting} would redefine; use ghost_batch_size=None and renorm=False with bn_mode='exact'."
     )
   cdt = _checks.stats_dtype(x.dtype)
-  mean, var = stats.mean.astype(cdt), stats.var.astype(cdt)
-  y = normalize(x, mean, var, scale, bias, feature_axes=axes, epsilon=epsilon, dtype=dtype)
+  inv = inv_std(stats.var.astype(cdt), stats.count, epsilon)
+  y = scale_shift(x, stats.mean.astype(cdt), inv, scale, bias, axes, x.dtype if dtype is None else dtype)
   return y, stats
 
 

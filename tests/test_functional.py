@@ -97,6 +97,37 @@ def test_masked_statistics_use_only_valid_rows():
   np.testing.assert_allclose(y, (np.asarray(x) - mean) / np.sqrt(var + 1e-5), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("fused", [None, True, False], ids=["default", "fused", "plain"])
+def test_feature_without_valid_element_outputs_bias_with_zero_gradient(fused):
+  # Feature 1 has no valid element, so no statistics: it normalizes to 0 and y = bias. Its mean and
+  # variance read 0, which gave x / sqrt(epsilon) (640 for x = 2 at epsilon = 1e-5).
+  x = _x(shape=(8, 3), seed=11) * 10.0
+  mask = jnp.ones((8, 3), bool).at[:, 1].set(False)
+  scale, bias = jnp.array([1.5, 2.0, 0.5]), jnp.array([0.1, -0.3, 0.2])
+  w = _x(shape=(8, 3), seed=12)
+
+  def loss(x, scale, bias, epsilon, cols=slice(None)):
+    y, _ = jaxbn.batch_norm(
+      x[:, cols], jaxbn.init_state(x[:, cols].shape[1]), scale[cols], bias[cols], training=True,
+      mask=mask[:, cols], epsilon=epsilon, fused=fused,
+    )  # fmt: skip
+    return jnp.sum(y * w[:, cols]), y
+
+  grad = lambda **kw: jax.jit(jax.value_and_grad(partial(loss, **kw), (0, 1, 2, 3), has_aux=True))
+  (_, y), (dx, dscale, dbias, deps) = grad()(x, scale, bias, 1e-5)
+  np.testing.assert_array_equal(y[:, 1], bias[1])
+  np.testing.assert_array_equal(dx[:, 1], 0.0)
+  np.testing.assert_array_equal(dscale[1], 0.0)
+  np.testing.assert_allclose(dbias[1], jnp.sum(w[:, 1]), rtol=1e-6)
+  # The other features are batch norm of those features alone, gradients (epsilon's too) included.
+  (_, ry), (rdx, rdscale, rdbias, rdeps) = grad(cols=slice(None, None, 2))(x, scale, bias, 1e-5)
+  np.testing.assert_allclose(y[:, ::2], ry, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(dx[:, ::2], rdx[:, ::2], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(dscale[::2], rdscale[::2], rtol=1e-5)
+  np.testing.assert_allclose(dbias[::2], rdbias[::2], rtol=1e-5)
+  np.testing.assert_allclose(deps, rdeps, rtol=1e-5)
+
+
 def test_bfloat16_mean_100_gives_finite_unit_variance_output():
   x = _x(shape=(4096, 8), loc=100.0, scale=1.0, dtype=jnp.bfloat16)
   y, state = jaxbn.batch_norm(x, jaxbn.init_state(8), training=True)
@@ -271,6 +302,7 @@ def _np_batch_norm(x, axes, mask, scale, bias, state_mean, state_var, momentum, 
   var = np.where(m, (x - mean.reshape(b)) ** 2, 0).sum(axis=red) / np.maximum(n, 1)
   y = (x - mean.reshape(b)) / np.sqrt(var.reshape(b) + eps) * scale.reshape(b) + bias.reshape(b)
   ok = n > 0
+  y = np.where(ok.reshape(b), y, bias.reshape(b))  # a feature with no valid element normalizes to 0
   new_mean = np.where(ok, momentum * state_mean + (1 - momentum) * mean, state_mean)
   new_var = np.where(ok, momentum * state_var + (1 - momentum) * var, state_var)
   return y, new_mean, new_var

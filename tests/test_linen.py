@@ -295,3 +295,34 @@ def test_per_feature_count_in_the_modules_matches_the_function():
     np.testing.assert_allclose(got["mean"], state.mean, rtol=1e-6)
     np.testing.assert_allclose(got["var"], state.var, rtol=1e-5)
     np.testing.assert_array_equal(got["count"], state.count)
+
+
+@pytest.mark.parametrize(
+  "kw",
+  [
+    pytest.param({}, id="plain"),
+    pytest.param({"ghost_batch_size": 4}, id="ghost"),
+    pytest.param({"renorm": True, "rmax": 2.0, "dmax": 1.0}, id="renorm"),
+  ],
+)
+def test_feature_without_valid_element_outputs_bias_with_zero_gradient(kw):
+  # Feature 1 has no valid element: it normalizes to 0, so y = bias (Flax gives NaN; x / sqrt(epsilon)
+  # came out before).
+  x = _x((8, 3), seed=9) * 10.0
+  mask = jnp.ones((8, 3), bool).at[:, 1].set(False)
+  bn = BatchNorm(use_running_average=False, **kw)
+  v = bn.init(jax.random.key(0), x)
+  params = {"scale": jnp.array([1.5, 2.0, 0.5]), "bias": jnp.array([0.1, -0.3, 0.2])}
+  w = jax.random.normal(jax.random.key(10), x.shape)
+
+  def loss(params, x):
+    y, _ = bn.apply({**v, "params": params}, x, mask=mask, mutable=["batch_stats"])
+    return jnp.sum(y * w), y
+
+  (_, y), (dp, dx) = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(params, x)
+  np.testing.assert_array_equal(y[:, 1], params["bias"][1])
+  assert np.all(np.isfinite(y)) and all(np.all(np.isfinite(g)) for g in jax.tree.leaves((dp, dx)))
+  np.testing.assert_array_equal(dx[:, 1], 0.0)
+  np.testing.assert_array_equal(dp["scale"][1], 0.0)
+  np.testing.assert_allclose(dp["bias"][1], jnp.sum(w[:, 1]), rtol=1e-6)
+  assert float(jnp.max(jnp.abs(dx[:, ::2]))) > 0

@@ -199,3 +199,20 @@ def test_num_features_takes_numpy_ints_and_refuses_bools():
       BatchNorm(bad, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"jaxbn\.init_state: num_features must be a positive int"):
       jaxbn.init_state(bad)
+
+
+def test_feature_without_valid_element_outputs_bias_with_zero_gradient():
+  x = _x((8, 3), seed=5) * 10.0
+  mask = jnp.ones((8, 3), bool).at[:, 1].set(False)
+  bn = BatchNorm(3, bias_init=nnx.initializers.normal(1.0), rngs=nnx.Rngs(0))
+  w = jax.random.normal(jax.random.key(6), x.shape)
+
+  def loss(model, x):
+    return jnp.sum(model(x, mask=mask) * w)
+
+  gm, dx = nnx.grad(loss, argnums=(0, 1))(bn, x)
+  np.testing.assert_array_equal(bn(x, mask=mask)[:, 1], bn.bias[...][1])
+  np.testing.assert_array_equal(dx[:, 1], 0.0)
+  np.testing.assert_array_equal(gm["scale"][...][1], 0.0)
+  np.testing.assert_allclose(gm["bias"][...][1], jnp.sum(w[:, 1]), rtol=1e-6)
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves((gm, dx)))
