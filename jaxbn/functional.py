@@ -221,11 +221,12 @@ def _update_running_stats(
 
   def blend(old, new):
     bdt = jnp.promote_types(old.dtype, new.dtype)
-    if not jnp.issubdtype(bdt, jnp.floating):
+    if not jnp.issubdtype(bdt, jnp.inexact):
       bdt = _checks.stats_dtype(new.dtype)
     old_c, new_c = old.astype(bdt), new.astype(bdt)
     old_c = _same_sharding(old_c, new_c)  # a replicated state meets feature-sharded statistics
-    w_old, w_new = _update_weights(running_average, momentum, count, bdt)
+    # Real weights, also for the complex running mean of complex input (jaxbn's Flax modules).
+    w_old, w_new = _update_weights(running_average, momentum, count, jnp.finfo(bdt).dtype)
     mixed = w_old * old_c + w_new * new_c
     # Weight 1 for one side copies it exactly, even where the other side is not finite.
     mixed = jnp.where(w_old == 0, new_c, jnp.where(w_new == 0, old_c, mixed))

@@ -56,6 +56,13 @@ class BatchNorm(nn.Module):
     valid the running statistics keep their values instead of becoming NaN, and the feature
     normalizes to 0: its output is ``bias`` (0 without one), its gradient w.r.t. ``x`` 0.
 
+  Inputs as in Flax: integer and boolean ``x`` is normalized in float32; complex ``x`` gets a
+  complex mean, the real variance ``mean(|x - mean|**2)`` and a complex output, and the running
+  mean becomes complex (the running variance stays real). Complex input takes the plain
+  differentiable formula, with masks and ``axis_name``; it does not combine with
+  ``ghost_batch_size``, ``renorm``, a real ``dtype``, or the statistics that
+  :func:`jaxbn.recalibrate` and :mod:`jaxbn.training` collect.
+
   Extras (defaults reproduce Flax):
 
   * ``running_average``: ``"ema"`` (Flax), ``"debiased_ema"`` (Haiku) or ``"cumulative"``
@@ -142,7 +149,7 @@ class BatchNorm(nn.Module):
     """Normalizes ``x`` with batch statistics (training) or the running statistics.
 
     Args:
-      x: the input.
+      x: the input: floating, integer or boolean (normalized in float32), or complex.
       use_running_average: use the stored statistics (True) or the batch's (False); give it here
         exactly when the attribute is None.
       mask: optional array broadcastable to ``x``; nonzero marks the elements the statistics use.

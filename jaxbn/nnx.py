@@ -42,11 +42,12 @@ class BatchMoments(nnx.BatchStat):
 
   The value is shaped like the layer's ``mean`` plus a last axis of 3 holding ``count``, ``mean``
   and ``m2`` (sum of squared deviations), merged exactly over the training-mode calls of one
-  forward pass. :func:`collect_moments` attaches one to every jaxbn batch norm of a model for the
-  length of a block; models never hold one otherwise. Being a ``BatchStat``, it travels wherever the
-  running statistics travel: through ``nnx.remat``, ``nnx.jit``, and ``nnx.scan`` / ``nnx.vmap``
-  over stacked layers (the layer axis leads, as it does for ``mean``), so layers called inside
-  lifted transforms report their statistics too.
+  forward pass. It is float32, widened to float64 by a call with float64 input (the dtype jaxbn
+  computes the statistics of such input in). :func:`collect_moments` attaches one to every jaxbn
+  batch norm of a model for the length of a block; models never hold one otherwise. Being a
+  ``BatchStat``, it travels wherever the running statistics travel: through ``nnx.remat``,
+  ``nnx.jit``, and ``nnx.scan`` / ``nnx.vmap`` over stacked layers (the layer axis leads, as it does
+  for ``mean``), so layers called inside lifted transforms report their statistics too.
   """
 
 
@@ -113,6 +114,14 @@ class BatchNorm(nnx.Module):
   whatever ``dtype`` is (Flax casts them to ``dtype`` before normalizing); ``axis_name`` merges
   count-weighted; a mask may be boolean or 0/1; features with no valid element keep their running
   statistics and normalize to 0 (output ``bias``, gradient 0 w.r.t. ``x``), where Flax's are NaN.
+
+  Inputs as in Flax: integer and boolean ``x`` is normalized in float32; complex ``x`` gets a
+  complex mean, the real variance ``mean(|x - mean|**2)`` and a complex output. The variables keep
+  their real dtype, so, as in ``flax.nnx``, the running mean keeps the real part of the complex
+  batch means (``jaxbn.linen.BatchNorm``'s running mean becomes complex). Complex input takes the
+  plain differentiable formula, with masks and ``axis_name``; it does not combine with
+  ``ghost_batch_size``, ``renorm``, a real ``dtype``, or the statistics that
+  :func:`jaxbn.recalibrate` and :mod:`jaxbn.training` collect.
 
   Args:
     num_features: the feature size (a Python or NumPy int), or a tuple of sizes when ``axis`` names
@@ -244,7 +253,7 @@ class BatchNorm(nnx.Module):
     """Normalizes ``x`` with batch statistics (training) or the running statistics.
 
     Args:
-      x: the input.
+      x: the input: floating, integer or boolean (normalized in float32), or complex.
       use_running_average: overrides the attribute when given.
       mask: optional array broadcastable to ``x``; nonzero marks the elements the statistics use.
 
@@ -306,15 +315,20 @@ class BatchNorm(nnx.Module):
       want_stats=record,
     )
     if not use_running_average:
-      self.mean[...] = jax.lax.stop_gradient(new_state.mean)
+      new_mean = new_state.mean
+      if jnp.iscomplexobj(new_mean) and not jnp.iscomplexobj(mean):
+        new_mean = jnp.real(new_mean)  # as in flax.nnx, the running mean keeps its real dtype
+      self.mean[...] = jax.lax.stop_gradient(new_mean)
       self.var[...] = jax.lax.stop_gradient(new_state.var)
       if has_count:
         self.count[...] = new_state.count
       if record:
+        # The wider of the recorded and the new statistics' dtypes: float64 for float64 input.
         value = moments[...]
-        old = _unstack(value)
-        stats = merge(old, jax.tree.map(lambda a: jax.lax.stop_gradient(a).astype(value.dtype), stats))
-        moments[...] = jnp.stack(stats, axis=-1)
+        wide = jnp.promote_types(value.dtype, stats.mean.dtype)
+        old = _unstack(value.astype(wide))
+        stats = merge(old, jax.tree.map(lambda a: jax.lax.stop_gradient(a).astype(wide), stats))
+        moments.set_value(jnp.stack(stats, axis=-1))
     return y
 
   def set_view(self, use_running_average: bool | None = None):

@@ -380,6 +380,44 @@ def compute_stats(
   return local_stats(x, feature_axes, mask) if stats is None else stats
 
 
+def compute_complex_stats(
+  x: jax.Array,
+  feature_axes: tuple[int, ...],
+  *,
+  mask: jax.Array | None = None,
+  axis_name: Hashable | None = None,
+  axis_index_groups: Sequence[Sequence[int]] | None = None,
+  fn: str = "jaxbn.stats.compute_complex_stats",
+) -> Stats:
+  """:func:`compute_stats` of complex ``x``: a complex ``mean`` and the real ``m2 = sum(|x - mean|**2)``.
+
+  These are Flax's statistics of complex input (its variance is ``mean(|x|**2) - |mean(x)|**2``,
+  real), computed as jaxbn computes real ones: the real and imaginary parts are two real inputs
+  with the same valid elements, summarised together (stacked on a new leading feature axis, so
+  across devices it is still ONE collective), and ``|x - mean|**2`` is the sum of their squared
+  deviations.
+
+  Args:
+    x: complex input.
+    feature_axes: sorted, non-negative feature axes.
+    mask: optional boolean array broadcastable to ``x``; True marks valid elements.
+    axis_name: mapped axis to merge over.
+    axis_index_groups: optional partition of ``axis_name``'s indices into groups.
+    fn: the public function named in error messages.
+
+  Returns:
+    ``Stats`` with the feature shape: a real count and ``m2`` (float32, float64 for complex128) and
+    a complex ``mean`` (complex64, complex128).
+  """
+  parts = jnp.stack([jnp.real(x), jnp.imag(x)])
+  if mask is not None:
+    mask = jnp.asarray(mask)
+    mask = mask.reshape((1,) * (parts.ndim - mask.ndim) + mask.shape)
+  axes = (0, *(a + 1 for a in feature_axes))
+  both = compute_stats(parts, axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups, fn=fn)
+  return Stats(both.count[0], lax.complex(both.mean[0], both.mean[1]), both.m2[0] + both.m2[1])
+
+
 def _mesh_axis_names(entry: Any) -> tuple[str, ...]:
   return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 

@@ -36,7 +36,7 @@ from jaxbn.functional import (
   batch_norm,
   update_running_stats,
 )
-from jaxbn.stats import Stats, all_reduce, compute_stats, local_stats, merge_stacked
+from jaxbn.stats import Stats, all_reduce, compute_complex_stats, compute_stats, local_stats, merge_stacked
 
 __all__ = [
   "RenormSchedule",
@@ -131,6 +131,11 @@ class _Config(NamedTuple):
 
 def _check(fn, x, state, scale, bias, axis, momentum, epsilon, running_average, mask):
   x = _checks.floating_input(fn, x)
+  return x, _config(fn, x, state, scale, bias, axis, momentum, epsilon, running_average, mask)
+
+
+def _config(fn, x, state, scale, bias, axis, momentum, epsilon, running_average, mask) -> _Config:
+  """The checks of :func:`_check` that do not concern the dtype of ``x``."""
   axes = _checks.feature_axes(fn, x.ndim, axis)
   fshape = tuple(x.shape[a] for a in axes)
   if not isinstance(state, BatchNormState):
@@ -145,7 +150,7 @@ def _check(fn, x, state, scale, bias, axis, momentum, epsilon, running_average, 
   scale = _checks.feature_array(fn, "scale", scale, fshape)
   bias = _checks.feature_array(fn, "bias", bias, fshape)
   mask = _checks.mask_for(fn, mask, x.shape)
-  return x, _Config(axes, fshape, scale, bias, mask)
+  return _Config(axes, fshape, scale, bias, mask)
 
 
 def _check_ghost_size(fn: str, ghost_batch_size: Any, x: jax.Array, axes: tuple[int, ...]) -> int:
@@ -521,6 +526,74 @@ def _hooked_forward(fn, hook, x, scale, bias, *, axis, epsilon, dtype, mask, gho
   return y, stats
 
 
+def _complex_forward(
+  fn: str,
+  x: jax.Array,
+  state: BatchNormState,
+  scale: jax.Array | None,
+  bias: jax.Array | None,
+  *,
+  training: bool,
+  axis: int | Sequence[int],
+  momentum: Any,
+  epsilon: Any,
+  mask: jax.Array | None,
+  axis_name: Hashable | None,
+  axis_index_groups: Sequence[Sequence[int]] | None,
+  running_average: RunningAverage,
+  unbiased_running_var: bool,
+  ghost_batch_size: int | None,
+  renorm: bool,
+  dtype: Any,
+  want_stats: bool,
+) -> tuple[jax.Array, BatchNormState, None]:
+  """Flax's batch norm of complex ``x``: complex mean, real variance ``mean(|x - mean|**2)``, real scale and bias.
+
+  The statistics are jaxbn's (see :func:`jaxbn.stats.compute_complex_stats`: shifted sums, masks,
+  count-weighted across ``axis_name``); the gradient is autodiff of the plain formula. The running
+  mean becomes complex, as Flax's does (its dtype promoted with the statistics'), the running
+  variance stays real.
+  """
+  cfg = _config(fn, x, state, scale, bias, axis, momentum, epsilon, running_average, mask)
+  if dtype is not None and not jnp.issubdtype(dtype, jnp.complexfloating):
+    raise TypeError(
+      f"{fn}: dtype={jnp.dtype(dtype)} is real but x is complex ({x.dtype}), so the output would lose its "
+      "imaginary part. Consider one of the following options:\n"
+      "  1. dtype=None or a complex dtype, for a complex output;\n"
+      "  2. normalize a real input, e.g. jnp.real(x) or jnp.abs(x)."
+    )
+  if ghost_batch_size is not None:
+    raise ValueError(
+      f"{fn}: ghost_batch_size={ghost_batch_size!r} is not supported for complex input (x is {x.dtype}); "
+      "use ghost_batch_size=None, or a real input."
+    )
+  if renorm:
+    raise ValueError(
+      f"{fn}: renorm=True is not supported for complex input (x is {x.dtype}); use renorm=False, or a real input."
+    )
+  cdt = _checks.stats_dtype(jnp.finfo(x.dtype).dtype)
+  out = x.dtype if dtype is None else dtype
+  if not _checks.static_bool(fn, "training", training):
+    mean = jnp.asarray(state.mean).astype(jnp.promote_types(cdt, jnp.complex64))
+    inv = lax.rsqrt(jnp.asarray(state.var).astype(cdt) + jnp.asarray(epsilon, cdt))
+    return scale_shift(x, mean, inv, cfg.scale, cfg.bias, cfg.axes, out), state, None
+  if want_stats or _hooks.current() is not None:
+    raise ValueError(
+      f"{fn}: x is complex ({x.dtype}), and the batch statistics that jaxbn.recalibrate and jaxbn.training "
+      "collect or supply are for real input; normalize a real input in such a model."
+    )
+  stats = compute_complex_stats(
+    x, cfg.axes, mask=cfg.mask, axis_name=axis_name, axis_index_groups=axis_index_groups, fn=fn
+  )
+  y = scale_shift(x, stats.mean, inv_std(stats.var, stats.count, epsilon), cfg.scale, cfg.bias, cfg.axes, out)
+  old_mean = jnp.asarray(state.mean)
+  state = state._replace(mean=old_mean.astype(jnp.promote_types(old_mean.dtype, stats.mean.dtype)))
+  new_state = update_running_stats(
+    state, stats, momentum=momentum, running_average=running_average, unbiased_running_var=unbiased_running_var
+  )
+  return y, new_state, None
+
+
 def module_forward(
   fn: str,
   x: jax.Array,
@@ -548,7 +621,34 @@ def module_forward(
 
   Returns ``(y, new_state, stats)``; ``stats`` are the merged batch statistics that fed the
   running update (for recalibration) when ``want_stats`` and ``training``, else None.
+
+  As Flax's modules do (and :func:`jaxbn.batch_norm` does not), it takes integer and boolean input,
+  normalized in float32, and complex input (see :func:`_complex_forward`).
   """
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.inexact):
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  if jnp.issubdtype(x.dtype, jnp.complexfloating):
+    return _complex_forward(
+      fn,
+      x,
+      state,
+      scale,
+      bias,
+      training=training,
+      axis=axis,
+      momentum=momentum,
+      epsilon=epsilon,
+      mask=mask,
+      axis_name=axis_name,
+      axis_index_groups=axis_index_groups,
+      running_average=running_average,
+      unbiased_running_var=unbiased_running_var,
+      ghost_batch_size=ghost_batch_size,
+      renorm=renorm,
+      dtype=dtype,
+      want_stats=want_stats,
+    )
   common = dict(axis=axis, epsilon=epsilon, dtype=dtype)
   if not _checks.static_bool(fn, "training", training):
     y, new_state = batch_norm(x, state, scale, bias, training=False, **common)

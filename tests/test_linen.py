@@ -326,3 +326,53 @@ def test_feature_without_valid_element_outputs_bias_with_zero_gradient(kw):
   np.testing.assert_array_equal(dp["scale"][1], 0.0)
   np.testing.assert_allclose(dp["bias"][1], jnp.sum(w[:, 1]), rtol=1e-6)
   assert float(jnp.max(jnp.abs(dx[:, ::2]))) > 0
+
+
+def _complex_x(shape=(8, 3), seed=0, offset=0.0):
+  rng = np.random.default_rng(seed)
+  return jnp.asarray(offset + rng.normal(1.0, 2.0, shape) + 1j * rng.normal(0.0, 1.0, shape), jnp.complex64)
+
+
+@pytest.mark.parametrize("offset", [1e3, 1e4])
+def test_complex_variance_accurate_at_large_mean(offset):
+  # Flax's mean(|x|^2) - |mean|^2 cancels at |mean| / std = 1e4 in float32; jaxbn's shifted sums do not.
+  x = _complex_x((4096, 3), seed=1, offset=offset)
+  mask = jnp.asarray(np.random.default_rng(2).random((4096, 1)) > 0.25)
+  bn = BatchNorm(use_running_average=False, momentum=0.0)
+  _, upd = bn.apply(bn.init(jax.random.key(0), x), x, mask=mask, mutable=["batch_stats"])
+  valid = np.asarray(x, np.complex128)[np.asarray(mask[:, 0])]
+  np.testing.assert_allclose(upd["batch_stats"]["var"], np.var(valid, axis=0), rtol=1e-3)
+  np.testing.assert_allclose(upd["batch_stats"]["mean"], valid.mean(0), rtol=1e-6)
+
+
+def test_complex_input_keeps_the_axis_name_merge_exact_under_uneven_masks():
+  x = jnp.stack([_complex_x((8, 3), seed=3), _complex_x((8, 3), seed=4, offset=5.0)])
+  mask = jnp.arange(8)[None, :, None] < jnp.array([2, 8])[:, None, None]
+  bn = BatchNorm(use_running_average=False, axis_name="d", momentum=0.0)
+  v = bn.init(jax.random.key(0), x[0])
+  _, upd = jax.jit(jax.vmap(lambda x, m: bn.apply(v, x, mask=m, mutable=["batch_stats"]), axis_name="d"))(x, mask)
+  valid = np.concatenate([np.asarray(x[0, :2]), np.asarray(x[1])]).astype(np.complex128)
+  np.testing.assert_allclose(upd["batch_stats"]["mean"][0], valid.mean(0), rtol=1e-5)
+  np.testing.assert_allclose(upd["batch_stats"]["var"][1], np.var(valid, axis=0), rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+  "kw,err,match",
+  [
+    ({"ghost_batch_size": 4}, ValueError, "ghost_batch_size=4 is not supported for complex input"),
+    ({"renorm": True}, ValueError, "renorm=True is not supported for complex input"),
+    ({"dtype": jnp.float32}, TypeError, "dtype=float32 is real but x is complex"),
+  ],
+)
+def test_complex_input_refuses_what_it_does_not_support(kw, err, match):
+  x = _complex_x()
+  with pytest.raises(err, match=re.escape(f"jaxbn.linen.BatchNorm: {match}")):
+    BatchNorm(use_running_average=False, **kw).init(jax.random.key(0), x)
+
+
+def test_complex_input_refuses_moments_recording():
+  x = _complex_x()
+  bn = BatchNorm(use_running_average=False)
+  v = bn.init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match=r"jaxbn\.linen\.BatchNorm: x is complex \(complex64\)"):
+    bn.apply(v, x, mutable=["batch_stats", MOMENTS])

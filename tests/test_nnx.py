@@ -216,3 +216,40 @@ def test_feature_without_valid_element_outputs_bias_with_zero_gradient():
   np.testing.assert_array_equal(gm["scale"][...][1], 0.0)
   np.testing.assert_allclose(gm["bias"][...][1], jnp.sum(w[:, 1]), rtol=1e-6)
   assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves((gm, dx)))
+
+
+def test_batch_moments_of_float64_input_are_float64():
+  from jaxbn.nnx import collect_moments
+
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(7)
+    # |mean| / std = 1e8: float32 cannot even hold the deviations.
+    a, b = (jnp.asarray(rng.normal(1e6, 1e-2, (16, 3)), jnp.float64) for _ in range(2))
+    bn = BatchNorm(3, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+
+    @nnx.jit
+    def collect(model, a, b):
+      with collect_moments(model) as read:
+        model(a)
+        model(b)
+        return read()[()]
+
+    stats = collect(bn, a, b)
+    both = np.concatenate([np.asarray(a), np.asarray(b)])
+    assert {s.dtype for s in stats} == {jnp.dtype(jnp.float64)}
+    np.testing.assert_array_equal(stats.count, 32.0)
+    np.testing.assert_allclose(stats.mean, both.mean(0), rtol=1e-15)
+    np.testing.assert_allclose(stats.m2, ((both - both.mean(0)) ** 2).sum(0), rtol=1e-6)
+    # float32 input: float32 statistics, the wider of float32 and the input's dtype.
+    stats32 = collect(BatchNorm(3, rngs=nnx.Rngs(0)), a.astype(jnp.float32), b.astype(jnp.float32))
+    assert {s.dtype for s in stats32} == {jnp.dtype(jnp.float32)}
+
+
+def test_complex_input_refuses_collected_moments():
+  from jaxbn.nnx import collect_moments
+
+  x = jnp.asarray(np.random.default_rng(8).normal(size=(8, 3)) * (1 + 1j), jnp.complex64)
+  bn = BatchNorm(3, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"jaxbn\.nnx\.BatchNorm: x is complex \(complex64\)"):
+    with collect_moments(bn):
+      bn(x)

@@ -204,6 +204,26 @@ def test_axis_name_merge_needs_no_rank_promotion(groups):
   np.testing.assert_array_equal(count[0], first.shape[0])
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_complex_stats_match_float64_reference(masked):
+  # Complex mean and the real variance mean(|x - mean|^2), at |mean| / std = 1e4, also across devices.
+  rng = np.random.default_rng(12)
+  x = jnp.asarray(1e4 * (1 - 2j) + rng.normal(size=(4, 32, 3)) + 1j * rng.normal(size=(4, 32, 3)), jnp.complex64)
+  mask = jnp.asarray(rng.random((4, 32, 1)) > 0.4) if masked else None
+  s = stats.compute_complex_stats(x.reshape(128, 3), (1,), mask=None if mask is None else mask.reshape(128, 1))
+  per_device = jax.vmap(
+    lambda x, m: stats.compute_complex_stats(x, (1,), mask=m, axis_name="d"), in_axes=(0, None if mask is None else 0),
+    axis_name="d",
+  )(x, mask)  # fmt: skip
+  ref = np.asarray(x, np.complex128).reshape(128, 3)
+  valid = ref if mask is None else ref[np.asarray(mask).reshape(128)]
+  for got in (s, jax.tree.map(lambda a: a[0], per_device)):
+    assert (got.mean.dtype, got.m2.dtype, got.count.dtype) == (jnp.complex64, jnp.float32, jnp.float32)
+    np.testing.assert_array_equal(got.count, len(valid))
+    np.testing.assert_allclose(got.mean, valid.mean(0), rtol=1e-7)
+    np.testing.assert_allclose(got.var, np.var(valid, axis=0), rtol=1e-4)
+
+
 @st.composite
 def _cases(draw):
   ndim = draw(st.integers(1, 4))

@@ -6,6 +6,7 @@ gradients and running statistics over several SGD steps, evaluation outputs, und
 and with ``axis_name`` under ``jax.shard_map`` and ``jax.pmap``.
 """
 
+import warnings
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -258,3 +259,133 @@ def test_accurate_where_flax_fast_variance_is_not(shape):
     errors[name] = float(np.max(np.abs(np.asarray(upd["batch_stats"]["var"]) / true_var - 1)))
   assert errors["jaxbn"] < 1e-3, errors
   assert errors["flax"] > 1e-1, errors  # documents the failure the swap removes
+
+
+# ---- inputs Flax's modules take: integer, boolean and complex ----------------------------------
+
+
+def _int_input(dtype, shape=(8, 4, 3), seed=5):
+  rng = np.random.default_rng(seed)
+  values = rng.integers(0, 2, shape) if dtype == jnp.bool_ else rng.integers(0, 9, shape) * 3
+  return jnp.asarray(values, dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.uint8, jnp.bool_], ids=["int32", "uint8", "bool"])
+def test_linen_integer_and_boolean_input_match_flax(dtype):
+  x = _int_input(dtype)
+  results = {}
+  for name, cls in (("flax", nn.BatchNorm), ("jaxbn", jaxbn.linen.BatchNorm)):
+    module = cls(momentum=0.9)
+    v = module.init(jax.random.key(0), x, use_running_average=False)
+    y, upd = module.apply(v, x, use_running_average=False, mutable=["batch_stats"])
+    y_eval = module.apply({**v, **upd}, x, use_running_average=True)
+    results[name] = (y, upd["batch_stats"], y_eval)
+  for ours, theirs in zip(results["jaxbn"], results["flax"], strict=True):
+    assert jax.tree.map(lambda a: a.dtype, ours) == jax.tree.map(lambda a: a.dtype, theirs)
+    _close(ours, theirs)
+  assert results["jaxbn"][0].dtype == jnp.float32
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.uint8, jnp.bool_], ids=["int32", "uint8", "bool"])
+def test_nnx_integer_and_boolean_input_match_flax(dtype):
+  x = _int_input(dtype)
+  theirs, ours = (
+    nnx.BatchNorm(3, momentum=0.9, rngs=nnx.Rngs(0)),
+    jaxbn.nnx.BatchNorm(3, momentum=0.9, rngs=nnx.Rngs(0)),
+  )
+  for _ in range(2):
+    yt, yo = theirs(x), ours(x)
+    assert yo.dtype == yt.dtype == jnp.float32
+    _close(yo, yt)
+  _close(nnx.state(ours), nnx.state(theirs))
+  theirs.eval()
+  ours.eval()
+  _close(ours(x), theirs(x))
+
+
+def _complex_input(shape, seed, offset=0.0):
+  rng = np.random.default_rng(seed)
+  return jnp.asarray(offset + rng.normal(1.0, 2.0, shape) + 1j * rng.normal(-0.5, 1.0, shape), jnp.complex64)
+
+
+def _dtypes(tree):
+  return jax.tree.map(lambda a: jnp.dtype(a.dtype), tree)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+def test_linen_complex_input_matches_flax(masked):
+  # Flax: complex mean, real variance mean(|x|^2) - |mean|^2, complex output, complex running mean.
+  x = _complex_input((8, 4, 3), seed=6)
+  w = _complex_input((8, 4, 3), seed=7)
+  mask = jnp.asarray(np.random.default_rng(8).random((8, 4, 1)) > 0.3) if masked else None
+  params = {"scale": jnp.linspace(0.5, 1.5, 3), "bias": jnp.linspace(-1.0, 1.0, 3)}
+
+  def run(cls):
+    module = cls(momentum=0.9)
+    v = module.init(jax.random.key(0), x, use_running_average=False)
+
+    def loss(params, stats, x):
+      y, upd = module.apply(
+        {"params": params, "batch_stats": stats}, x, use_running_average=False, mask=mask, mutable=["batch_stats"]
+      )
+      return jnp.sum(jnp.real(y * jnp.conj(w))), (y, upd["batch_stats"])
+
+    step = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    stats, out = v["batch_stats"], []
+    for i in range(2):  # the second step starts from a complex running mean
+      (_, (y, stats)), grads = step(params, stats, x * (i + 1))
+      out.append((y, grads, stats))
+    out.append(module.apply({"params": params, "batch_stats": stats}, x, use_running_average=True))
+    return out
+
+  theirs, ours = run(nn.BatchNorm), run(jaxbn.linen.BatchNorm)
+  assert _dtypes(ours) == _dtypes(theirs)
+  assert _dtypes(ours[0][2]) == {"mean": jnp.complex64, "var": jnp.float32}
+  assert ours[0][0].dtype == ours[-1].dtype == jnp.complex64
+  _close(ours, theirs)
+
+
+def test_nnx_complex_input_matches_flax():
+  x = _complex_input((8, 4, 3), seed=9)
+  w = _complex_input((8, 4, 3), seed=10)
+  kw = {"momentum": 0.9, "scale_init": nnx.initializers.uniform(), "rngs": nnx.Rngs(0)}
+  theirs, ours = nnx.BatchNorm(3, **kw), jaxbn.nnx.BatchNorm(3, **{**kw, "rngs": nnx.Rngs(0)})
+
+  def loss(model, x):
+    return jnp.sum(jnp.real(model(x) * jnp.conj(w)))
+
+  for i in range(2):
+    with warnings.catch_warnings():  # Flax casts the complex running mean to float32, with warnings
+      warnings.simplefilter("ignore")
+      gt = nnx.grad(loss)(theirs, x * (i + 1))
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")  # jaxbn takes the real part explicitly, as documented
+      go = nnx.grad(loss)(ours, x * (i + 1))
+    assert _dtypes(go) == _dtypes(gt)
+    _close(go, gt)
+  assert _dtypes(nnx.state(ours)) == _dtypes(nnx.state(theirs))
+  _close(nnx.state(ours), nnx.state(theirs))
+  for model in (theirs, ours):
+    model.eval()
+  assert ours(x).dtype == jnp.complex64
+  _close(ours(x), theirs(x))
+
+
+def test_linen_complex_input_with_axis_name_under_vmap_matches_flax():
+  x = _complex_input((4, 6, 3), seed=11)  # 4 replicas of 6 rows: equal counts, so Flax's mean of means is exact
+
+  def run(cls):
+    module = cls(momentum=0.5, axis_name="d")
+    v = module.init(jax.random.key(0), x[0], use_running_average=False)
+    step = lambda x: module.apply(v, x, use_running_average=False, mutable=["batch_stats"])
+    return jax.jit(jax.vmap(step, axis_name="d"))(x)
+
+  (yt, ut), (yo, uo) = run(nn.BatchNorm), run(jaxbn.linen.BatchNorm)
+  # Flax stacks the mean and mean(|x|^2) for one pmean, which makes its variance complex (with a zero
+  # imaginary part); jaxbn's stays real, as Flax's is without axis_name.
+  assert _dtypes(uo) == {"batch_stats": {"mean": jnp.complex64, "var": jnp.float32}}
+  np.testing.assert_array_equal(np.imag(ut["batch_stats"]["var"]), 0.0)
+  _close((yo, uo), (yt, ut))
+  # Every replica normalizes with the statistics of all 24 rows.
+  both = np.asarray(x, np.complex128).reshape(24, 3)
+  np.testing.assert_allclose(uo["batch_stats"]["var"][0], 0.5 + 0.5 * np.var(both, axis=0), rtol=1e-5)
