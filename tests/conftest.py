@@ -5,6 +5,7 @@ import os
 os.environ.setdefault("XLA_FLAGS", "")
 os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")  # for the subprocesses some tests start
 import jax
+from hypothesis import HealthCheck, settings
 
 # Must happen before JAX initializes its backend; every test process (xdist workers included)
 # imports this file first.
@@ -12,3 +13,11 @@ jax.config.update("jax_num_cpu_devices", 8)
 # Implicit rank promotion is an error, as in Flax's CI (JAX_NUMPY_RANK_PROMOTION=raise): the library
 # must broadcast explicitly to work in such programs.
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+# Hypothesis: "ci" (the default) runs a fixed set of examples, the same on every run and machine, with
+# no example database; `pytest --hypothesis-profile=long` explores many more, with random seeds.
+settings.register_profile(
+  "ci", max_examples=25, derandomize=True, database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("long", max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ci")
