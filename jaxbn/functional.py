@@ -110,12 +110,15 @@ def _update_weights(mode: str, momentum: Any, t: jax.Array, dtype: Any) -> tuple
   # Debiased EMA of zero-initialised hidden values h_t = m*h_{t-1} + (1-m)*b_t, expressed directly on
   # the debiased estimate h_t / (1 - m^t): old weight m (1 - m^(t-1)) / (1 - m^t), new weight
   # (1 - m) / (1 - m^t); at t = 1 it is the first batch's statistics. m -> 1 gives the cumulative
-  # average, its limit.
-  denom = 1.0 - m**t
+  # average, its limit. The powers come from 1 - m, as m^k = exp(k log1p(-(1 - m))): a float32 m
+  # near 1 is not 1 - (1 - m), and 1 - m^t from it would make the weights sum to 1 + u / (1 - m^t)
+  # (6e-6 too much at m = 0.999, t = 2). The log is bounded so that 0 * log(0) at m = 0, t = 1 is 0.
+  log_m = jnp.maximum(jnp.log1p(-one_minus_m), jnp.finfo(dtype).min)
+  denom = -jnp.expm1(t * log_m)  # 1 - m^t
   ok = denom > 0
   safe = jnp.where(ok, denom, 1.0)
   w_new = jnp.where(ok, one_minus_m / safe, 1.0 / t)
-  w_old = jnp.where(ok, (m - m**t) / safe, (t - 1.0) / t)
+  w_old = jnp.where(ok, m * -jnp.expm1((t - 1.0) * log_m) / safe, (t - 1.0) / t)
   first = t <= 1.0  # m**1 need not round to m exactly: make the first update an exact copy
   return jnp.where(first, 0.0, w_old), jnp.where(first, 1.0, w_new)
 
