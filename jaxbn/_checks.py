@@ -6,8 +6,8 @@ reading a traceback knows which line of theirs to change.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Hashable, Sequence
+import inspect
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -44,9 +44,25 @@ def feature_axes(fn: str, ndim: int, axis: int | Sequence[int], *, arg: str = "a
   return tuple(sorted(out))
 
 
+def _show(value: Any) -> str:
+  """A short repr for messages."""
+  text = repr(value)
+  return text if len(text) <= 80 else text[:77] + "..."
+
+
+def as_array(fn: str, arg: str, value: Any) -> jax.Array:
+  """``value`` as a JAX array; what JAX cannot hold (None, a string, an object) is a TypeError naming ``arg``."""
+  if value is None or isinstance(value, (str, bytes)):
+    raise TypeError(f"{fn}: {arg} must be an array, got {_show(value)}.")
+  try:
+    return jnp.asarray(value)
+  except (TypeError, ValueError) as err:
+    raise TypeError(f"{fn}: {arg} must be an array, got {type(value).__name__} ({err}).") from None
+
+
 def floating_input(fn: str, x: Any, *, arg: str = "x") -> jax.Array:
   """Returns ``x`` as an array, rejecting non-floating dtypes."""
-  x = jnp.asarray(x)
+  x = as_array(fn, arg, x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(
       f"{fn}: {arg} must have a real floating dtype (float16, bfloat16, float32 or float64), "
@@ -64,7 +80,7 @@ def mask_for(fn: str, mask: Any, shape: tuple[int, ...]) -> jax.Array | None:
   """Checks that ``mask`` is boolean and broadcastable to ``shape``."""
   if mask is None:
     return None
-  mask = jnp.asarray(mask)
+  mask = as_array(fn, "mask", mask)
   if mask.dtype != jnp.bool_:
     raise TypeError(
       f"{fn}: mask must be a boolean array (True marks valid elements), got dtype {mask.dtype}. "
@@ -83,7 +99,7 @@ def feature_array(fn: str, arg: str, value: Any, feature_shape: tuple[int, ...])
   """Checks a per-feature array (scale, bias, a state field) against the feature shape."""
   if value is None:
     return None
-  value = jnp.asarray(value)
+  value = as_array(fn, arg, value)
   if value.shape != feature_shape:
     raise ValueError(
       f"{fn}: {arg} must have the feature shape {feature_shape} (the sizes of x along `axis`), got shape {value.shape}."
@@ -99,26 +115,93 @@ def concrete_number(value: Any) -> float | None:
     return None
 
 
-def _number(fn: str, arg: str, value: Any) -> float | None:
-  """``concrete_number``, rejecting values that are no number at all (None, strings)."""
-  if value is None or isinstance(value, (str, bytes)):
-    raise TypeError(f"{fn}: {arg} must be a number, got {value!r}.")
-  return concrete_number(value)
+def _values(fn: str, arg: str, value: Any) -> np.ndarray | None:
+  """A real hyperparameter's values (float64) when known at trace time, None when traced.
+
+  Anything that is no real number or array of them (None, a string, a bool, an object) is a
+  TypeError, traced or not.
+  """
+  dtype = getattr(value, "dtype", None) if isinstance(value, (jax.Array, np.ndarray, np.generic)) else None
+  if isinstance(value, (bool, np.bool_)) or (
+    dtype is None and not isinstance(value, (int, float, np.integer, np.floating))
+  ):
+    raise TypeError(f"{fn}: {arg} must be a number, got {_show(value)}.")
+  if dtype is not None and not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
+    raise TypeError(f"{fn}: {arg} must be a number, got an array of dtype {dtype}.")
+  if isinstance(value, jax.core.Tracer):
+    return None
+  return np.asarray(value).astype(np.float64)
 
 
-def in_range(fn: str, arg: str, value: Any, lo: float, hi: float) -> None:
-  v = _number(fn, arg, value)
-  if v is not None and not lo <= v <= hi:
-    raise ValueError(f"{fn}: {arg} must be in [{lo:g}, {hi:g}], got {v!r}.")
+def _values_text(v: np.ndarray) -> str:
+  """A scalar as Python's float repr (``nan``, ``-1e-05``), an array in short form."""
+  return repr(float(v)) if v.ndim == 0 else np.array2string(v, threshold=8)
+
+
+def in_range(fn: str, arg: str, value: Any, lo: float, hi: float, *, hi_open: bool = False) -> None:
+  """Checks ``lo <= value <= hi`` (``< hi`` with ``hi_open``), elementwise, when known at trace time."""
+  v = _values(fn, arg, value)
+  if v is not None and not np.all((lo <= v) & ((v < hi) if hi_open else (v <= hi))):
+    raise ValueError(f"{fn}: {arg} must be in [{lo:g}, {hi:g}{')' if hi_open else ']'}, got {_values_text(v)}.")
 
 
 def positive(fn: str, arg: str, value: Any, *, finite: bool = False) -> None:
   """Checks ``value > 0`` (and finite, with ``finite=True``) when it is known at trace time."""
-  v = _number(fn, arg, value)
-  if v is not None and not v > 0:
-    raise ValueError(f"{fn}: {arg} must be > 0, got {v!r}.")
-  if finite and v is not None and not math.isfinite(v):
-    raise ValueError(f"{fn}: {arg} must be finite and > 0, got {v!r}.")
+  v = _values(fn, arg, value)
+  if v is not None and not np.all(v > 0):
+    raise ValueError(f"{fn}: {arg} must be > 0, got {_values_text(v)}.")
+  if finite and v is not None and not np.all(np.isfinite(v)):
+    raise ValueError(f"{fn}: {arg} must be finite and > 0, got {_values_text(v)}.")
+
+
+def at_least(fn: str, arg: str, value: Any, lo: float) -> None:
+  """Checks ``value >= lo`` (which fails for NaN) when it is known at trace time."""
+  v = _values(fn, arg, value)
+  if v is not None and not np.all(v >= lo):
+    raise ValueError(f"{fn}: {arg} must be >= {lo:g}, got {_values_text(v)}.")
+
+
+def finite(fn: str, arg: str, value: Any) -> None:
+  """Checks that ``value`` is a finite real number (or array of them) when it is known at trace time."""
+  v = _values(fn, arg, value)
+  if v is not None and not np.all(np.isfinite(v)):
+    raise ValueError(f"{fn}: {arg} must be finite, got {_values_text(v)}.")
+
+
+def callable_arg(fn: str, arg: str, value: Any) -> None:
+  """Checks that ``value`` (a function argument: a gradient function, a loss) is callable."""
+  if not callable(value):
+    raise TypeError(f"{fn}: {arg} must be callable, got {_show(value)}.")
+
+
+def mapping(fn: str, arg: str, value: Any) -> Mapping:
+  """``value``, which must be a mapping (Flax variables, a statistics dict)."""
+  if not isinstance(value, Mapping):
+    raise TypeError(f"{fn}: {arg} must be a mapping (e.g. a dict of Flax variables), got {type(value).__name__}.")
+  return value
+
+
+def stats(fn: str, value: Any, *, arg: str = "stats") -> Any:
+  """``value`` as a :class:`jaxbn.Stats` of arrays: a ``Stats`` or a tuple ``(count, mean, m2)``."""
+  from jaxbn.stats import Stats  # stats imports this module
+
+  if not isinstance(value, tuple) or len(value) != 3:
+    raise TypeError(f"{fn}: {arg} must be a jaxbn.Stats (count, mean, m2), got {_show(value)}.")
+  return Stats(*(as_array(fn, f"{arg}.{name}", v) for name, v in zip(Stats._fields, value)))
+
+
+def call_kwargs(fn: str, call: Callable[..., Any], kwargs: Mapping[str, Any], what: str) -> None:
+  """Checks that ``call`` (a model's ``__call__``) accepts the keyword arguments passed on to it."""
+  try:
+    signature = inspect.signature(call)
+  except (TypeError, ValueError):  # no signature to read: the call itself will tell
+    return
+  try:
+    signature.bind_partial(**kwargs)
+  except TypeError as err:
+    raise TypeError(
+      f"{fn}: the keyword arguments {sorted(kwargs)} are passed to {what}, which refuses them: {err}."
+    ) from None
 
 
 def static_bool(fn: str, arg: str, value: Any, *, allow_none: bool = False) -> bool | None:

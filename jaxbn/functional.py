@@ -204,9 +204,10 @@ def _update_running_stats(
   if not isinstance(state, BatchNormState):
     raise TypeError(f"{fn}: state must be a jaxbn.BatchNormState (see jaxbn.init_state), got {type(state).__name__}.")
   _check_running_average(fn, running_average, momentum, unbiased_running_var)
-  old_mean, old_var = jnp.asarray(state.mean), jnp.asarray(state.var)
+  old_mean, old_var = _checks.as_array(fn, "state.mean", state.mean), _checks.as_array(fn, "state.var", state.var)
   fshape = old_mean.shape
   _checks.feature_array(fn, "state.var", old_var, fshape)
+  stats = _checks.stats(fn, stats)
   for name, value in zip(("count", "mean", "m2"), stats, strict=True):
     shape = jnp.shape(value)
     if len(shape) > len(fshape) or any(d not in (1, f) for d, f in zip(shape[::-1], fshape[::-1])):
@@ -278,10 +279,11 @@ def normalize(
            [ 0.99995]], dtype=float32)
   """
   fn = "jaxbn.normalize"
-  axes = _checks.feature_axes(fn, jnp.ndim(x), feature_axes, arg="feature_axes")
+  x = _checks.floating_input(fn, x)
+  axes = _checks.feature_axes(fn, x.ndim, feature_axes, arg="feature_axes")
   fshape = tuple(x.shape[a] for a in axes)
-  mean = _checks.feature_array(fn, "mean", mean, fshape)
-  var = _checks.feature_array(fn, "var", var, fshape)
+  mean = _checks.floating_input(fn, _checks.feature_array(fn, "mean", mean, fshape), arg="mean")
+  var = _checks.floating_input(fn, _checks.feature_array(fn, "var", var, fshape), arg="var")
   scale = _checks.feature_array(fn, "scale", scale, fshape)
   bias = _checks.feature_array(fn, "bias", bias, fshape)
   _checks.positive(fn, "epsilon", epsilon)

@@ -65,14 +65,11 @@ class RenormSchedule:
   end_step: int
 
   def __post_init__(self):
-    if not self.end_step > self.start_step:
-      raise ValueError(
-        f"jaxbn.renorm_schedule: end_step must be > start_step, got start_step={self.start_step}, "
-        f"end_step={self.end_step}."
-      )
+    _check_schedule("jaxbn.RenormSchedule", self.start_value, self.end_value, self.start_step, self.end_step)
 
   def __call__(self, step: Any) -> jax.Array:
     """The limit at ``step`` (float32)."""
+    _checks.finite("jaxbn.RenormSchedule", "step", step)
     frac = jnp.clip((jnp.asarray(step, jnp.float32) - self.start_step) / (self.end_step - self.start_step), 0.0, 1.0)
     return self.start_value + frac * (self.end_value - self.start_value)
 
@@ -106,13 +103,20 @@ def renorm_schedule(
     >>> rmax == renorm_schedule(start_value=1.0, end_value=3.0, start_step=10, end_step=30)
     True
   """
+  _check_schedule("jaxbn.renorm_schedule", start_value, end_value, start_step, end_step)
+  return RenormSchedule(float(start_value), float(end_value), int(start_step), int(end_step))
+
+
+def _check_schedule(fn: str, start_value: Any, end_value: Any, start_step: Any, end_step: Any) -> None:
   for arg, value in (("start_value", start_value), ("end_value", end_value)):
-    if isinstance(value, (str, bytes)) or _checks.concrete_number(value) is None:
-      raise TypeError(f"jaxbn.renorm_schedule: {arg} must be a Python number, got {value!r}.")
+    if isinstance(value, (str, bytes)) or _checks.concrete_number(value) is None or jnp.ndim(value):
+      raise TypeError(f"{fn}: {arg} must be a Python number, got {value!r}.")
+    _checks.finite(fn, arg, value)
   for arg, value in (("start_step", start_step), ("end_step", end_step)):
     if not _checks._is_int(value):
-      raise TypeError(f"jaxbn.renorm_schedule: {arg} must be an int, got {value!r}.")
-  return RenormSchedule(float(start_value), float(end_value), int(start_step), int(end_step))
+      raise TypeError(f"{fn}: {arg} must be an int, got {value!r}.")
+  if not end_step > start_step:
+    raise ValueError(f"{fn}: end_step must be > start_step, got start_step={start_step}, end_step={end_step}.")
 
 
 paper_rmax = renorm_schedule(start_value=1.0, end_value=3.0, start_step=5000, end_step=40000)
@@ -169,9 +173,7 @@ def _limit(fn: str, arg: str, value: Any, step: jax.Array, lo: float) -> jax.Arr
   """``value`` or ``value(step)``, checked against its lower bound when known at trace time."""
   if callable(value):
     value = value(step)
-  v = _checks.concrete_number(value)
-  if v is not None and not v >= lo:
-    raise ValueError(f"{fn}: {arg} must be >= {lo:g}, got {v!r}.")
+  _checks.at_least(fn, arg, value, lo)
   return jnp.asarray(value)
 
 
@@ -226,6 +228,7 @@ def _train(
   """Training step shared by the variants; also returns the merged batch statistics."""
   if axis_index_groups is not None and axis_name is None:
     raise ValueError(f"{fn}: axis_index_groups={axis_index_groups!r} needs an axis_name to group over.")
+  _checks.static_bool(fn, "unbiased_running_var", unbiased_running_var)
   cdt = _checks.stats_dtype(x.dtype)
   if ghost_batch_size is None:
     xr, mask, norm_axes, pos = x, cfg.mask, cfg.axes, None
@@ -362,6 +365,8 @@ def ghost_batch_norm(
   """
   fn = "jaxbn.ghost_batch_norm"
   x, cfg = _check(fn, x, state, scale, bias, axis, momentum, epsilon, running_average, mask)
+  dtype = _checks.floating_dtype(fn, "dtype", dtype)
+  _checks.static_bool(fn, "unbiased_running_var", unbiased_running_var)
   ghost_batch_size = _check_ghost_size(fn, ghost_batch_size, x, cfg.axes)
   if not _checks.static_bool(fn, "training", training):
     return _evaluate(x, state, cfg, epsilon, dtype)
@@ -473,6 +478,8 @@ def batch_renorm(
   """
   fn = "jaxbn.batch_renorm"
   x, cfg = _check(fn, x, state, scale, bias, axis, momentum, epsilon, running_average, mask)
+  dtype = _checks.floating_dtype(fn, "dtype", dtype)
+  _checks.static_bool(fn, "unbiased_running_var", unbiased_running_var)
   if ghost_batch_size is not None:
     ghost_batch_size = _check_ghost_size(fn, ghost_batch_size, x, cfg.axes)
   if not callable(rmax):
