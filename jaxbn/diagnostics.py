@@ -89,7 +89,7 @@ def norms_by_layer(tree: Any, *, per_leaf: bool = False) -> dict[str, jax.Array]
     A dict from names to scalar norms, in the pytree's flattening order.
 
   Raises:
-    TypeError: a leaf is not a real or complex numeric array.
+    TypeError: a leaf is not a real or complex numeric array, or ``per_leaf`` is not a bool.
     ValueError: ``tree`` has no leaves, or two different paths map to the same name.
 
   Examples:
@@ -102,17 +102,17 @@ def norms_by_layer(tree: Any, *, per_leaf: bool = False) -> dict[str, jax.Array]
     >>> {k: float(v) for k, v in diagnostics.norms_by_layer(params, per_leaf=True).items()}
     {'BatchNorm_0/bias': 0.0, 'BatchNorm_0/scale': 4.0, 'Dense_0/bias': 0.0, 'Dense_0/kernel': 2.0}
   """
+  per_leaf = _checks.static_bool(_NORMS, "per_leaf", per_leaf)
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   if not leaves:
     raise ValueError(f"{_NORMS}: tree must have at least one array leaf, got {tree!r}.")
   squares: dict[str, list[jax.Array]] = {}
   owner: dict[str, tuple[str, ...]] = {}
   for path, leaf in leaves:
-    x = jnp.asarray(leaf)
+    where = f"tree{jax.tree_util.keystr(path)}"
+    x = _checks.as_array(_NORMS, where, leaf)
     if not (jnp.issubdtype(x.dtype, jnp.number)):
-      raise TypeError(
-        f"{_NORMS}: every leaf must be a numeric array, got dtype {x.dtype} at {jax.tree_util.keystr(path)}."
-      )
+      raise TypeError(f"{_NORMS}: every leaf must be a numeric array, got dtype {x.dtype} at {where}.")
     names = _named_path(path)
     group = names if per_leaf or len(names) <= 1 else names[:-1]
     name = "/".join(group)
@@ -147,7 +147,7 @@ def _check_params(fn: str, params: Any) -> None:
   if not leaves:
     raise ValueError(f"{fn}: params must be a pytree with at least one array leaf, got {params!r}.")
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    dtype = jnp.result_type(leaf)
+    dtype = _checks.as_array(fn, f"params{jax.tree_util.keystr(path)}", leaf).dtype
     if not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(
         f"{fn}: every leaf of params must have a real floating dtype, got {dtype} at "
@@ -192,7 +192,7 @@ def hessian_vector_product(grad_fn: Callable[[Any], Any], params: Any, vector: A
     ``H v``, a pytree like ``params``.
 
   Raises:
-    TypeError: a leaf of ``params`` is not floating.
+    TypeError: ``grad_fn`` is not callable, or a leaf of ``params`` is not floating.
     ValueError: ``mode`` is unknown, or ``vector`` or ``grad_fn(params)`` is not shaped like ``params``.
 
   Examples:
@@ -204,6 +204,7 @@ def hessian_vector_product(grad_fn: Callable[[Any], Any], params: Any, vector: A
     >>> {k: float(v) for k, v in hv.items()}
     {'x': 6.0, 'y': 2.0}
   """
+  _checks.callable_arg(_HVP, "grad_fn", grad_fn)
   _check_mode(_HVP, mode)
   _check_params(_HVP, params)
   _check_like(_HVP, "vector", vector, params)
@@ -363,7 +364,8 @@ def top_hessian_eigenvalue(
     (in the parameters' dtypes).
 
   Raises:
-    TypeError: a leaf of ``params`` is not floating, or ``num_iters`` is not an int.
+    TypeError: ``grad_fn`` is not callable, a leaf of ``params`` is not floating, or ``num_iters`` is
+      not an int.
     ValueError: an argument is out of range, or ``init`` or ``grad_fn(params)`` is not shaped like
       ``params``.
 
@@ -393,6 +395,7 @@ def top_hessian_eigenvalue(
     >>> round(float(sharpness({"x": jnp.ones(4)})), 4)
     3.0
   """
+  _checks.callable_arg(_TOP, "grad_fn", grad_fn)
   _check_mode(_TOP, mode)
   if method not in _METHODS:
     raise ValueError(f"{_TOP}: method must be one of {_METHODS}, got {method!r}.")
@@ -479,7 +482,8 @@ def stability_threshold(learning_rate: Any, *, momentum: Any = 0.0, nesterov: bo
 
   Raises:
     TypeError: ``learning_rate`` or ``momentum`` is not numeric, or ``nesterov`` is not a bool.
-    ValueError: ``learning_rate <= 0`` or ``momentum`` outside [0, 1) (checked when known at trace time).
+    ValueError: ``learning_rate <= 0`` or ``momentum`` outside [0, 1), NaN included (checked when known at
+      trace time, elementwise for arrays).
 
   Examples:
     >>> from jaxbn import diagnostics
@@ -491,16 +495,18 @@ def stability_threshold(learning_rate: Any, *, momentum: Any = 0.0, nesterov: bo
     135.714
   """
   for arg, value in (("learning_rate", learning_rate), ("momentum", momentum)):
-    if value is None or not jnp.issubdtype(jnp.result_type(value), jnp.number):
+    try:
+      numeric = value is not None and not isinstance(value, (str, bytes))
+      numeric = numeric and jnp.issubdtype(jnp.result_type(value), jnp.number)
+    except (TypeError, ValueError):  # objects with no JAX dtype
+      numeric = False
+    if not numeric:
       raise TypeError(f"{_THRESHOLD}: {arg} must be a real number or array, got {value!r}.")
   if not isinstance(nesterov, (bool, np.bool_)):
     raise TypeError(f"{_THRESHOLD}: nesterov must be a Python bool, got {nesterov!r}.")
-  lr_value = _checks.concrete_number(learning_rate) if np.ndim(learning_rate) == 0 else None
-  if lr_value is not None and not lr_value > 0:
-    raise ValueError(f"{_THRESHOLD}: learning_rate must be > 0, got {lr_value!r}.")
-  b_value = _checks.concrete_number(momentum) if np.ndim(momentum) == 0 else None
-  if b_value is not None and not 0 <= b_value < 1:
-    raise ValueError(f"{_THRESHOLD}: momentum must be in [0, 1), got {b_value!r}.")
+  # Elementwise where known at trace time: arrays of learning rates (a sweep) too.
+  _checks.positive(_THRESHOLD, "learning_rate", learning_rate)
+  _checks.in_range(_THRESHOLD, "momentum", momentum, 0.0, 1.0, hi_open=True)
   lr = jnp.asarray(learning_rate)
   dtype = _checks.stats_dtype(jnp.result_type(lr, jnp.asarray(momentum)))
   lr, b = lr.astype(dtype), jnp.asarray(momentum).astype(dtype)

@@ -132,7 +132,7 @@ def fold_batch_norm(
     kernels).
 
   Raises:
-    TypeError: the trees are not mappings.
+    TypeError: the trees are not mappings, or a kernel that is not a floating array.
     ValueError: missing statistics, shapes that do not match the kernel's output-channel axes (or
       match them in two ways without ``stack_axes``).
 
@@ -161,11 +161,11 @@ def fold_batch_norm(
     ((2, 4, 3), (2, 3))
   """
   fn = "jaxbn.fold_batch_norm"
-  kernel = jnp.asarray(kernel)
+  kernel = _checks.floating_input(fn, kernel, arg="kernel")
   mean, var = _field(fn, bn_stats, "mean", "bn_stats"), _field(fn, bn_stats, "var", "bn_stats")
   if mean is None or var is None:
     raise ValueError(f"{fn}: bn_stats must hold 'mean' and 'var', got {sorted(bn_stats) if bn_stats else bn_stats}.")
-  mean, var = jnp.asarray(mean), jnp.asarray(var)
+  mean, var = _checks.as_array(fn, "bn_stats['mean']", mean), _checks.as_array(fn, "bn_stats['var']", var)
   sshape = mean.shape
   n, axes = _fold_layout(fn, kernel.shape, sshape, axis, stack_axes)
   gamma = _checks.feature_array(fn, "bn_params['scale']", _field(fn, bn_params, "scale", "bn_params"), sshape)
@@ -265,7 +265,9 @@ def fold_batch_norms(
     A new variable dict; ``variables`` is not modified.
 
   Raises:
-    ValueError: a path that does not exist, or shapes :func:`fold_batch_norm` refuses.
+    TypeError: ``variables`` is not a mapping, or ``pairs`` is not an iterable.
+    ValueError: a pair that is not two paths, a path that does not exist, a bad ``epsilon``, or shapes
+      :func:`fold_batch_norm` refuses.
 
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -287,9 +289,10 @@ def fold_batch_norms(
     True
   """
   fn = "jaxbn.fold_batch_norms"
-  linen = "params" in variables
+  linen = "params" in _checks.mapping(fn, "variables", variables)
+  _checks.positive(fn, "epsilon", epsilon)
   out = dict(variables)
-  for layer_path, bn_path in pairs:
+  for layer_path, bn_path in _pairs(fn, pairs):
     lp, bp = _path(fn, layer_path), _path(fn, bn_path)
     if linen:
       layer = _get(fn, out["params"], lp, "layer")
@@ -310,6 +313,17 @@ def fold_batch_norms(
     else:
       out = _delete(_set(out, lp, new_layer), bp)
   return out
+
+
+def _pairs(fn: str, pairs: Any) -> list[tuple[Path, Path]]:
+  """``pairs`` as a list of ``(layer_path, bn_path)``."""
+  if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Iterable):
+    raise TypeError(f"{fn}: pairs must be an iterable of (layer_path, bn_path) pairs, got {type(pairs).__name__}.")
+  pairs = list(pairs)
+  for pair in pairs:
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+      raise ValueError(f"{fn}: pairs must hold (layer_path, bn_path) pairs, got {pair!r}.")
+  return pairs
 
 
 def _has(tree: Mapping, path: tuple[Hashable, ...]) -> bool:
@@ -446,6 +460,8 @@ def recalibrate(
       model, or the calls were not in training mode); a linen layer with ``batch_stats`` reported
       none (see above); the NNX model holds ``flax.nnx.BatchNorm`` layers; or ``variables`` is
       missing for linen.
+    TypeError: ``batches`` is not an iterable, ``variables`` not a mapping, ``unbiased_var`` or
+      ``strict`` not a bool, or ``call_kwargs`` that the model's ``__call__`` does not take.
 
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -470,10 +486,17 @@ def recalibrate(
   from flax import nnx
 
   fn = "jaxbn.recalibrate"
+  if isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
+    raise TypeError(f"{fn}: batches must be an iterable of model inputs, got {type(batches).__name__}.")
+  unbiased_var = _checks.static_bool(fn, "unbiased_var", unbiased_var)
+  strict = _checks.static_bool(fn, "strict", strict)
+  if isinstance(model, (nn.Module, nnx.Module)):
+    _checks.call_kwargs(fn, model.__call__, call_kwargs, f"the model's __call__ ({type(model).__name__})")
   if isinstance(model, nnx.Module):
     return _recalibrate_nnx(fn, model, batches, unbiased_var, call_kwargs)
   if variables is None:
     raise ValueError(f"{fn}: a linen model needs its variables: recalibrate(model, batches, variables, ...).")
+  _checks.mapping(fn, "variables", variables)
   from jaxbn.linen import MOMENTS
 
   apply_fn = model.apply if isinstance(model, nn.Module) else model
@@ -489,7 +512,7 @@ def recalibrate(
   acc = _accumulate(fn, moments, batches, variables)
   batch_stats = variables.get("batch_stats", {})
   missing = [key for key in ("/".join(map(str, p)) for p in _stat_layers(batch_stats)) if key not in acc]
-  if missing and _checks.static_bool(fn, "strict", strict):
+  if missing and strict:
     raise _unreported(fn, missing)
   if not acc:
     raise _no_layers(fn)

@@ -230,6 +230,7 @@ def batch_map(
     A function of the same arguments as ``fn``, traceable by ``jax.jit`` and ``jax.grad``.
 
   Raises:
+    TypeError: ``fn`` is not callable, or ``mesh`` is not a mesh.
     ValueError: no mesh, a ``mesh_axes`` entry that is not a mesh axis, or a bad ``in_axes`` /
       ``out_axes`` entry.
 
@@ -249,6 +250,11 @@ def batch_map(
   name = "jaxbn.parallel.batch_map"
   if not callable(fn):
     raise TypeError(f"{name}: fn must be callable, got {type(fn).__name__}.")
+  if mesh is not None and not isinstance(mesh, (jax.sharding.Mesh, jax.sharding.AbstractMesh)):
+    raise TypeError(
+      f"{name}: mesh must be a jax.sharding.Mesh (e.g. jax.make_mesh(...)), an AbstractMesh or None, "
+      f"got {type(mesh).__name__}."
+    )
   _spec_tree(name, "out_axes", out_axes, None, None, known_ndim=False)
 
   def mapped(*args: Any) -> Any:
