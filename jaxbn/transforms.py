@@ -162,8 +162,9 @@ def clip_by_running_norm(
     An ``optax.GradientTransformation`` with state ``ClipByRunningNormState``.
 
   Raises:
+    TypeError: for a hyperparameter that is no number, or a fractional ``warmup_steps``.
     ValueError: for a ``decay`` outside [0, 1], a non-positive ``z_threshold`` or ``eps``,
-      ``warmup_steps < 1`` or an unknown ``mode``.
+      ``warmup_steps < 1`` or an unknown ``mode`` (NaN is out of every range).
 
   Examples:
     Place it first, where the updates are still gradients, and compose it with what Optax has: a hard
@@ -198,9 +199,9 @@ def clip_by_running_norm(
   _checks.in_range(fn, "decay", decay, 0.0, 1.0)
   _checks.positive(fn, "z_threshold", z_threshold)
   _checks.positive(fn, "eps", eps)
-  w = _checks.concrete_number(warmup_steps)
-  if w is not None and not w >= 1:
-    raise ValueError(f"{fn}: warmup_steps must be >= 1 (the statistics need one norm), got {warmup_steps!r}.")
+  _checks.at_least(fn, "warmup_steps", warmup_steps, 1)
+  if isinstance(warmup_steps, (float, np.floating)) and not float(warmup_steps).is_integer():
+    raise TypeError(f"{fn}: warmup_steps must be an int (a number of norms), got {warmup_steps!r}.")
   if mode not in _CLIP_MODES:
     raise ValueError(f"{fn}: mode must be one of {_CLIP_MODES}, got {mode!r}.")
 
@@ -283,7 +284,8 @@ def scale_by_norm_damping(beta: float) -> optax.GradientTransformation:
     An ``optax.GradientTransformation`` with state ``optax.EmptyState`` (a NamedTuple).
 
   Raises:
-    ValueError: for a negative ``beta``.
+    TypeError: for a ``beta`` that is no number.
+    ValueError: for a negative or NaN ``beta``.
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -299,9 +301,7 @@ def scale_by_norm_damping(beta: float) -> optax.GradientTransformation:
     ICLR 2019.
   """
   fn = f"{_NAME}.scale_by_norm_damping"
-  b = _checks.concrete_number(beta)
-  if b is not None and not b >= 0:
-    raise ValueError(f"{fn}: beta must be >= 0, got {b!r}.")
+  _checks.at_least(fn, "beta", beta, 0.0)
 
   def update_fn(updates, state, params=None):
     del params
@@ -386,6 +386,18 @@ def _project_tree(fn: str, grads: Any, updates: Any, params: Any, **kwargs: Any)
   return tuple(treedef.unflatten([t[i] for t in flat]) for i in range(3))
 
 
+def _check_projection(fn: str, delta: Any, wd_ratio: Any, weight_decay: Any, eps: Any) -> None:
+  _checks.positive(fn, "eps", eps)
+  for arg, value in (("delta", delta), ("wd_ratio", wd_ratio), ("weight_decay", weight_decay)):
+    _checks.at_least(fn, arg, value, 0.0)
+
+
+def _check_learning_rate(fn: str, learning_rate: Any) -> None:
+  """A finite number (or array), or a schedule: a function of the step."""
+  if not callable(learning_rate):
+    _checks.finite(fn, "learning_rate", learning_rate)
+
+
 def project_scale_invariant(
   delta: float = 0.1,
   wd_ratio: float = 0.1,
@@ -439,7 +451,9 @@ def project_scale_invariant(
     ``params``.
 
   Raises:
-    ValueError: at trace time for ``params=None``, mismatched shapes or a ``channel_axis`` out of range.
+    TypeError: for a hyperparameter that is no number, or an ``inner`` that is no transformation.
+    ValueError: for a negative (or NaN) ``delta``, ``wd_ratio`` or ``weight_decay``, a non-positive
+      ``eps``; at trace time for ``params=None``, mismatched shapes or a ``channel_axis`` out of range.
 
   Examples:
     ``adamp`` and ``sgdp`` are this transformation around Adam's and SGD's updates. To restrict it to the
@@ -464,11 +478,7 @@ def project_scale_invariant(
     Scale-invariant Weights", ICLR 2021.
   """
   fn = f"{_NAME}.project_scale_invariant"
-  _checks.positive(fn, "eps", eps)
-  for arg, value in (("delta", delta), ("wd_ratio", wd_ratio), ("weight_decay", weight_decay)):
-    v = _checks.concrete_number(value)
-    if v is not None and not v >= 0:
-      raise ValueError(f"{fn}: {arg} must be >= 0, got {v!r}.")
+  _check_projection(fn, delta, wd_ratio, weight_decay, eps)
   channel_axis = _static_axis(fn, channel_axis)
   if inner is not None and not isinstance(inner, optax.GradientTransformation):
     raise TypeError(f"{fn}: inner must be an optax.GradientTransformation or None, got {type(inner).__name__}.")
@@ -567,6 +577,11 @@ def adamp(
   Returns:
     An ``optax.GradientTransformation``; it needs ``params`` in ``update``.
 
+  Raises:
+    TypeError: for a hyperparameter that is no number, or a ``nesterov`` that is no bool.
+    ValueError: for ``b1`` or ``b2`` outside [0, 1), a learning rate that is not finite, or the ranges
+      of :func:`project_scale_invariant`.
+
   Examples:
     >>> import jax, jax.numpy as jnp, optax
     >>> from jaxbn import transforms
@@ -578,7 +593,13 @@ def adamp(
     >>> round(float(state.hyperparams["weight_decay"]), 6)
     0.01
   """
-  if nesterov:
+  fn = f"{_NAME}.adamp"
+  _check_learning_rate(fn, learning_rate)
+  for arg, value in (("b1", b1), ("b2", b2)):
+    _checks.in_range(fn, arg, value, 0.0, 1.0, hi_open=True)  # 1 - b**t is 0 for b = 1: no debiasing
+  _check_projection(fn, delta, wd_ratio, weight_decay, eps)
+  _static_axis(fn, channel_axis)
+  if _checks.static_bool(fn, "nesterov", nesterov):
     moments = _scale_by_adamp_nesterov(b1, b2, eps)
   else:
     moments = optax.scale_by_adam(b1=b1, b2=b2, eps=eps)
@@ -674,7 +695,9 @@ def sgdp(
     ``ProjectScaleInvariantState`` whose ``inner_state`` is an ``optax.TraceState`` (the buffer).
 
   Raises:
-    ValueError: for ``momentum`` outside [0, 1).
+    TypeError: for a hyperparameter that is no number, or a ``nesterov`` that is no bool.
+    ValueError: for ``momentum`` outside [0, 1), a learning rate or ``dampening`` that is not finite, or
+      the ranges of :func:`project_scale_invariant`.
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -686,9 +709,11 @@ def sgdp(
     Array([[-5.0...e-05], [-1.9...e-01]], dtype=float32)
   """
   fn = f"{_NAME}.sgdp"
-  m = _checks.concrete_number(momentum)
-  if m is not None and not 0 <= m < 1:
-    raise ValueError(f"{fn}: momentum must be in [0, 1) (the weight decay divides by 1 - momentum), got {m!r}.")
+  _check_learning_rate(fn, learning_rate)
+  _checks.in_range(fn, "momentum", momentum, 0.0, 1.0, hi_open=True)  # the weight decay divides by 1 - momentum
+  _checks.finite(fn, "dampening", dampening)
+  _check_projection(fn, delta, wd_ratio, weight_decay, eps)
+  nesterov = _checks.static_bool(fn, "nesterov", nesterov)
   return optax.chain(
     _scale_by_sgdp(momentum, dampening, nesterov, weight_decay, eps, delta, wd_ratio, _static_axis(fn, channel_axis)),
     optax.scale_by_learning_rate(learning_rate),
@@ -821,6 +846,7 @@ def batch_norm_mask(params: Any, batch_stats: Any = None, *, batch_norm_types: S
     A pytree of Python bools, True on batch-norm scale and bias leaves.
 
   Raises:
+    TypeError: when ``params`` or ``batch_stats`` is neither a model nor a mapping.
     ValueError: when the batch-norm modules cannot be found from what was passed.
 
   Examples:
@@ -844,8 +870,17 @@ def batch_norm_mask(params: Any, batch_stats: Any = None, *, batch_norm_types: S
     types = _batch_norm_types(fn, batch_norm_types)
     bn_paths = {tuple(path) for path, m in nnx.iter_modules(params) if isinstance(m, types)}
     return _mask_by_path(_nnx_params(params), lambda path: path[:-1] in bn_paths)
-  if batch_stats is None and isinstance(params, Mapping) and "params" in params:
+  if not isinstance(params, Mapping):
+    raise TypeError(
+      f"{fn}: params must be an nnx.Module, linen variables (with 'params' and 'batch_stats') or the linen "
+      f"'params' collection, got {type(params).__name__}."
+    )
+  if batch_stats is None and "params" in params:
     params, batch_stats = params["params"], params.get("batch_stats")
+  if batch_stats is not None and not isinstance(batch_stats, Mapping):
+    raise TypeError(
+      f"{fn}: batch_stats must be the linen 'batch_stats' collection (a mapping), got {type(batch_stats).__name__}."
+    )
   if batch_stats is None:
     raise ValueError(
       f"{fn}: cannot tell batch-norm parameters from parameters alone (a LayerNorm has the same scale and bias). "
@@ -1010,7 +1045,8 @@ def scale_invariant_mask(model: Any, *args: Any, batch_norm_types: Sequence[type
     ``nnx.as_pure(nnx.state(model, nnx.Param))`` (nnx), True on the scale-invariant kernels.
 
   Raises:
-    TypeError: when ``model`` is not a Flax module, or linen variables are missing.
+    TypeError: when ``model`` is not a Flax module, linen variables are missing, or ``kwargs`` that the
+      model's ``__call__`` does not take.
 
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, optax
@@ -1032,6 +1068,8 @@ def scale_invariant_mask(model: Any, *args: Any, batch_norm_types: Sequence[type
   """
   fn = f"{_NAME}.scale_invariant_mask"
   types = _batch_norm_types(fn, batch_norm_types)
+  if _is_linen_module(model) or _is_nnx_module(model):
+    _checks.call_kwargs(fn, model.__call__, kwargs, f"the model's __call__ ({type(model).__name__})")
   flow = _Dataflow()
   if _is_linen_module(model):
     import flax.linen as nn
