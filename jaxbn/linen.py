@@ -158,8 +158,15 @@ class BatchNorm(nn.Module):
       The normalized input, with the shape of ``x``.
     """
     fn = "jaxbn.linen.BatchNorm"
+    if self.use_running_average is None and use_running_average is None:
+      raise ValueError(f"{fn}: use_running_average must be passed to the constructor or at call time, exactly once.")
+    if self.use_running_average is not None and use_running_average is not None:
+      raise ValueError(
+        f"{fn}: use_running_average was passed to the constructor and at call time "
+        f"({self.use_running_average!r}, {use_running_average!r}); pass it exactly once."
+      )
     use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
-    x = jnp.asarray(x)
+    x = _checks.as_array(fn, "x", x)
     axes = _checks.feature_axes(fn, x.ndim, self.axis)
     fshape = tuple(x.shape[a] for a in axes)
     stat_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
@@ -221,6 +228,10 @@ class BatchNorm(nn.Module):
 
 def record_moments(module: nn.Module, stats: Stats) -> None:
   """Merges ``stats`` into ``module``'s entry of the :data:`MOMENTS` collection (which must be mutable)."""
+  fn = "jaxbn.linen.record_moments"
+  if not isinstance(module, nn.Module):
+    raise TypeError(f"{fn}: module must be a flax.linen.Module (inside its apply), got {type(module).__name__}.")
+  stats = _checks.stats(fn, stats)
   if module.has_variable(MOMENTS, "count"):
     stats = merge(Stats(*(module.get_variable(MOMENTS, k) for k in ("count", "mean", "m2"))), stats)
   for k, v in zip(("count", "mean", "m2"), stats, strict=True):

@@ -79,9 +79,23 @@ def collect_moments(
   Yields:
     ``read() -> {path: Stats}``.
   """
+  fn = "jaxbn.nnx.collect_moments"
+  if not isinstance(model, nnx.Module):
+    raise TypeError(f"{fn}: model must be a flax.nnx.Module, got {type(model).__name__}.")
+  if row_mask is not None:
+    row_mask = _checks.as_array(fn, "row_mask", row_mask)
+    if row_mask.dtype != jnp.bool_:
+      raise TypeError(f"{fn}: row_mask must be a boolean vector (True marks valid rows), got dtype {row_mask.dtype}.")
+    if row_mask.ndim != 1:
+      raise ValueError(
+        f"{fn}: row_mask must be a vector over the leading axis of the inputs, got shape {row_mask.shape}."
+      )
   layers = _layers(model)
   if any(isinstance(getattr(bn, "batch_moments", None), BatchMoments) for _, bn in layers):
-    raise ValueError("jaxbn.nnx.collect_moments: the model is already collecting (collect_moments blocks do not nest).")
+    raise ValueError(
+      f"{fn}: the model already holds jaxbn.nnx.BatchMoments: it is already collecting "
+      "(collect_moments blocks do not nest)."
+    )
   for _, bn in layers:
     bn.batch_moments = BatchMoments(jnp.zeros((*jnp.shape(bn.mean[...]), 3), jnp.float32))
   token = _ROW_MASK.set(row_mask)
@@ -272,7 +286,7 @@ class BatchNorm(nnx.Module):
         "nnx.view(model, use_running_average=True/False)."
       ),
     )
-    x = jnp.asarray(x)
+    x = _checks.as_array(fn, "x", x)
     scale = self.scale[...] if self.scale is not None else None
     bias = self.bias[...] if self.bias is not None else None
     mean, var = self.mean[...], self.var[...]
