@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxbn import _checks
+from jaxbn import _checks, _hooks
 from jaxbn._fused import batch_norm_train, forward_mode_active, inv_std, scale_shift
 from jaxbn.stats import Stats, _same_sharding, compute_stats
 
@@ -468,14 +468,21 @@ def _batch_norm(
     mean, var = state.mean.astype(cdt), state.var.astype(cdt)
     return normalize(x, mean, var, scale, bias, feature_axes=axes, epsilon=epsilon, dtype=dtype), state, None
 
-  def plain():
-    stats = compute_stats(x, axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups, fn=fn)
-    inv = inv_std(stats.var, stats.count, epsilon)
-    return scale_shift(x, stats.mean, inv, scale, bias, axes, x.dtype if dtype is None else dtype), stats
+  hook = _hooks.current()
+  # A training loop may supply the statistics (jaxbn.training's bn_mode="exact": over the whole dataset).
+  given = None if hook is None else hook(x, tuple(sorted(axes)), mask)
 
-  if fused is True and forward_mode_active():
+  def plain(stats=None):
+    if stats is None:
+      stats = compute_stats(x, axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups, fn=fn)
+    inv = inv_std(stats.var.astype(cdt), stats.count, epsilon)
+    return scale_shift(x, stats.mean.astype(cdt), inv, scale, bias, axes, x.dtype if dtype is None else dtype), stats
+
+  if given is not None:
+    y, stats = plain(given)
+  elif fused is True and forward_mode_active():
     raise _fused_forward_mode_error(fn)
-  if fused is False or (fused is None and forward_mode_active()):
+  elif fused is False or (fused is None and forward_mode_active()):
     y, stats = plain()
   else:
     try:

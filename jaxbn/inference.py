@@ -336,7 +336,7 @@ def _has(tree: Mapping, path: tuple[Hashable, ...]) -> bool:
 
 
 def _is_moments(node: Any) -> bool:
-  return isinstance(node, Mapping) and set(node) == {"count", "mean", "m2"}
+  return isinstance(node, Mapping) and set(node) - {"calls"} == {"count", "mean", "m2"}
 
 
 def _moment_leaves(tree: Any, prefix: tuple = ()) -> dict[tuple, Stats]:

@@ -227,12 +227,21 @@ class BatchNorm(nn.Module):
 
 
 def record_moments(module: nn.Module, stats: Stats) -> None:
-  """Merges ``stats`` into ``module``'s entry of the :data:`MOMENTS` collection (which must be mutable)."""
+  """Records one call's ``stats`` in ``module``'s entry of the :data:`MOMENTS` collection (which must be mutable).
+
+  ``count``, ``mean`` and ``m2`` hold the statistics merged over every call of the forward pass (what
+  :func:`jaxbn.recalibrate` uses). A layer called more than once (weights shared) also gets
+  ``calls``, a tuple with each call's own ``Stats`` in call order, from which
+  :func:`jaxbn.training.linen_loss` applies one running update per call, as ``model.apply`` does.
+  """
   fn = "jaxbn.linen.record_moments"
   if not isinstance(module, nn.Module):
     raise TypeError(f"{fn}: module must be a flax.linen.Module (inside its apply), got {type(module).__name__}.")
-  stats = _checks.stats(fn, stats)
+  stats = Stats(*(jax.lax.stop_gradient(v) for v in _checks.stats(fn, stats)))
   if module.has_variable(MOMENTS, "count"):
-    stats = merge(Stats(*(module.get_variable(MOMENTS, k) for k in ("count", "mean", "m2"))), stats)
+    before = Stats(*(module.get_variable(MOMENTS, k) for k in ("count", "mean", "m2")))
+    calls = module.get_variable(MOMENTS, "calls") if module.has_variable(MOMENTS, "calls") else (before,)
+    module.put_variable(MOMENTS, "calls", (*calls, stats))
+    stats = merge(before, stats)
   for k, v in zip(("count", "mean", "m2"), stats, strict=True):
-    module.put_variable(MOMENTS, k, jax.lax.stop_gradient(v))
+    module.put_variable(MOMENTS, k, v)

@@ -31,6 +31,8 @@ __all__ = ["BatchMoments", "BatchNorm", "collect_moments"]
 # Set by jaxbn.recalibrate and jaxbn.training while they trace a model: training-mode calls restrict
 # their statistics to the valid rows of the micro-batch (a boolean vector over the leading axis).
 _ROW_MASK: contextvars.ContextVar[jax.Array | None] = contextvars.ContextVar("jaxbn_row_mask", default=None)
+# Within collect_moments: how often each layer object has recorded (a layer called twice shares weights).
+_CALLS: contextvars.ContextVar[dict[int, int] | None] = contextvars.ContextVar("jaxbn_calls", default=None)
 
 
 _ZEROS = initializers.zeros_init()
@@ -41,8 +43,8 @@ class BatchMoments(nnx.BatchStat):
   """The batch statistics a :class:`BatchNorm` reports while jaxbn collects them.
 
   The value is shaped like the layer's ``mean`` plus a last axis of 3 holding ``count``, ``mean``
-  and ``m2`` (sum of squared deviations), merged exactly over the training-mode calls of one
-  forward pass. It is float32, widened to float64 by a call with float64 input (the dtype jaxbn
+  and ``m2`` (sum of squared deviations) of the training-mode call of one forward pass, 3 more for
+  each further call of the same layer (weights shared), in call order. It is float32, widened to float64 by a call with float64 input (the dtype jaxbn
   computes the statistics of such input in). :func:`collect_moments` attaches one to every jaxbn
   batch norm of a model for the length of a block; models never hold one otherwise. Being a
   ``BatchStat``, it travels wherever the running statistics travel: through ``nnx.remat``,
@@ -63,12 +65,14 @@ def _layers(model: Any) -> list[tuple[tuple[Any, ...], BatchNorm]]:
 @contextlib.contextmanager
 def collect_moments(
   model: Any, row_mask: jax.Array | None = None
-) -> Iterator[Callable[[], dict[tuple[Any, ...], Stats]]]:
+) -> Iterator[Callable[..., dict[tuple[Any, ...], Any]]]:
   """Within the block, training-mode calls of ``model``'s jaxbn batch norms record their statistics.
 
   Every :class:`BatchNorm` in ``model`` gets a zeroed :class:`BatchMoments` for the block (removed
   on exit); the block's value, ``read()``, returns ``{path: Stats}`` for every such layer, with
-  count 0 for a layer that was not called in training mode. Call ``read()`` after the forward
+  count 0 for a layer that was not called in training mode, merged over the calls of a layer called
+  more than once; ``read(per_call=True)`` gives such a layer a tuple of each call's ``Stats`` in call
+  order instead (one running update per call, as the layer itself applies them). Call ``read()`` after the forward
   pass, at the same trace level as the model (e.g. inside the same ``jax.jit``/``jax.grad``).
 
   Args:
@@ -77,7 +81,7 @@ def collect_moments(
       then use only the marked rows for their statistics, combined with any ``mask`` they get.
 
   Yields:
-    ``read() -> {path: Stats}``.
+    ``read(per_call=False) -> {path: Stats or tuple of Stats}``.
   """
   fn = "jaxbn.nnx.collect_moments"
   if not isinstance(model, nnx.Module):
@@ -99,18 +103,27 @@ def collect_moments(
   for _, bn in layers:
     bn.batch_moments = BatchMoments(jnp.zeros((*jnp.shape(bn.mean[...]), 3), jnp.float32))
   token = _ROW_MASK.set(row_mask)
+  calls_token = _CALLS.set({})
 
-  def read():
+  def read(per_call: bool = False):
     out = {}
     for path, bn in layers:
       value = bn.batch_moments[...]
-      out[path] = _unstack(value)
+      calls = [_unstack(value[..., j : j + 3]) for j in range(0, value.shape[-1], 3)]
+      if per_call and len(calls) > 1:
+        out[path] = tuple(calls)
+      else:
+        merged = calls[0]
+        for later in calls[1:]:
+          merged = merge(merged, later)
+        out[path] = merged
     return out
 
   try:
     yield read
   finally:
     _ROW_MASK.reset(token)
+    _CALLS.reset(calls_token)
     for _, bn in layers:
       if hasattr(bn, "batch_moments"):
         del bn.batch_moments
@@ -337,12 +350,16 @@ class BatchNorm(nnx.Module):
       if has_count:
         self.count[...] = new_state.count
       if record:
-        # The wider of the recorded and the new statistics' dtypes: float64 for float64 input.
-        value = moments[...]
-        wide = jnp.promote_types(value.dtype, stats.mean.dtype)
-        old = _unstack(value.astype(wide))
-        stats = merge(old, jax.tree.map(lambda a: jax.lax.stop_gradient(a).astype(wide), stats))
-        moments.set_value(jnp.stack(stats, axis=-1))
+        # float64 for float64 input; a later call of the same layer (weights shared) appends its own.
+        value = jnp.stack([jax.lax.stop_gradient(a) for a in stats], axis=-1)
+        calls = _CALLS.get()
+        if calls is not None and calls.get(id(self)):
+          before = moments[...]
+          wide = jnp.promote_types(before.dtype, value.dtype)
+          value = jnp.concatenate([before.astype(wide), value.astype(wide)], axis=-1)
+        if calls is not None:
+          calls[id(self)] = calls.get(id(self), 0) + 1
+        moments.set_value(value)
     return y
 
   def set_view(self, use_running_average: bool | None = None):

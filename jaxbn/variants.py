@@ -226,6 +226,13 @@ def _train(
   dtype: Any,
 ) -> tuple[jax.Array, BatchNormState, Stats]:
   """Training step shared by the variants; also returns the merged batch statistics."""
+  if _hooks.current() is not None:
+    setting = f"ghost_batch_size={ghost_batch_size!r}" if ghost_batch_size is not None else "renorm=True"
+    raise ValueError(
+      f"{fn}: the training loop supplies statistics over the whole dataset (bn_mode='exact'), which this "
+      f"layer's {setting} would redefine; use plain batch norm (ghost_batch_size=None, renorm=False) with "
+      "bn_mode='exact', or bn_mode='ghost'."
+    )
   if axis_index_groups is not None and axis_name is None:
     raise ValueError(f"{fn}: axis_index_groups={axis_index_groups!r} needs an axis_name to group over.")
   _checks.static_bool(fn, "unbiased_running_var", unbiased_running_var)
@@ -513,26 +520,6 @@ def needs_count(running_average: str, renorm: bool, rmax: Any, dmax: Any) -> boo
   return running_average != "ema" or (renorm and (callable(rmax) or callable(dmax)))
 
 
-def _hooked_forward(fn, hook, x, scale, bias, *, axis, epsilon, dtype, mask, ghost_batch_size, renorm):
-  """``(y, stats)`` normalized with the statistics ``hook`` supplies, or None when it supplies none."""
-  x = _checks.floating_input(fn, x)
-  axes = tuple(sorted(_checks.feature_axes(fn, x.ndim, axis)))
-  mask = _checks.mask_for(fn, mask, x.shape)
-  stats = hook(x, axes, mask)
-  if stats is None:
-    return None
-  if ghost_batch_size is not None or renorm:
-    setting = f"ghost_batch_size={ghost_batch_size!r}" if ghost_batch_size is not None else "renorm=True"
-    raise ValueError(
-      f"{fn}: the training loop supplies statistics over the whole dataset (bn_mode='exact'), which "
-      f"this layer's {setting} would redefine; use ghost_batch_size=None and renorm=False with bn_mode='exact'."
-    )
-  cdt = _checks.stats_dtype(x.dtype)
-  inv = inv_std(stats.var.astype(cdt), stats.count, epsilon)
-  y = scale_shift(x, stats.mean.astype(cdt), inv, scale, bias, axes, x.dtype if dtype is None else dtype)
-  return y, stats
-
-
 def _complex_forward(
   fn: str,
   x: jax.Array,
@@ -660,27 +647,6 @@ def module_forward(
   if not _checks.static_bool(fn, "training", training):
     y, new_state = batch_norm(x, state, scale, bias, training=False, **common)
     return y, new_state, None
-  hook = _hooks.current()
-  if hook is not None:
-    given = _hooked_forward(
-      fn,
-      hook,
-      x,
-      scale,
-      bias,
-      axis=axis,
-      epsilon=epsilon,
-      dtype=dtype,
-      mask=mask,
-      ghost_batch_size=ghost_batch_size,
-      renorm=renorm,
-    )
-    if given is not None:
-      y, stats = given
-      new_state = update_running_stats(
-        state, stats, momentum=momentum, running_average=running_average, unbiased_running_var=unbiased_running_var
-      )
-      return y, new_state, stats if want_stats else None
   if ghost_batch_size is None and not renorm:
     y, new_state, stats = _batch_norm(
       fn,

@@ -81,6 +81,7 @@ def _assert_same_run(out: pathlib.Path, reference: pathlib.Path) -> None:
     assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_bitwise(tmp_path):
   straight, killed = tmp_path / "straight", tmp_path / "killed"
   reference = _start(straight)  # concurrently with the run to kill
@@ -101,6 +102,7 @@ def full_batch():
   return _load("full_batch_mnist1d")
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_falls_back_other_flags_are_refused_fresh_starts_over(full_batch, tmp_path, capsys):
   # In one process (the runs are compared with each other only): a run of 6 steps, a checkpoint every 2.
   run, reference = tmp_path / "run", tmp_path / "reference"
