@@ -105,7 +105,8 @@ class TrainState(NamedTuple):
       The ``TrainState``, with buffers of its own (the step may donate them).
 
     Raises:
-      TypeError: ``key`` is neither a typed PRNG key nor raw ``uint32`` key data.
+      TypeError: ``key`` is neither a typed PRNG key nor raw ``uint32`` key data, or ``optimizer`` is no
+        Optax transformation.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax
@@ -114,6 +115,7 @@ class TrainState(NamedTuple):
       >>> int(state.step), state.key.dtype, state.step_key().shape
       (0, dtype('uint32'), (2,))
     """
+    _check_optimizer("jaxbn.training.TrainState.create", optimizer)
     # Distinct buffers throughout: the step donates every leaf of the state.
     copy = lambda tree: jax.tree.map(lambda a: jnp.array(a, copy=True), tree)
     params, batch_stats = copy(params), copy({} if batch_stats is None else batch_stats)
@@ -193,6 +195,22 @@ def _positive_int_or_none(fn: str, arg: str, value: Any) -> int | None:
   if not _checks._is_int(value) or value <= 0:
     raise ValueError(f"{fn}: {arg} must be a positive int or None, got {value!r}.")
   return int(value)
+
+
+def _check_optimizer(fn: str, optimizer: Any) -> None:
+  if not (callable(getattr(optimizer, "init", None)) and callable(getattr(optimizer, "update", None))):
+    raise TypeError(
+      f"{fn}: optimizer must be an optax.GradientTransformation (with init and update), e.g. optax.sgd(0.1), "
+      f"got {optimizer!r}."
+    )
+
+
+def _iterations_and_method(fn: str, arg: str, num_iters: Any, method: str = "lanczos") -> None:
+  """Checks the Lanczos (or power) options of a sharpness estimate where they are given."""
+  if not _checks._is_int(num_iters) or num_iters < 1:
+    raise ValueError(f"{fn}: {arg} must be a positive int (Hessian-vector products per estimate), got {num_iters!r}.")
+  if method not in ("lanczos", "power"):
+    raise ValueError(f"{fn}: method must be 'lanczos' or 'power', got {method!r}.")
 
 
 def _num_rows(fn: str, data: Any) -> int:
@@ -310,6 +328,15 @@ def full_batch_step(
     (1, False)
   """
   fn = "jaxbn.training.full_batch_step"
+  _checks.callable_arg(fn, "loss_fn", loss_fn)
+  _check_optimizer(fn, optimizer)
+  guard, donate, jit, layer_norms = (
+    _checks.static_bool(fn, name, value)
+    for name, value in (("guard", guard), ("donate", donate), ("jit", jit), ("layer_norms", layer_norms))
+  )
+  _iterations_and_method(fn, "sharpness_iters", sharpness_iters)
+  if update_batch_stats is not None:
+    _checks.callable_arg(fn, "update_batch_stats", update_batch_stats)
   if update_batch_stats is None:
     update_batch_stats = getattr(loss_fn, "update_batch_stats", None)
   if bn_mode not in ("ghost", "exact"):
@@ -938,6 +965,11 @@ def linen_loss(
     ValueError: ``rngs`` among ``apply_kwargs``, or a bad ``rng_streams``.
   """
   fn = "jaxbn.training.linen_loss"
+  if not isinstance(model, nn.Module):
+    raise TypeError(f"{fn}: model must be a flax.linen.Module, got {type(model).__name__}.")
+  _checks.callable_arg(fn, "loss", loss)
+  if metrics is not None:
+    _checks.callable_arg(fn, "metrics", metrics)
   if "rngs" in apply_kwargs:
     raise ValueError(
       f"{fn}: rngs=... would give model.apply the same keys on every step and micro-batch "
@@ -1094,6 +1126,9 @@ def sharpness(
     6.0
   """
   fn = "jaxbn.training.sharpness"
+  _checks.callable_arg(fn, "loss_fn", loss_fn)
+  _iterations_and_method(fn, "num_iters", num_iters, method)
+  jit = _checks.static_bool(fn, "jit", jit)
   if bn_mode not in ("ghost", "exact"):
     raise ValueError(f"{fn}: bn_mode must be 'ghost' or 'exact', got {bn_mode!r}.")
   micro_batch_size = _positive_int_or_none(fn, "micro_batch_size", micro_batch_size)
@@ -1171,6 +1206,10 @@ def minibatch_epoch(
     (2, True)
   """
   fn = "jaxbn.training.minibatch_epoch"
+  _checks.callable_arg(fn, "step", step)
+  typed = isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+  if not typed and not (hasattr(key, "dtype") and key.dtype == jnp.uint32 and np.shape(key)[-1:] == (2,)):
+    raise TypeError(f"{fn}: key must be a jax.random.key(seed) (or raw uint32 key data), got {key!r}.")
   n = _num_rows(fn, data)
   batch_size = _positive_int_or_none(fn, "batch_size", batch_size)
   if batch_size is None:
@@ -1234,6 +1273,13 @@ def nnx_loss(
 
   from jaxbn.nnx import _layers as nnx_layers
   from jaxbn.nnx import collect_moments
+
+  fn = "jaxbn.training.nnx_loss"
+  if not isinstance(model, nnx.Module):
+    raise TypeError(f"{fn}: model must be a flax.nnx.Module, got {type(model).__name__}.")
+  _checks.callable_arg(fn, "loss", loss)
+  if metrics is not None:
+    _checks.callable_arg(fn, "metrics", metrics)
 
   for path, node in nnx.iter_graph(model):
     if isinstance(node, nnx.BatchNorm):
@@ -1303,6 +1349,11 @@ def _orbax() -> Any:
   return ocp
 
 
+def _check_path(fn: str, path: Any) -> None:
+  if not isinstance(path, (str, os.PathLike)):
+    raise TypeError(f"{fn}: path must be a str or os.PathLike directory path, got {type(path).__name__}.")
+
+
 def save_checkpoint(path: str, state: TrainState) -> None:
   """Saves the whole ``TrainState`` (params, batch statistics, optimizer state, counters) with Orbax.
 
@@ -1314,7 +1365,12 @@ def save_checkpoint(path: str, state: TrainState) -> None:
 
   Raises:
     ImportError: Orbax is not installed (``pip install 'jaxbn[checkpoint]'``).
+    TypeError: ``path`` is not a path, or ``state`` not a ``TrainState``.
   """
+  fn = "jaxbn.training.save_checkpoint"
+  _check_path(fn, path)
+  if not isinstance(state, TrainState):
+    raise TypeError(f"{fn}: state must be a jaxbn.training.TrainState, got {type(state).__name__}.")
   ocp = _orbax()
 
   checkpointer = ocp.StandardCheckpointer()
@@ -1332,7 +1388,15 @@ def restore_checkpoint(path: str, like: TrainState) -> TrainState:
 
   Returns:
     The saved state, bit for bit, with the tree structure (NamedTuples included) of ``like``.
+
+  Raises:
+    TypeError: ``path`` is not a path.
+    ValueError: no checkpoint directory at ``path``.
   """
+  fn = "jaxbn.training.restore_checkpoint"
+  _check_path(fn, path)
+  if not os.path.isdir(path):
+    raise ValueError(f"{fn}: path {os.fspath(path)!r} holds no checkpoint (no such directory).")
   ocp = _orbax()
 
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)

@@ -75,7 +75,6 @@ class Row:
   what: str
   call: Callable[[], Any]
   error: type[Exception] = ValueError
-  xfail: str | None = None
   via: str | None = None
 
   @property
@@ -254,12 +253,10 @@ def _describe(value: Any) -> str:
   return type(value).__name__
 
 
-def kw(
-  target: str, call: Callable[..., Any], error: type[Exception] = ValueError, *, what: str = "", xfail=None, **bad
-):
+def kw(target: str, call: Callable[..., Any], error: type[Exception] = ValueError, *, what: str = "", **bad):
   """The row for ``call(**bad)``, one malformed keyword argument: its name is the argument to name."""
   ((arg, value),) = bad.items()
-  return Row(target, arg, what or _describe(value), functools.partial(call, **bad), error, xfail)
+  return Row(target, arg, what or _describe(value), functools.partial(call, **bad), error)
 
 
 def unknown(target: str, call: Callable[..., Any]) -> Row:
@@ -648,8 +645,7 @@ ROWS = [
     f"{TX}.scale_invariant_mask",
     lambda **kw: transforms.scale_invariant_mask(_Net(), _net_variables(), _x((8, 2)), **kw),
   ),
-  # jaxbn.training: rows that fail are marked xfail (strict) with what happens instead; jaxbn/training.py is
-  # being reworked elsewhere, and its argument checks go with that work.
+  # jaxbn.training
   kw(STEP, _step, micro_batch_size=-1),
   kw(STEP, _step, micro_batch_size=2.5),
   kw(STEP, _step, what="unknown", bn_mode="x"),
@@ -660,8 +656,6 @@ ROWS = [
     "sharpness_iters",
     "zero",
     lambda: _step(sharpness_every=1, sharpness_iters=0),
-    xfail="full_batch_step does not check sharpness_iters; top_hessian_eigenvalue refuses it at the first step, "
-    "under its own name",
   ),
   Row(
     STEP,
@@ -669,7 +663,6 @@ ROWS = [
     "not callable",
     lambda: training.full_batch_step(5, optax.sgd(0.1)),
     TypeError,
-    xfail="full_batch_step does not check loss_fn; the step fails when it calls it",
   ),
   Row(
     STEP,
@@ -677,9 +670,8 @@ ROWS = [
     "string",
     lambda: training.full_batch_step(_loss, "sgd"),
     TypeError,
-    xfail="full_batch_step does not check optimizer; the step fails when it calls optimizer.update",
   ),
-  kw(STEP, _step, TypeError, guard="yes", xfail="full_batch_step takes any truthy guard"),
+  kw(STEP, _step, TypeError, guard="yes"),
   Row(
     STEP,
     "data",
@@ -693,29 +685,25 @@ ROWS = [
     SHARP,
     _sharpness,
     num_iters=0,
-    xfail="sharpness does not check num_iters; top_hessian_eigenvalue refuses it at the first call, under its own name",
   ),
   kw(
     SHARP,
     _sharpness,
     what="unknown",
     method="x",
-    xfail="sharpness does not check method; top_hessian_eigenvalue refuses it at the first call, under its own name",
   ),
   unknown(SHARP, _sharpness),
   kw(EPOCH, _minibatch, batch_size=-2),
   kw(EPOCH, _minibatch, what="empty", data={}),
-  kw(EPOCH, _minibatch, TypeError, key="k", xfail="minibatch_epoch passes key to jax.random.permutation unchecked"),
-  kw(EPOCH, _minibatch, TypeError, what="not callable", step=5, xfail="minibatch_epoch calls step unchecked"),
+  kw(EPOCH, _minibatch, TypeError, key="k"),
+  kw(EPOCH, _minibatch, TypeError, what="not callable", step=5),
   unknown(EPOCH, _minibatch),
   kw(LLOSS, _linen_loss, rng_streams="dropout"),
   kw(LLOSS, _linen_loss, what="fixed keys", rngs={"dropout": jax.random.key(0)}),
-  kw(
-    LLOSS, _linen_loss, TypeError, model=5, xfail="linen_loss does not check model; model.apply fails at the first step"
-  ),
-  kw(LLOSS, _linen_loss, TypeError, what="not callable", loss=5, xfail="linen_loss does not check loss"),
-  kw(NLOSS, _nnx_loss, TypeError, model=5, xfail="nnx_loss does not check model"),
-  kw(NLOSS, _nnx_loss, TypeError, what="not callable", loss=5, xfail="nnx_loss does not check loss"),
+  kw(LLOSS, _linen_loss, TypeError, model=5),
+  kw(LLOSS, _linen_loss, TypeError, what="not callable", loss=5),
+  kw(NLOSS, _nnx_loss, TypeError, model=5),
+  kw(NLOSS, _nnx_loss, TypeError, what="not callable", loss=5),
   unknown(NLOSS, _nnx_loss),
   Row(
     "jaxbn.training.TrainState",
@@ -730,7 +718,6 @@ ROWS = [
     "string at create",
     lambda: training.TrainState.create(P, {}, "sgd"),
     TypeError,
-    xfail="TrainState.create calls optimizer.init unchecked (AttributeError)",
   ),
   unknown("jaxbn.training.TrainState", training.TrainState),
   unknown("jaxbn.training.LossAux", training.LossAux),
@@ -741,7 +728,6 @@ ROWS = [
     "int",
     lambda: training.save_checkpoint(5, _train_state()),
     TypeError,
-    xfail="save_checkpoint passes path to os.path.abspath unchecked",
   ),
   Row(
     "jaxbn.training.save_checkpoint",
@@ -749,7 +735,6 @@ ROWS = [
     "not a TrainState",
     lambda: training.save_checkpoint("/tmp/jaxbn-bad-input-never-written", 5),
     TypeError,
-    xfail="save_checkpoint hands any state to Orbax (its ValueError about single arrays)",
   ),
   unknown("jaxbn.training.save_checkpoint", functools.partial(training.save_checkpoint, "x", None)),
   Row(
@@ -757,7 +742,6 @@ ROWS = [
     "path",
     "missing",
     lambda: training.restore_checkpoint("/nonexistent/jaxbn-checkpoint", _train_state()),
-    xfail="restore_checkpoint lets the FileNotFoundError of Orbax through",
   ),
   unknown("jaxbn.training.restore_checkpoint", functools.partial(training.restore_checkpoint, "x", None)),
 ]
@@ -809,7 +793,7 @@ def _summary(result: Any) -> str:
 
 @pytest.mark.parametrize(
   "row",
-  [pytest.param(r, id=r.id, marks=[pytest.mark.xfail(strict=True, reason=r.xfail)] if r.xfail else []) for r in ROWS],
+  [pytest.param(r, id=r.id) for r in ROWS],
 )
 def test_bad_input_raises_a_named_error(row):
   with _deadline(120):
