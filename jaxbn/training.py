@@ -922,6 +922,15 @@ def _masked_means(loss, metrics, out, targets, mask):
 # ---- Flax linen adapter ---------------------------------------------------------------------
 
 
+def _check_adapter(fn: str, model: Any, module_type: type, type_name: str, loss: Any, metrics: Any) -> None:
+  """The arguments every loss adapter takes: a model of its kind, a loss and optional metrics functions."""
+  if not isinstance(model, module_type):
+    raise TypeError(f"{fn}: model must be a {type_name}, got {type(model).__name__}.")
+  _checks.callable_arg(fn, "loss", loss)
+  if metrics is not None:
+    _checks.callable_arg(fn, "metrics", metrics)
+
+
 def _is_batch_norm(module: Any) -> bool:
   return isinstance(module, (nn.BatchNorm, JaxbnBatchNorm))
 
@@ -965,11 +974,7 @@ def linen_loss(
     ValueError: ``rngs`` among ``apply_kwargs``, or a bad ``rng_streams``.
   """
   fn = "jaxbn.training.linen_loss"
-  if not isinstance(model, nn.Module):
-    raise TypeError(f"{fn}: model must be a flax.linen.Module, got {type(model).__name__}.")
-  _checks.callable_arg(fn, "loss", loss)
-  if metrics is not None:
-    _checks.callable_arg(fn, "metrics", metrics)
+  _check_adapter(fn, model, nn.Module, "flax.linen.Module", loss, metrics)
   if "rngs" in apply_kwargs:
     raise ValueError(
       f"{fn}: rngs=... would give model.apply the same keys on every step and micro-batch "
@@ -1275,11 +1280,7 @@ def nnx_loss(
   from jaxbn.nnx import collect_moments
 
   fn = "jaxbn.training.nnx_loss"
-  if not isinstance(model, nnx.Module):
-    raise TypeError(f"{fn}: model must be a flax.nnx.Module, got {type(model).__name__}.")
-  _checks.callable_arg(fn, "loss", loss)
-  if metrics is not None:
-    _checks.callable_arg(fn, "metrics", metrics)
+  _check_adapter(fn, model, nnx.Module, "flax.nnx.Module", loss, metrics)
 
   for path, node in nnx.iter_graph(model):
     if isinstance(node, nnx.BatchNorm):
