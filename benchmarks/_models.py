@@ -140,7 +140,7 @@ def resnet_apply(
     stage += 1
   pooled = jnp.mean(h.astype(jnp.float32), axis=(1, 2))
   w, b = params.dense
-  return pooled @ w + b, ResNetStats(tuple(new_stats))
+  return pooled @ w + b[None], ResNetStats(tuple(new_stats))
 
 
 def make_train_step(norm: Norm, *, learning_rate: float = 0.1, blocks: int = 1) -> Callable[..., Any]:

@@ -111,7 +111,7 @@ def _scale(tree: Any) -> float:
 def batch_norm_case(rows: int, features: int = 16, seed: int = 0):
   """Inputs of the batch-norm comparison: a batch with nonzero means, parameters, a loss weight."""
   k = jax.random.split(jax.random.key(seed), 4)
-  x = 3.0 * jax.random.normal(k[0], (rows, features)) + jnp.linspace(-5.0, 5.0, features)
+  x = 3.0 * jax.random.normal(k[0], (rows, features)) + jnp.linspace(-5.0, 5.0, features)[None]
   scale = 1.0 + 0.1 * jax.random.normal(k[1], (features,))
   bias = 0.1 * jax.random.normal(k[2], (features,))
   target = jax.random.normal(k[3], (rows, features))  # a per-row weight in the loss, split like x

@@ -133,14 +133,14 @@ def test_guard_also_covers_overflowing_statistics_and_float16_norms():
   # float16 parameters whose gradient (components 300) is finite but whose norm overflows float16.
   w = {"w": jnp.ones((4,), jnp.float16)}
   step16 = full_batch_step(
-    lambda p, bs, b, m: (jnp.mean(300.0 * jnp.sum(p["w"] * b["x"], -1)), LossAux()), optax.sgd(0.0)
+    lambda p, bs, b, m: (jnp.mean(300.0 * jnp.sum(p["w"][None] * b["x"], -1)), LossAux()), optax.sgd(0.0)
   )
   _, metrics = step16(TrainState.create(w, {}, optax.sgd(0.0)), {"x": jnp.ones((2, 4), jnp.float16)})
   assert not bool(metrics.skipped) and float(metrics.grad_norm) == pytest.approx(600.0)
   # A finite loss and update (6000) that overflow float16 parameters (60000 + 6000 > 65504): skipped.
   big = {"w": jnp.full((4,), 6e4, jnp.float16)}
   state16 = TrainState.create(big, {}, optax.sgd(2000.0))
-  loss16 = lambda p, bs, b, m: (jnp.mean(-jnp.sum(p["w"].astype(jnp.float32) * b["x"], -1)), LossAux())
+  loss16 = lambda p, bs, b, m: (jnp.mean(-jnp.sum(p["w"].astype(jnp.float32)[None] * b["x"], -1)), LossAux())
   new16, metrics = full_batch_step(loss16, optax.sgd(2000.0))(state16, {"x": jnp.full((2, 4), 3.0)})
   assert np.isfinite(float(metrics.loss)) and np.isfinite(float(metrics.update_norm))
   assert bool(metrics.skipped) and bool(jnp.all(new16.params["w"] == big["w"]))
