@@ -44,12 +44,13 @@ class BatchMoments(nnx.BatchStat):
 
   The value is shaped like the layer's ``mean`` plus a last axis of 3 holding ``count``, ``mean``
   and ``m2`` (sum of squared deviations) of the training-mode call of one forward pass, 3 more for
-  each further call of the same layer (weights shared), in call order. It is float32, widened to float64 by a call with float64 input (the dtype jaxbn
-  computes the statistics of such input in). :func:`collect_moments` attaches one to every jaxbn
-  batch norm of a model for the length of a block; models never hold one otherwise. Being a
-  ``BatchStat``, it travels wherever the running statistics travel: through ``nnx.remat``,
-  ``nnx.jit``, and ``nnx.scan`` / ``nnx.vmap`` over stacked layers (the layer axis leads, as it does
-  for ``mean``), so layers called inside lifted transforms report their statistics too.
+  each further call of the same layer (weights shared), in call order. It is float32, widened to
+  float64 by a call with float64 input (the dtype jaxbn computes the statistics of such input in).
+  :func:`collect_moments` attaches one to every jaxbn batch norm of a model for the length of a
+  block; models never hold one otherwise. Being a ``BatchStat``, it travels wherever the running
+  statistics travel: through ``nnx.remat``, ``nnx.jit``, and ``nnx.scan`` / ``nnx.vmap`` over
+  stacked layers (the layer axis leads, as it does for ``mean``), so layers called inside lifted
+  transforms report their statistics too.
   """
 
 
