@@ -9,6 +9,8 @@ import math
 import pytest
 from _benchmark_scripts import load as _load_script
 
+pytestmark = pytest.mark.slow  # subprocesses or whole scripts: CI runs them; -m 'not slow' skips them
+
 pytest.importorskip("haiku")
 pytest.importorskip("equinox")
 

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
+pytestmark = pytest.mark.slow  # subprocesses or whole scripts: CI runs them; -m 'not slow' skips them
+
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
 

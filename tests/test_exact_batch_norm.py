@@ -102,6 +102,7 @@ def test_ghost_batches_differ_so_the_comparison_can_fail():
   assert diff > 1e-3
 
 
+@pytest.mark.slow
 def test_eight_devices_equal_one_batch_jit_shard_map_and_pmap():
   data = _data(32, (5,), seed=3)
   model = MLP()

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from _benchmark_scripts import load as _load_script
 
+pytestmark = pytest.mark.slow  # subprocesses or whole scripts: CI runs them; -m 'not slow' skips them
+
 TINY = ["--examples", "64", "--micro-batch", "16", "--channels", "4", "--length", "16"]
 DATA_BYTES = 64 * 16 * 4 + 64 * 4  # x float32 (64, 16, 1), y int32 (64,)
 

@@ -19,6 +19,8 @@ import jax
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses or whole scripts: CI runs them; -m 'not slow' skips them
+
 WORKER = Path(__file__).with_name("_multihost_worker.py")
 TIMEOUT_S = 120
 TOL = {"rtol": 1e-5, "atol": 1e-5}

@@ -19,6 +19,8 @@ from jupyter_client import AsyncKernelManager
 from jupyter_client.kernelspec import KernelSpecManager
 from nbclient import NotebookClient
 
+pytestmark = pytest.mark.slow  # subprocesses or whole scripts: CI runs them; -m 'not slow' skips them
+
 NOTEBOOKS = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
 NAMES = ("quickstart", "full_batch_training", "multi_device")
 CELL_TIMEOUT_S = 300  # generous for a loaded CI machine; each cell takes seconds at smoke sizes

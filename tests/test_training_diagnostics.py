@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.flatten_util import ravel_pytree
 
 import jaxbn
 from jaxbn.training import TrainState, full_batch_step, linen_loss, sharpness
@@ -34,33 +33,8 @@ def _setup(n=24):
   return model, variables, data
 
 
-def _dense_top(loss, params):
-  flat, unravel = ravel_pytree(params)
-  hessian = jax.hessian(lambda f: loss(unravel(f)))(flat)
-  return float(jnp.linalg.eigvalsh(hessian)[-1])
-
-
-def _batch_loss(model, variables, x, y):
-  def loss(params):
-    out, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, mutable=["batch_stats"])
-    return jnp.mean(xent(out, y))
-
-  return loss
-
-
-@pytest.mark.parametrize("bn_mode", ["ghost", "exact"])
-def test_sharpness_is_the_top_eigenvalue_of_the_steps_objective(bn_mode):
-  model, variables, data = _setup()
-  state = TrainState.create(variables["params"], variables["batch_stats"], optax.sgd(0.1))
-  value, vector = sharpness(linen_loss(model, xent), micro_batch_size=8, bn_mode=bn_mode, num_iters=40)(state, data)
-  if bn_mode == "exact":  # batch norm over all 24 rows
-    objective = _batch_loss(model, variables, data["x"], data["y"])
-  else:  # mean over the three ghost batches of 8 rows
-    parts = [_batch_loss(model, variables, data["x"][i : i + 8], data["y"][i : i + 8]) for i in (0, 8, 16)]
-    objective = lambda p: sum(part(p) for part in parts) / 3
-  expected = _dense_top(objective, variables["params"])
-  np.testing.assert_allclose(float(value), expected, rtol=1e-3)
-  assert jax.tree.structure(vector) == jax.tree.structure(variables["params"])
+# The sharpness itself (ghost and exact, every loop, 1 and 8 devices) is checked against the dense
+# Hessian of one flax pass in tests/test_derivative_oracles.py; here: how the step reports it.
 
 
 def test_step_reports_sharpness_every_k_steps_and_layer_norms():
