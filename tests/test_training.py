@@ -208,6 +208,26 @@ def test_accumulates_in_float32_for_bfloat16_parameters():
   assert jax.tree.leaves(state.params)[0].dtype == jnp.bfloat16 and np.isfinite(metrics.loss)
 
 
+@pytest.mark.parametrize("loop", ["scan", "host"])
+def test_accumulated_bfloat16_gradient_is_the_float32_mean(loop):
+  # 1000 micro-batches of one row, each gradient a 0/1 vector (exact in bfloat16), each weighted 1/1000.
+  # Summed in bfloat16 the running sum stalls near 0.5 (half its ulp there exceeds 1/1000); in float32
+  # it is the mean to ~1e-7, and the SGD step from zero (lr 1) sets the parameters to its bfloat16 rounding.
+  # The means (0.999, 0.695, 0.298) lie >= 5e-4 (relative) from a bfloat16 rounding boundary: float32
+  # error cannot cross one.
+  x = (np.random.default_rng(0).random((1000, 3)) < np.array([[0.9995, 0.7, 0.3]])).astype(np.float32)
+  x[0, 0] = 0.0  # 999 ones in column 0: mean 0.999
+  loss_fn = lambda p, bs, b, m: (jnp.sum(p["w"][None] * b["x"].astype(jnp.bfloat16)), LossAux())
+  opt = optax.sgd(1.0)
+  step = full_batch_step(loss_fn, opt, micro_batch_size=1, loop=loop, donate=False)
+  state = TrainState.create({"w": jnp.zeros(3, jnp.bfloat16)}, {}, opt)
+  new_state, metrics = step(state, {"x": jnp.asarray(x)})
+  mean = x.astype(np.float64).mean(0)
+  assert new_state.params["w"].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(new_state.params["w"], np.float64), (-mean).astype(jnp.bfloat16))
+  np.testing.assert_allclose(metrics.grad_norm, np.linalg.norm(mean), rtol=1e-5)
+
+
 def test_metrics_are_count_weighted_means():
   data = _data()
   model, variables, opt, _ = _setup()
