@@ -22,10 +22,11 @@ def build():
   data = {"x": jnp.asarray(rng.normal(size=(50, 5)), jnp.float32), "y": jnp.asarray(rng.integers(0, 3, 50))}
   model = Net()
   variables = model.init(jax.random.key(0), data["x"], train=False)
-  opt = optax.adamw(1e-2, weight_decay=1e-3)
+  # Every part of the state holds something a wrong restore would lose: running clip statistics, a key.
+  opt = optax.chain(jaxbn.transforms.clip_by_running_norm(warmup_steps=2), optax.adamw(1e-2, weight_decay=1e-3))
   loss_fn = jaxbn.training.linen_loss(model, optax.softmax_cross_entropy_with_integer_labels, train=True)
   step = jaxbn.training.full_batch_step(
     loss_fn, opt, micro_batch_size=16, update_batch_stats=loss_fn.update_batch_stats
   )
-  state = jaxbn.training.TrainState.create(variables["params"], variables["batch_stats"], opt)
+  state = jaxbn.training.TrainState.create(variables["params"], variables["batch_stats"], opt, key=jax.random.key(3))
   return step, state, data

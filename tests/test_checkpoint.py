@@ -16,13 +16,22 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def test_restore_in_a_new_process_continues_bitwise(tmp_path):
   step, state, data = build()
-  for _ in range(5):
-    state, _ = step(state, data)
+  bad = {**data, "x": data["x"].at[7, 2].set(np.nan)}
+  spike = {**data, "y": np.zeros_like(data["y"])}  # one label for all: a gradient norm 3x the others
+  for batch in (data, data, bad, data, spike):  # the guard skips the third step, the clip the fifth
+    state, _ = step(state, batch)
+  clip = state.opt_state[0]
+  assert (int(state.skipped), int(state.step), int(clip.count), int(clip.num_clipped)) == (1, 4, 4, 1)
   jaxbn.training.save_checkpoint(str(tmp_path / "ckpt"), state)
-  restored = jaxbn.training.restore_checkpoint(str(tmp_path / "ckpt"), build()[1])
+  # The template differs from the saved state in every leaf (another key too): nothing can come from it.
+  like = build()[1]._replace(key=jax.random.key_data(jax.random.key(0)))
+  for a, b in zip(jax.tree.leaves(like), jax.tree.leaves(state)):
+    assert not np.array_equal(a, b)
+  restored = jaxbn.training.restore_checkpoint(str(tmp_path / "ckpt"), like)
   assert jax.tree.structure(restored) == jax.tree.structure(state)
-  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
-    np.testing.assert_array_equal(a, b)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(restored), jax.tree.leaves(state)):
+    assert a.dtype == b.dtype, jax.tree_util.keystr(path)
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
   straight = state
   for _ in range(5):
     straight, _ = step(straight, data)
