@@ -232,11 +232,44 @@ def test_projection_errors():
 
 def test_sgdp_without_momentum_is_sgd_after_the_projection():
   w = {"k": jax.random.normal(jax.random.key(0), (4, 3)), "b": jnp.ones(3)}
-  g = {"k": jax.random.normal(jax.random.key(1), (4, 3)), "b": jnp.ones(3)}
-  a, _ = transforms.sgdp(0.1, weight_decay=0.01).update(g, transforms.sgdp(0.1).init(w), w)
+  g = {"k": jnp.asarray(nearly_tangent(w["k"], jax.random.normal(jax.random.key(1), (4, 3))), jnp.float32)}
+  g["b"] = jnp.ones(3)
+  a, state = transforms.sgdp(0.1, weight_decay=0.01).update(g, transforms.sgdp(0.1).init(w), w)
   tx = optax.chain(transforms.project_scale_invariant(weight_decay=0.01), optax.sgd(0.1))
   b, _ = tx.update(g, tx.init(w), w)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), a, b)
+  # Both equal SGD on the projected gradient, with the weight decay of projected weights cut to wd_ratio.
+  assert int(state[0].view["k"]) == 1
+  want_k = -0.1 * (project_channels(g["k"], w["k"]) + 0.01 * 0.1 * np.asarray(w["k"], np.float64))
+  np.testing.assert_allclose(a["k"], want_k, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(a["b"], -0.1 * (1.0 + 0.01 * 1.0) * np.ones(3), rtol=1e-6)
+
+
+def nearly_tangent(w, r, tilt=0.005):
+  """``r`` made orthogonal to every output channel (last axis) of ``w``, then tilted towards it (cosine ~``tilt``).
+
+  Such are the gradients of weights feeding a batch norm (exactly tangent) plus a little noise. The cosine
+  stays below AdamP's threshold delta / sqrt(channel size) (0.1 / 6 for a 3x3x4 conv channel), so the
+  channel-view projection is active and has a radial part to remove.
+  """
+  shape = np.shape(w)
+  w = np.asarray(w, np.float64).reshape(-1, shape[-1])
+  r = np.asarray(r, np.float64).reshape(w.shape)
+  tangent = r - w * (np.sum(w * r, 0, keepdims=True) / np.sum(w * w, 0, keepdims=True))
+  scale = np.linalg.norm(tangent, axis=0, keepdims=True) / np.linalg.norm(w, axis=0, keepdims=True)
+  return (tangent + tilt * scale * w).reshape(shape)
+
+
+def project_channels(u, w, eps=1e-8):
+  """The channel-view projection of the ``adamp`` package (Heo et al. 2021) in float64.
+
+  u - w_n <w_n, u> per output channel (last axis), with w_n = w / (||w|| + eps).
+  """
+  shape = np.shape(w)
+  w = np.asarray(w, np.float64).reshape(-1, shape[-1])
+  u = np.asarray(u, np.float64).reshape(w.shape)
+  wn = w / (np.linalg.norm(w, axis=0, keepdims=True) + eps)
+  return (u - wn * np.sum(wn * u, 0, keepdims=True)).reshape(shape)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -307,6 +340,58 @@ def test_ready_optimizers_match_their_chains():
   b, _, _ = run_steps(tx, params)
   for k in PARAMS_SHAPES:
     np.testing.assert_allclose(a[k], b[k], rtol=1e-6)
+  # Both are AdamP, on the gradients of scale-invariant weights too (where the projection acts).
+  for each in (transforms.adamp(1e-2, weight_decay=0.1), tx):
+    assert_matches_reference(each, "adamp", lr=1e-2, weight_decay=0.1)
+
+
+def tangent_grads(params, t):
+  """Step ``t``'s gradients: kernels' nearly tangent to their output channels (the projection acts), bias free."""
+  noise = make_params(200 + t)
+  return {k: nearly_tangent(p, noise[k]) if p.ndim > 1 else np.asarray(noise[k], np.float64) for k, p in params.items()}
+
+
+def numpy_reference(kind, steps, lr, *, momentum=0.0, weight_decay=0.0, nesterov=False, b1=0.9, b2=0.999, eps=1e-8):
+  """The ``adamp`` package's (0.3.0) AdamP / SGDP in float64 NumPy, on ``tangent_grads``.
+
+  Only the channel view is written out: ``tangent_grads`` makes it the one that applies (wd_ratio 0.1).
+  """
+  params = {k: np.asarray(v, np.float64) for k, v in make_params().items()}
+  m = {k: np.zeros_like(v) for k, v in params.items()}
+  v = {k: np.zeros_like(p) for k, p in params.items()}
+  for t in range(steps):
+    grads = tangent_grads(params, t)
+    for k, p in params.items():
+      g = grads[k]
+      if kind == "sgdp":
+        m[k] = momentum * m[k] + g
+        d, decay, step_size = (g + momentum * m[k] if nesterov else m[k]), weight_decay / (1 - momentum), lr
+      else:
+        m[k] = b1 * m[k] + (1 - b1) * g
+        v[k] = b2 * v[k] + (1 - b2) * g * g
+        d = ((b1 * m[k] + (1 - b1) * g) if nesterov else m[k]) / (np.sqrt(v[k]) / np.sqrt(1 - b2 ** (t + 1)) + eps)
+        decay, step_size = weight_decay, lr / (1 - b1 ** (t + 1))
+      ratio = 1.0
+      if p.ndim > 1:
+        d, ratio = project_channels(d, p, eps), 0.1
+        if kind == "sgdp" and not nesterov:
+          m[k] = d  # the reference projects its step in place, and here the step is the buffer
+      params[k] = p * (1 - lr * decay * ratio) - step_size * d
+  return params
+
+
+def assert_matches_reference(tx, kind, steps=5, **kwargs):
+  """``tx``'s jitted trajectory on ``tangent_grads`` equals ``numpy_reference(kind, steps, **kwargs)``."""
+  params = make_params()
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for t in range(steps):
+    grads = {k: jnp.asarray(g, jnp.float32) for k, g in tangent_grads(params, t).items()}
+    updates, state = update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  want = numpy_reference(kind, steps, **kwargs)
+  for k in PARAMS_SHAPES:
+    np.testing.assert_allclose(params[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
 INJECTED = {
@@ -333,6 +418,9 @@ def test_inject_hyperparams(name):
   state.hyperparams[key] = state.hyperparams[key] * 2
   u2, _ = update(make_grads(6), state, injected)
   assert max(float(jnp.max(jnp.abs(u1[k] - u2[k]))) for k in PARAMS_SHAPES) > 1e-6
+  if name in ("adamp", "sgdp"):  # the optimizer itself, where its projection acts
+    lr = kwargs["learning_rate"]
+    assert_matches_reference(tx, name, lr=lr, **{k: v for k, v in kwargs.items() if k != "learning_rate"})
 
 
 SHARDED = {
