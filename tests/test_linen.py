@@ -194,10 +194,20 @@ def test_extras_match_the_pure_functions(kw, ref):
 
 def test_ghost_eval_any_batch_size():
   module = BatchNorm(ghost_batch_size=4)
-  v = module.init(jax.random.key(0), _x((8, 3)), use_running_average=False)
-  for rows in (1, 9):
-    y = module.apply(v, _x((rows, 3)), use_running_average=True)
+  init = module.init(jax.random.key(0), _x((8, 3)), use_running_average=False)
+  # Running statistics and affine parameters away from their initial values (mean 0, var 1, scale 1, bias 0).
+  v = {
+    "params": {"scale": jnp.array([0.5, 2.0, -1.0]), "bias": jnp.array([0.1, -0.3, 2.0])},
+    "batch_stats": {"mean": jnp.array([1.0, -2.0, 0.5]), "var": jnp.array([4.0, 0.25, 9.0])},
+  }
+  assert jax.tree.structure(v) == jax.tree.structure(init)
+  for rows in (1, 9):  # neither a multiple of the ghost batch size: evaluation uses no batch statistics
+    x = _x((rows, 3), seed=rows)
+    y = module.apply(v, x, use_running_average=True)
+    stats, params = ({k: np.asarray(a, np.float64)[None] for k, a in v[c].items()} for c in ("batch_stats", "params"))
+    want = (np.asarray(x, np.float64) - stats["mean"]) / np.sqrt(stats["var"] + 1e-5) * params["scale"] + params["bias"]
     assert y.shape == (rows, 3)
+    np.testing.assert_allclose(y, want, rtol=1e-6, atol=1e-6)
 
 
 def test_moments_collection_records_exact_statistics_merged_over_calls():
