@@ -22,6 +22,8 @@ import jaxbn
 from jaxbn import training
 from jaxbn.training import TrainState, full_batch_step, linen_loss, nnx_loss, sharpness
 
+pytestmark = pytest.mark.slow  # float64 Hessians of whole models: CI runs them; -m "not slow" skips them
+
 xent = optax.softmax_cross_entropy_with_integer_labels
 F64 = jnp.float64
 
@@ -159,7 +161,6 @@ def test_linen_gradient_hvp_and_sharpness_equal_one_flax_pass(bn_mode, loop, mic
     _assert_tree_close(jaxbn.hessian_vector_product(grad_fn, params, v, mode=mode), expected, rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("bn_mode", ["exact", "ghost"])
 def test_eight_devices_equal_one_flax_pass(bn_mode):
   """jit over data sharded on 8 devices, and the pmap-style step: the same derivatives."""
