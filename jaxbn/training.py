@@ -686,12 +686,12 @@ class _ExactHook:
   (an adjoint sweep); later calls keep their own statistics (their work is dead code).
   """
 
-  def __init__(self, given, target=None, cotangent=None, axis_name=None):
+  def __init__(self, given, target=None, cotangent=None, axis_name=None, record_shapes=False):
     self.given, self.target, self.cotangent, self.axis_name = given, target, cotangent, axis_name
     self.calls = 0
     self.out = None
     self.trace = None  # the loss function's trace, set where the hook is installed
-    self.shapes = []  # the types of every call's statistics
+    self.shapes = [] if record_shapes else None  # the types of every call's statistics (the probe's)
 
   def __call__(self, x, axes, mask):
     if _trace_state() != self.trace:
@@ -703,7 +703,8 @@ class _ExactHook:
       )
     j = self.calls
     self.calls += 1
-    self.shapes.append(jax.eval_shape(lambda x, mask: _stats.compute_stats(x, axes, mask=mask), x, mask))
+    if self.shapes is not None:
+      self.shapes.append(jax.eval_shape(lambda x, mask: _stats.compute_stats(x, axes, mask=mask), x, mask))
     if j < len(self.given):
       return self.given[j]
     if j != self.target:
@@ -755,7 +756,7 @@ def _exact_gradient(loss_fn, params, batch_stats, k, micro, axis_name, data, tak
     return [_stats.Stats(c, m, v * c) for (m, v), c in zip(diff, counts, strict=True)]
 
   # Number of batch-norm calls, from one traced forward pass.
-  probe = _ExactHook([])
+  probe = _ExactHook([], record_shapes=True)
   batch0, mask0, _ = micro(jnp.int32(0))
   aux_shape = jax.eval_shape(lambda p, b, m: run(probe, p, b, m)[1], params, batch0, mask0)
   num_layers = probe.calls
