@@ -18,7 +18,7 @@ contributions or their sums over devices, as autodiff of the plain formula gives
 
 Residuals are ``x`` in its storage dtype plus per-feature vectors (mean, inv_std, scale, count), not
 a float32 copy of ``xhat``. ``jax.custom_vjp`` has no forward mode; ``batch_norm(fused=None)`` falls
-back to the plain formula where ``jax.jvp`` traces it (see :func:`forward_mode_active` for the cases
+back to the plain formula where ``jax.jvp`` traces it (see :func:`jaxbn._sharding.forward_mode_active` for the cases
 it cannot see).
 
 References:
@@ -37,36 +37,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxbn import _checks
-from jaxbn.stats import Stats, _group_weights, _same_sharding, compute_stats, gather_rows
+from jaxbn._sharding import same_sharding, varying
+from jaxbn.stats import Stats, compute_stats, gather_rows, group_weights
 
-__all__ = ["batch_norm_train", "forward_mode_active", "inv_std", "scale_shift"]
-
-
-def forward_mode_active() -> bool:
-  """Whether forward-mode autodiff (``jax.jvp``, ``jax.jacfwd``) is tracing the current call.
-
-  ``jax.custom_vjp`` functions have no forward mode, and under ``jax.jit`` JAX reports that only
-  after the caller's frame is gone, so the dispatch in ``batch_norm`` looks at the trace stack
-  first. This reads JAX internals; where they differ the answer is False and the error JAX raises
-  is translated instead.
-
-  What this cannot see: ``jax.linearize`` traces with the same ``LinearizeTrace`` as ``jax.grad``
-  and ``jax.vjp``, so it gets the fused path and its linear function fails when called; and a
-  ``jax.jit`` function traced outside forward mode (called, or differentiated in reverse mode)
-  keeps its jaxpr, which ``jax.jvp``/``jax.jacfwd`` then transform without tracing it again.
-  ``fused=False`` serves both.
-  """
-  try:
-    from jax._src import core
-
-    trace = core.trace_ctx.trace
-    while trace is not None:
-      if type(trace).__name__ == "JVPTrace":
-        return True
-      trace = getattr(trace, "parent_trace", None)
-  except Exception:
-    return False
-  return False
+__all__ = ["batch_norm_train", "inv_std", "scale_shift"]
 
 
 def _sums_across(local, axis_name, groups, fn):
@@ -81,13 +55,8 @@ def _sums_across(local, axis_name, groups, fn):
   # returned for an unvarying parameter. lax.axis_size is unbound in a custom_vjp backward under vmap.
   size = sum(len(g) for g in groups)
   gathered = gather_rows(local, axis_name, size=size, fn=fn)
-  w = _group_weights(fn, axis_name, groups, size)
+  w = group_weights(fn, axis_name, groups, size)
   return jnp.tensordot(w.astype(local.dtype), gathered, axes=1), jnp.sum(gathered, axis=0)
-
-
-def _varying(v) -> frozenset:
-  """Mesh axes over which ``v`` differs between devices (``jax.shard_map``'s type system)."""
-  return getattr(getattr(jax.typeof(v), "manual_axis_type", None), "varying", frozenset())
 
 
 def _param_cotangent(x, param_varying, local, everywhere, axis_name):
@@ -98,7 +67,7 @@ def _param_cotangent(x, param_varying, local, everywhere, axis_name):
   or for a per-device parameter, each device keeps its own contribution.
   """
   names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-  summed = tuple(sorted(_varying(x) - param_varying, key=str))
+  summed = tuple(sorted(varying(x) - param_varying, key=str))
   if not summed:
     return local
   if set(summed) == set(names):
@@ -192,7 +161,7 @@ def _bn_train_bwd(feature_axes, axis_name, groups, out_dtype, fn, res, cotangent
     names = set(axis_name) if isinstance(axis_name, tuple) else {axis_name}
     # Where scale may differ between devices (pmap/vmap, which do not say; a per-device scale
     # under shard_map), dx needs the sums of dy * scale, which sum(dy) * scale is not.
-    per_device = not _varying(x) or bool(_varying(scale) & names)
+    per_device = not varying(x) or bool(varying(scale) & names)
     rows = jnp.concatenate([local, local[:2] * mul[None]]) if per_device else local
     total, everywhere = _sums_across(rows, axis_name, groups, fn)
     sum_dy, sum_dy_xhat = (total[3], total[4]) if per_device else (total[0] * mul, total[1] * mul)
@@ -206,7 +175,7 @@ def _bn_train_bwd(feature_axes, axis_name, groups, out_dtype, fn, res, cotangent
     """
     if axis_name is None:
       return local
-    key = _varying(primal)
+    key = varying(primal)
     if key not in by_varying:
       by_varying[key] = _param_cotangent(x, key, local, everywhere, axis_name)
     return by_varying[key]
@@ -218,9 +187,9 @@ def _bn_train_bwd(feature_axes, axis_name, groups, out_dtype, fn, res, cotangent
   if mask is not None:
     correction = jnp.where(mask, correction, 0)
   dx = dy * mul.reshape(b) - correction
-  dscale = _same_sharding(sums_for(scale)[1].astype(scale.dtype), scale)
-  dbias = _same_sharding(sums_for(bias)[0].astype(bias.dtype), bias)
-  deps = _same_sharding(jnp.sum(sums_for(epsilon)[2]).astype(epsilon.dtype), epsilon)
+  dscale = same_sharding(sums_for(scale)[1].astype(scale.dtype), scale)
+  dbias = same_sharding(sums_for(bias)[0].astype(bias.dtype), bias)
+  deps = same_sharding(jnp.sum(sums_for(epsilon)[2]).astype(epsilon.dtype), epsilon)
   return dx.astype(x.dtype), dscale, dbias, None, deps
 
 

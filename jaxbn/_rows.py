@@ -23,6 +23,8 @@ import jax
 import numpy as np
 from jax.extend import core
 
+from jaxbn._sharding import source_location
+
 MIXED = "mixed"
 UNKNOWN = "unknown"
 
@@ -50,12 +52,7 @@ class RowsMixed(Exception):
 
 
 def _describe(eqn: Any) -> str:
-  try:
-    from jax._src import source_info_util
-
-    place = source_info_util.summarize(eqn.source_info)
-  except Exception:  # a private helper: the message only loses the location
-    place = ""
+  place = source_location(eqn)
   return f"{eqn.primitive.name}" + (f" at {place}" if place else "")
 
 

@@ -16,8 +16,9 @@ import numpy as np
 from jax import lax
 
 from jaxbn import _checks, _hooks
-from jaxbn._fused import batch_norm_train, forward_mode_active, inv_std, scale_shift
-from jaxbn.stats import Stats, _same_sharding, compute_stats
+from jaxbn._fused import batch_norm_train, inv_std, scale_shift
+from jaxbn._sharding import forward_mode_active, same_sharding
+from jaxbn.stats import Stats, compute_stats
 
 __all__ = ["BatchNormState", "batch_norm", "init_state", "normalize", "update_running_stats"]
 
@@ -228,7 +229,7 @@ def _update_running_stats(
     if not jnp.issubdtype(bdt, jnp.inexact):
       bdt = _checks.stats_dtype(new.dtype)
     old_c, new_c = old.astype(bdt), new.astype(bdt)
-    old_c = _same_sharding(old_c, new_c)  # a replicated state meets feature-sharded statistics
+    old_c = same_sharding(old_c, new_c)  # a replicated state meets feature-sharded statistics
     # Real weights, also for the complex running mean of complex input (jaxbn's Flax modules).
     w_old, w_new = _update_weights(running_average, momentum, count, jnp.finfo(bdt).dtype)
     mixed = w_old * old_c + w_new * new_c

@@ -40,7 +40,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxbn import _checks
 from jaxbn.functional import BatchNormState
-from jaxbn.stats import Stats, _group_weights, gather_rows, merge_stacked
+from jaxbn.stats import Stats, gather_rows, group_weights, merge_stacked
 
 __all__ = ["batch_map", "sync_state"]
 
@@ -138,7 +138,7 @@ def _sync_one(fn: str, state: BatchNormState, axis_name: Any, groups: Sequence[S
   counts, means, variances = rows[:, 0], rows[:, 1], rows[:, 2]
   member = jnp.ones(rows.shape[0], cdt)
   if groups is not None:
-    member = _group_weights(fn, axis_name, groups, rows.shape[0]).astype(cdt)
+    member = group_weights(fn, axis_name, groups, rows.shape[0]).astype(cdt)
   member = member.reshape((-1,) + (1,) * mean.ndim)
   counts = counts * member
   # A group in which no replica has averaged a batch (fresh states) is merged with equal weights,

@@ -50,11 +50,7 @@ import numpy as np
 from jax import lax
 
 from jaxbn import _checks
-
-try:  # the concrete mesh in context; see _context_mesh_has_devices
-  from jax._src.mesh import get_concrete_mesh as _get_concrete_mesh
-except ImportError:
-  _get_concrete_mesh = None
+from jaxbn._sharding import auto_mesh, explicit_reduction, gather_features, is_explicitly_sharded, same_sharding
 
 __all__ = ["Stats", "all_reduce", "compute_stats", "local_stats", "merge", "merge_stacked", "moments"]
 
@@ -76,40 +72,6 @@ class Stats(NamedTuple):
   def var(self) -> jax.Array:
     """Biased (1/N) variance; 0 where the count is 0."""
     return self.m2 / jnp.maximum(self.count, 1)
-
-
-def _is_explicitly_sharded(x: jax.Array) -> bool:
-  try:
-    sharding = jax.typeof(x).sharding
-    return any(t == jax.sharding.AxisType.Explicit for t in sharding.mesh.axis_types)
-  except AttributeError:
-    return False
-
-
-def _gather(x: jax.Array, index: tuple[Any, ...], feature_axes: tuple[int, ...]) -> jax.Array:
-  """``x[index]`` (index arrays with the feature shape) when ``x`` is sharded with explicit mesh axes.
-
-  The result is sharded as ``x`` is along its feature axes, so that each device gathers its own
-  features and nothing moves when only the feature axes are sharded.
-  """
-  sharding = jax.typeof(x).sharding
-  spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
-  out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*(spec[a] for a in feature_axes)))
-  return x.at[index].get(out_sharding=out)
-
-
-def _same_sharding(v: jax.Array, like: jax.Array) -> jax.Array:
-  """``v`` resharded as ``like`` where ``like`` is sharded with explicit mesh axes and ``v`` is not alike.
-
-  ``jnp.stack`` of per-feature rows needs one sharding: a count or shift built without reference to
-  ``x`` is replicated, while sums over an ``x`` sharded along its feature axes are sharded.
-  """
-  if not _is_explicitly_sharded(like):
-    return v
-  want = jax.typeof(like).sharding
-  if jax.typeof(v).sharding.spec == want.spec:
-    return v
-  return jax.sharding.reshard(v, want)
 
 
 def _first_valid(x: jax.Array, mask: jax.Array | None, feature_axes: tuple[int, ...]) -> jax.Array:
@@ -139,10 +101,10 @@ def _first_valid(x: jax.Array, mask: jax.Array | None, feature_axes: tuple[int, 
     first = jnp.min(jnp.where(mask, pos, big), axis=reduce_axes) if reduce_axes else pos
     first = jnp.where(first == big, 0, first)
     index = [(first // int(s)) % x.shape[a] for a, s in zip(reduce_axes, strides)]
-  if _is_explicitly_sharded(x):
+  if is_explicitly_sharded(x):
     fidx = jnp.meshgrid(*[jnp.arange(n) for n in fshape], indexing="ij")
     full = dict(zip(reduce_axes, index)) | dict(zip(feature_axes, fidx))
-    return _gather(x, tuple(full[a] for a in range(x.ndim)), feature_axes)
+    return gather_features(x, tuple(full[a] for a in range(x.ndim)), feature_axes)
   dnums = lax.GatherDimensionNumbers(
     offset_dims=(),
     collapsed_slice_dims=reduce_axes,
@@ -179,7 +141,7 @@ def _parts(x: jax.Array, feature_axes: tuple[int, ...], mask: jax.Array | None) 
   s2 = jnp.sum(pos * pos, axis=reduce_axes)
   d = s1 / jnp.maximum(count, 1)
   m2 = jnp.maximum(s2 - s1 * d, 0)
-  count, shift = _same_sharding(count, s1), _same_sharding(shift, s1)
+  count, shift = same_sharding(count, s1), same_sharding(shift, s1)
   valid = count > 0
   return jnp.stack([count, *(jnp.where(valid, v, 0) for v in (shift, d, m2))])
 
@@ -260,7 +222,7 @@ def _merge_rows(rows: jax.Array, weights: jax.Array | None = None) -> Stats:
   return Stats(total, jnp.where(valid, ref_hi[0] + (ref_lo[0] + dmean), 0), jnp.where(valid, out_m2, 0))
 
 
-def _group_weights(fn: str, axis_name: Hashable, groups: Sequence[Sequence[int]], size: int) -> jax.Array:
+def group_weights(fn: str, axis_name: Hashable, groups: Sequence[Sequence[int]], size: int) -> jax.Array:
   members = sorted(int(i) for g in groups for i in g)
   if members != list(range(size)):
     raise ValueError(
@@ -338,7 +300,7 @@ def _all_reduce_rows(
   gathered = gather_rows(rows, axis_name, fn=fn)
   weights = None
   if axis_index_groups is not None:
-    weights = _group_weights(fn, axis_name, axis_index_groups, gathered.shape[0])
+    weights = group_weights(fn, axis_name, axis_index_groups, gathered.shape[0])
   return _merge_rows(gathered, weights)
 
 
@@ -418,10 +380,6 @@ def compute_complex_stats(
   return Stats(both.count[0], lax.complex(both.mean[0], both.mean[1]), both.m2[0] + both.m2[1])
 
 
-def _mesh_axis_names(entry: Any) -> tuple[str, ...]:
-  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 def _sharded_stats(x: jax.Array, feature_axes: tuple[int, ...], mask: jax.Array | None, fn: str) -> Stats | None:
   """Statistics of ``x`` sharded over Explicit mesh axes along reduced dims, with one collective.
 
@@ -430,20 +388,11 @@ def _sharded_stats(x: jax.Array, feature_axes: tuple[int, ...], mask: jax.Array 
   ``jax.shard_map`` and merging them as :func:`all_reduce` does needs exactly one. Returns None when
   ``x`` is not sharded that way (Auto axes carry no sharding at trace time: see :func:`_chunked_stats`).
   """
-  try:
-    sharding = jax.typeof(x).sharding
-    mesh = sharding.mesh
-  except AttributeError:
+  split = explicit_reduction(x, feature_axes)
+  if split is None:
     return None
-  if mesh.empty:
-    return None
-  types = dict(zip(mesh.axis_names, mesh.axis_types))
-  spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
-  reduced = tuple(n for a in range(x.ndim) if a not in feature_axes for n in _mesh_axis_names(spec[a]))
-  if not reduced or any(types.get(n) != jax.sharding.AxisType.Explicit for n in reduced):
-    return None
+  mesh, spec, reduced, manual = split
   PartitionSpec = jax.sharding.PartitionSpec
-  manual = frozenset(n for entry in spec for n in _mesh_axis_names(entry))
   fspec = PartitionSpec(*(spec[a] for a in feature_axes))
   axis = reduced[0] if len(reduced) == 1 else reduced
   out_specs = Stats(fspec, fspec, fspec)
@@ -459,36 +408,6 @@ def _sharded_stats(x: jax.Array, feature_axes: tuple[int, ...], mask: jax.Array 
   )
 
 
-def _context_mesh_has_devices(abstract: Any) -> bool:
-  """Whether a concrete mesh of the same shape backs the context's abstract mesh.
-
-  ``jax.set_mesh`` sets both (and ``jax.jit`` carries both into its trace); an abstract mesh alone
-  (``jax.sharding.use_abstract_mesh``) names no devices that arrays evaluated outside ``jax.jit``
-  (eager ``jax.checkpoint``, for one) could be constrained to. JAX has no public query that works
-  inside a trace (``jax.sharding.get_mesh`` refuses there), so this reads the context that JAX's own
-  ``with_sharding_constraint`` reads, and assumes a mesh where that is not available.
-  """
-  if _get_concrete_mesh is None:
-    return True
-  concrete = _get_concrete_mesh()
-  return not concrete.empty and (concrete.axis_names, concrete.axis_sizes) == (abstract.axis_names, abstract.axis_sizes)
-
-
-def _auto_mesh(x: jax.Array) -> tuple[Any, int]:
-  """The mesh ``x`` is typed with (or the context mesh, see :func:`_context_mesh_has_devices`) and
-  the number of devices along its Auto axes."""
-  try:
-    mesh = jax.typeof(x).sharding.mesh
-  except AttributeError:
-    mesh = None
-  if mesh is None or mesh.empty:
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not _context_mesh_has_devices(mesh):
-      return None, 1
-  sizes = [s for s, t in zip(mesh.axis_sizes, mesh.axis_types) if t == jax.sharding.AxisType.Auto]
-  return mesh, math.prod(sizes)
-
-
 def _chunked_stats(x: jax.Array, feature_axes: tuple[int, ...], mask: jax.Array | None) -> Stats | None:
   """Statistics of ``x`` on a mesh with Auto axes, with one collective whatever XLA's sharding of ``x``.
 
@@ -499,7 +418,7 @@ def _chunked_stats(x: jax.Array, feature_axes: tuple[int, ...], mask: jax.Array 
   were sharded, nothing where they were not) and merged exactly on every device. Returns None when
   there is nothing to split.
   """
-  mesh, devices = _auto_mesh(x)
+  mesh, devices = auto_mesh(x)
   reduce_axes = [a for a in range(x.ndim) if a not in feature_axes]
   if devices <= 1 or not reduce_axes:
     return None

@@ -46,6 +46,7 @@ from jax import lax
 
 from jaxbn import _checks, _hooks, _rows, diagnostics
 from jaxbn import stats as _stats
+from jaxbn._sharding import data_shards, trace_state, varying, varying_like
 from jaxbn.functional import BatchNormState, update_running_stats
 from jaxbn.linen import MOMENTS, record_moments
 from jaxbn.linen import BatchNorm as JaxbnBatchNorm
@@ -515,27 +516,6 @@ class _DonationChecked:
     return getattr(self._step, name)
 
 
-def _data_shards(data: Any) -> int:
-  """Number of blocks the leading (row) axis of ``data`` is split into across devices under ``jax.jit``.
-
-  Explicit meshes say it in the type; on Auto meshes (where the type names the mesh only) the rows
-  are taken to be split over every device of the Auto axes, as the batch of data parallelism is.
-  """
-  leaves = jax.tree.leaves(data)
-  if not leaves:
-    return 1
-  first = leaves[0]
-  try:
-    sharding = jax.typeof(first).sharding
-    spec, mesh = sharding.spec, sharding.mesh
-  except AttributeError:
-    return 1
-  if spec and spec[0] is not None and not mesh.empty:
-    axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
-    return math.prod(mesh.shape[a] for a in axes)
-  return _stats._auto_mesh(first)[1]
-
-
 def _gradient_fns(fn, loss_fn, micro_batch_size, bn_mode, axis_name):
   """``sizes(data)``, ``micro_terms(params, batch_stats, data, i)`` and ``gradient(params, batch_stats, data)``.
 
@@ -551,7 +531,7 @@ def _gradient_fns(fn, loss_fn, micro_batch_size, bn_mode, axis_name):
   def sizes(data):
     """``(n, g, m, k)``: rows, data shards, rows per shard in each micro-batch, micro-batches."""
     n = _num_rows(fn, data)
-    g = 1 if axis_name is not None else math.gcd(n, _data_shards(data))
+    g = 1 if axis_name is not None else math.gcd(n, data_shards(data))
     per = n // g
     m = per if micro_batch_size is None else min(max(micro_batch_size // g, 1), per)
     return n, g, m, math.ceil(per / m)
@@ -615,7 +595,7 @@ def _gradient_fns(fn, loss_fn, micro_batch_size, bn_mode, axis_name):
     wdt = _weight_dtype(params)
     zeros = _zeros_like_grads(params)
     # Under jax.shard_map the accumulated loss varies over the data's axes: so must the loop's initial value.
-    init = (zeros, _varying_like(jnp.zeros((), wdt), *jax.tree.leaves(data)))
+    init = (zeros, varying_like(jnp.zeros((), wdt), *jax.tree.leaves(data)))
     (grads, loss), (aux, weights) = _sweep(k, body, init)
     stats = None
     if aux.stats is not None:
@@ -653,7 +633,7 @@ def _weight_dtype(params: Any) -> jnp.dtype:
 def _zeros_like_grads(params: Any) -> Any:
   """Accumulators for the gradient: float32 per leaf (float64 for float64 leaves), typed like the leaf under shard_map."""
   return jax.tree.map(
-    lambda p: _varying_like(jnp.zeros(jnp.shape(p), _checks.stats_dtype(jnp.result_type(p))), p), params
+    lambda p: varying_like(jnp.zeros(jnp.shape(p), _checks.stats_dtype(jnp.result_type(p))), p), params
   )
 
 
@@ -694,7 +674,7 @@ class _ExactHook:
     self.shapes = [] if record_shapes else None  # the types of every call's statistics (the probe's)
 
   def __call__(self, x, axes, mask):
-    if _trace_state() != self.trace:
+    if trace_state() != self.trace:
       raise ValueError(
         "jaxbn.training.full_batch_step: bn_mode='exact' numbers the batch-norm calls of one forward pass, "
         "so every jaxbn batch norm must be called at the loss function's own trace level; this one runs "
@@ -727,11 +707,6 @@ class _ExactHook:
     return None
 
 
-def _trace_state() -> Any:
-  """An opaque token of the current JAX trace (equal tokens: the same trace level)."""
-  return jax.extend.core.get_opaque_trace_state(convention="flax")
-
-
 def _exact_gradient(loss_fn, params, batch_stats, k, micro, axis_name, data, takes_key):
   """Loss, gradient, full-data statistics and metrics of batch norm over the WHOLE dataset.
 
@@ -747,7 +722,7 @@ def _exact_gradient(loss_fn, params, batch_stats, k, micro, axis_name, data, tak
   fn = "jaxbn.training.full_batch_step"
 
   def run(hook, p, batch, mask):
-    hook.trace = _trace_state()
+    hook.trace = trace_state()
     with _hooks.stats_hook(hook):
       out = loss_fn(p, batch_stats, batch, mask)
     return out
@@ -875,27 +850,17 @@ def _check_rows_separate(fn, run, params, batch, mask, shapes, takes_key):
   )
 
 
-def _varying_like(x, *like):
-  """``x`` marked as varying over the mesh axes any of ``like`` varies over (``jax.shard_map`` types)."""
-  from jaxbn._fused import _varying
-
-  axes = tuple(sorted(frozenset().union(*(_varying(v) for v in like)) - _varying(x), key=str))
-  return lax.pcast(x, axes, to="varying") if axes else x
-
-
 def _sum_over_devices(grads, primals, data, axis_name):
   """Sums the devices' contributions to the gradients with respect to ``primals``.
 
   Under ``jax.shard_map``, autodiff already sums the gradient of a value that is the same on
   every device over the axes the data varies over; under ``jax.pmap`` it does not.
   """
-  from jaxbn._fused import _varying
-
-  data_axes = frozenset().union(*(_varying(leaf) for leaf in jax.tree.leaves(data)))
+  data_axes = frozenset().union(*(varying(leaf) for leaf in jax.tree.leaves(data)))
   names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
 
   def reduce(g, p):
-    missing = tuple(a for a in names if not (a in data_axes and a not in _varying(p)))
+    missing = tuple(a for a in names if not (a in data_axes and a not in varying(p)))
     return lax.psum(g, missing) if missing else g
 
   return jax.tree.map(reduce, grads, primals)
