@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
   return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 

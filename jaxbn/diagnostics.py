@@ -399,7 +399,7 @@ def top_hessian_eigenvalue(
   _check_mode(_TOP, mode)
   if method not in _METHODS:
     raise ValueError(f"{_TOP}: method must be one of {_METHODS}, got {method!r}.")
-  if not _checks._is_int(num_iters):
+  if not _checks.is_int(num_iters):
     raise TypeError(f"{_TOP}: num_iters must be a positive Python int (a loop length), got {num_iters!r}.")
   if num_iters < 1:
     raise ValueError(f"{_TOP}: num_iters must be >= 1, got {num_iters}.")

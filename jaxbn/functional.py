@@ -75,13 +75,13 @@ def init_state(
     (2, 3)
   """
   fn = "jaxbn.init_state"
-  if _checks._is_int(num_features):
+  if _checks.is_int(num_features):
     shape = (num_features,)
   elif isinstance(num_features, (Sequence, np.ndarray)) and not isinstance(num_features, (str, bytes)):
     shape = tuple(num_features)
   else:
     shape = None
-  if shape is None or not all(_checks._is_int(d) and d > 0 for d in shape):
+  if shape is None or not all(_checks.is_int(d) and d > 0 for d in shape):
     raise ValueError(f"{fn}: num_features must be a positive int or a tuple of them, got {num_features!r}.")
   shape = tuple(int(d) for d in shape)
   dtype = _checks.floating_dtype(fn, "dtype", dtype, allow_none=False)

@@ -44,7 +44,7 @@ def _fold_layout(
   fn: str, kshape: tuple[int, ...], sshape: tuple[int, ...], axis: Any, stack_axes: int | None
 ) -> tuple[int, tuple[int, ...]]:
   """``(stack_axes, kernel_axes)``: how the statistics' shape lines up with the kernel's axes."""
-  if stack_axes is not None and (not _checks._is_int(stack_axes) or not 0 <= stack_axes < max(len(sshape), 1)):
+  if stack_axes is not None and (not _checks.is_int(stack_axes) or not 0 <= stack_axes < max(len(sshape), 1)):
     raise ValueError(
       f"{fn}: stack_axes must be None or an int in [0, {max(len(sshape) - 1, 0)}] (the statistics have "
       f"{len(sshape)} axes and at least one is a feature axis), got {stack_axes!r}."

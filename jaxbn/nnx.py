@@ -229,13 +229,13 @@ class BatchNorm(nnx.Module):
     rmax: Any = variants.paper_rmax,
     dmax: Any = variants.paper_dmax,
   ):
-    if _checks._is_int(num_features):
+    if _checks.is_int(num_features):
       feature_shape = (num_features,)
     elif isinstance(num_features, (Sequence, np.ndarray)) and not isinstance(num_features, (str, bytes)):
       feature_shape = tuple(num_features)
     else:
       feature_shape = ()
-    if not feature_shape or not all(_checks._is_int(d) and d > 0 for d in feature_shape):
+    if not feature_shape or not all(_checks.is_int(d) and d > 0 for d in feature_shape):
       raise ValueError(
         f"jaxbn.nnx.BatchNorm: num_features must be a positive int or a tuple of them, got {num_features!r}."
       )

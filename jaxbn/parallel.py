@@ -166,7 +166,7 @@ def _spec_tree(fn: str, what: str, axes_prefix: Any, tree: Any, entry: Any, *, k
   """PartitionSpecs for ``tree`` from a vmap-style prefix of ints (the split dimension) or None."""
 
   def check(ax: Any) -> None:
-    if ax is not None and (not _checks._is_int(ax) or ax < 0):
+    if ax is not None and (not _checks.is_int(ax) or ax < 0):
       raise ValueError(
         f"{fn}: {what} entries must be a non-negative int (the dimension split over the mesh axes) or "
         f"None (the same whole value on every device), got {ax!r}."

@@ -47,10 +47,10 @@ from jax import lax
 from jaxbn import _checks, _hooks, _rows, diagnostics
 from jaxbn import stats as _stats
 from jaxbn._sharding import data_shards, trace_state, varying, varying_like
+from jaxbn._trees import global_norm
 from jaxbn.functional import BatchNormState, update_running_stats
 from jaxbn.linen import MOMENTS, record_moments
 from jaxbn.linen import BatchNorm as JaxbnBatchNorm
-from jaxbn.transforms import _global_norm
 
 __all__ = [
   "LossAux",
@@ -193,7 +193,7 @@ def _positive_int_or_none(fn: str, arg: str, value: Any) -> int | None:
   """``value`` as a Python int (NumPy integers accepted, bools refused), or None."""
   if value is None:
     return None
-  if not _checks._is_int(value) or value <= 0:
+  if not _checks.is_int(value) or value <= 0:
     raise ValueError(f"{fn}: {arg} must be a positive int or None, got {value!r}.")
   return int(value)
 
@@ -208,7 +208,7 @@ def _check_optimizer(fn: str, optimizer: Any) -> None:
 
 def _iterations_and_method(fn: str, arg: str, num_iters: Any, method: str = "lanczos") -> None:
   """Checks the Lanczos (or power) options of a sharpness estimate where they are given."""
-  if not _checks._is_int(num_iters) or num_iters < 1:
+  if not _checks.is_int(num_iters) or num_iters < 1:
     raise ValueError(f"{fn}: {arg} must be a positive int (Hessian-vector products per estimate), got {num_iters!r}.")
   if method not in ("lanczos", "power"):
     raise ValueError(f"{fn}: method must be 'lanczos' or 'power', got {method!r}.")
@@ -369,7 +369,7 @@ def full_batch_step(
       grads, loss = _reduce_over_devices(grads, state.params, loss, data, axis_name)
       if extra is not None:
         extra = lax.psum(extra, axis_name)
-    grad_norm = _global_norm(grads)  # of the float32 sums: a float16 gradient's norm can overflow float16
+    grad_norm = global_norm(grads)  # of the float32 sums: a float16 gradient's norm can overflow float16
     grads = jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), grads, state.params)
     batch_stats = state.batch_stats
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -385,9 +385,9 @@ def full_batch_step(
       batch_stats = update_batch_stats(state.batch_stats, stats)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    update_norm = _global_norm(updates)
+    update_norm = global_norm(updates)
     # The new parameters too: a finite update can still overflow float16 parameters.
-    finite &= jnp.isfinite(update_norm) & jnp.isfinite(_global_norm(params))
+    finite &= jnp.isfinite(update_norm) & jnp.isfinite(global_norm(params))
     if guard:
       keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
       params = keep(params, state.params)
@@ -1186,7 +1186,7 @@ def minibatch_epoch(
   if batch_size is None:
     raise ValueError(f"{fn}: batch_size must be a positive int, got None.")
   num_batches = -(-n // batch_size)
-  if not _checks._is_int(start) or not 0 <= start <= num_batches:
+  if not _checks.is_int(start) or not 0 <= start <= num_batches:
     raise ValueError(
       f"{fn}: start must be an int from 0 to the epoch's {num_batches} batches ({n} rows in batches of "
       f"{batch_size}), got {start!r}."

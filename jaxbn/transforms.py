@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from jaxbn import _checks
+from jaxbn._trees import accumulation_dtype, global_norm
 
 __all__ = [
   "ClipByRunningNormState",
@@ -47,19 +48,6 @@ __all__ = [
 ]
 
 _NAME = "jaxbn.transforms"
-
-
-def _acc_dtype(dtype: Any) -> jnp.dtype:
-  """float32, or float64 for float64 leaves: the precision norms and projections are computed in."""
-  return jnp.promote_types(dtype, jnp.float32)
-
-
-def _global_norm(tree: Any) -> jax.Array:
-  """The global l2 norm of ``tree``, accumulated in at least float32 (bf16 gradients included)."""
-  leaves = jax.tree.leaves(tree)
-  if not leaves:
-    return jnp.zeros((), jnp.float32)
-  return optax.tree.norm(jax.tree.map(lambda x: jnp.asarray(x).astype(_acc_dtype(jnp.result_type(x))), tree))
 
 
 def _static_axis(fn: str, channel_axis: Any) -> int:
@@ -173,7 +161,7 @@ def clip_by_running_norm(
     >>> import jax, jax.numpy as jnp, optax
     >>> from jaxbn import transforms
     >>> tx = optax.apply_if_finite(
-    ...   optax.chain(transforms.clip_by_running_norm(warmup_steps=3), optax.clip_by_global_norm(10.0),
+    ...   optax.chain(transforms.clip_by_running_norm(warmup_steps=3), optax.clip_byglobal_norm(10.0),
     ...               optax.sgd(0.1)),
     ...   max_consecutive_errors=5)
     >>> params = {"w": jnp.zeros(2)}
@@ -212,7 +200,7 @@ def clip_by_running_norm(
 
   def update_fn(updates, state, params=None):
     del params
-    norm = _global_norm(updates).astype(jnp.float32)
+    norm = global_norm(updates).astype(jnp.float32)
     finite = jnp.isfinite(norm)
     std = jnp.sqrt(jnp.maximum(state.var, 0.0))
     zt = jnp.asarray(z_threshold, jnp.float32)
@@ -237,7 +225,7 @@ def clip_by_running_norm(
     mean = jnp.where(finite, state.mean + weight * d, state.mean)
     var = jnp.where(finite, (1.0 - weight) * (state.var + weight * d * d), state.var)
     new_state = ClipByRunningNormState(count, mean, var, state.num_clipped + spike.astype(jnp.int32))
-    updates = jax.tree.map(lambda u: (u * scale.astype(_acc_dtype(u.dtype))).astype(u.dtype), updates)
+    updates = jax.tree.map(lambda u: (u * scale.astype(accumulation_dtype(u.dtype))).astype(u.dtype), updates)
     return updates, new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -249,7 +237,7 @@ def scale_by_norm_damping(beta: float) -> optax.GradientTransformation:
   This is the damping proposed in the source material against exploding gradients in deep batch-norm
   networks. Placed first in a chain the incoming updates are the gradients, so it is
   :math:`u \leftarrow g / (1 + \beta \lVert g \rVert)`. It is a soft version of
-  ``optax.clip_by_global_norm(1 / beta)``: the output norm :math:`n / (1 + \beta n)` is always below
+  ``optax.clip_byglobal_norm(1 / beta)``: the output norm :math:`n / (1 + \beta n)` is always below
   :math:`1/\beta`, is :math:`\approx n(1 - \beta n)` for small norms and never switches abruptly; unlike a
   clip it also shrinks ordinary steps (by 9% at :math:`\beta n = 0.1`), so ``beta`` trades some speed for
   safety. It keeps no state: the damping depends only on the current norm.
@@ -261,7 +249,7 @@ def scale_by_norm_damping(beta: float) -> optax.GradientTransformation:
   Training loss after 50 steps (chance is 2.303; "nan": diverged):
 
   ===================  =======  =====================  ===========================
-  network, depth       GD       GD + damping (beta=1)  GD + clip_by_global_norm(1)
+  network, depth       GD       GD + damping (beta=1)  GD + clip_byglobal_norm(1)
   ===================  =======  =====================  ===========================
   batch norm, 16       1.43     0.643                  0.548
   batch norm, 32       1.86     2.36                   2.39
@@ -305,9 +293,9 @@ def scale_by_norm_damping(beta: float) -> optax.GradientTransformation:
 
   def update_fn(updates, state, params=None):
     del params
-    norm = _global_norm(updates)
+    norm = global_norm(updates)
     factor = 1.0 / (1.0 + jnp.asarray(beta, norm.dtype) * norm)
-    return jax.tree.map(lambda u: (u * factor.astype(_acc_dtype(u.dtype))).astype(u.dtype), updates), state
+    return jax.tree.map(lambda u: (u * factor.astype(accumulation_dtype(u.dtype))).astype(u.dtype), updates), state
 
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
@@ -344,7 +332,7 @@ def _remove_radial(u: jax.Array, p: jax.Array, axes: tuple[int, ...], eps: jax.A
 
 def _project_leaf(g, u, p, *, delta, wd_ratio, weight_decay, eps, channel_axis, fn):
   """One leaf: (projected update + decay, projected update, view), the updates in ``u``'s dtype."""
-  cdt = _acc_dtype(jnp.result_type(u, p))
+  cdt = accumulation_dtype(jnp.result_type(u, p))
   u32 = u.astype(cdt)
   p32 = p.astype(cdt)
   wd = jnp.asarray(weight_decay, cdt)
@@ -940,7 +928,7 @@ def _bn_feature_axes(module: Any, args: tuple, kwargs: dict, ndim: int) -> froze
   if ura or getattr(module, "renorm", False):
     return None
   axis = getattr(module, "axis", -1)
-  axes = (axis,) if _checks._is_int(axis) else tuple(axis)
+  axes = (axis,) if _checks.is_int(axis) else tuple(axis)
   return frozenset(int(a) % ndim for a in axes)
 
 

@@ -113,7 +113,7 @@ def _check_schedule(fn: str, start_value: Any, end_value: Any, start_step: Any, 
       raise TypeError(f"{fn}: {arg} must be a Python number, got {value!r}.")
     _checks.finite(fn, arg, value)
   for arg, value in (("start_step", start_step), ("end_step", end_step)):
-    if not _checks._is_int(value):
+    if not _checks.is_int(value):
       raise TypeError(f"{fn}: {arg} must be an int, got {value!r}.")
   if not end_step > start_step:
     raise ValueError(f"{fn}: end_step must be > start_step, got start_step={start_step}, end_step={end_step}.")
@@ -158,7 +158,7 @@ def _config(fn, x, state, scale, bias, axis, momentum, epsilon, running_average,
 
 
 def _check_ghost_size(fn: str, ghost_batch_size: Any, x: jax.Array, axes: tuple[int, ...]) -> int:
-  if not _checks._is_int(ghost_batch_size) or ghost_batch_size < 1:
+  if not _checks.is_int(ghost_batch_size) or ghost_batch_size < 1:
     raise ValueError(f"{fn}: ghost_batch_size must be a positive int, got {ghost_batch_size!r}.")
   ghost_batch_size = int(ghost_batch_size)
   if len(axes) == x.ndim:
