@@ -21,7 +21,7 @@ def is_int(value: Any) -> bool:
 
 def feature_axes(fn: str, ndim: int, axis: int | Sequence[int], *, arg: str = "axis") -> tuple[int, ...]:
   """Normalizes ``axis`` (the feature axes) to sorted non-negative ints."""
-  if _is_int(axis):
+  if is_int(axis):
     axes = (axis,)
   elif isinstance(axis, (Sequence, np.ndarray)) and not isinstance(axis, (str, bytes)):
     axes = tuple(axis)
@@ -31,7 +31,7 @@ def feature_axes(fn: str, ndim: int, axis: int | Sequence[int], *, arg: str = "a
     raise ValueError(f"{fn}: {arg} must name at least one feature axis, got {axis!r}.")
   out = []
   for a in axes:
-    if not _is_int(a):
+    if not is_int(a):
       raise TypeError(f"{fn}: {arg} must be an int or a sequence of ints (the feature axes), got {axis!r}.")
     if not -ndim <= a < ndim:
       raise ValueError(
