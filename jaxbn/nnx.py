@@ -59,7 +59,8 @@ def _unstack(value: jax.Array) -> Stats:
   return Stats(value[..., 0], value[..., 1], value[..., 2])
 
 
-def _layers(model: Any) -> list[tuple[tuple[Any, ...], BatchNorm]]:
+def batch_norm_layers(model: Any) -> list[tuple[tuple[Any, ...], BatchNorm]]:
+  """Every jaxbn :class:`BatchNorm` in ``model``'s graph, with its path, in graph order."""
   return [(tuple(path), node) for path, node in nnx.iter_graph(model) if isinstance(node, BatchNorm)]
 
 
@@ -95,7 +96,7 @@ def collect_moments(
       raise ValueError(
         f"{fn}: row_mask must be a vector over the leading axis of the inputs, got shape {row_mask.shape}."
       )
-  layers = _layers(model)
+  layers = batch_norm_layers(model)
   if any(isinstance(getattr(bn, "batch_moments", None), BatchMoments) for _, bn in layers):
     raise ValueError(
       f"{fn}: the model already holds jaxbn.nnx.BatchMoments: it is already collecting "

@@ -1242,7 +1242,7 @@ def nnx_loss(
   """
   from flax import nnx
 
-  from jaxbn.nnx import _layers as nnx_layers
+  from jaxbn.nnx import batch_norm_layers as nnx_layers
   from jaxbn.nnx import collect_moments
 
   fn = "jaxbn.training.nnx_loss"
