@@ -1,4 +1,8 @@
-"""Shared test setup: 8 virtual CPU devices and float64 available where a test asks for it."""
+"""Shared setup of the tests (tests/) and the doctests (jaxbn/, --doctest-modules): 8 virtual CPU devices,
+implicit rank promotion as an error, and the hypothesis profiles.
+
+It lives at the repository root, outside the package, so that it applies to both and never ships in the wheel.
+"""
 
 import os
 
