@@ -161,7 +161,7 @@ def clip_by_running_norm(
     >>> import jax, jax.numpy as jnp, optax
     >>> from jaxbn import transforms
     >>> tx = optax.apply_if_finite(
-    ...   optax.chain(transforms.clip_by_running_norm(warmup_steps=3), optax.clip_byglobal_norm(10.0),
+    ...   optax.chain(transforms.clip_by_running_norm(warmup_steps=3), optax.clip_by_global_norm(10.0),
     ...               optax.sgd(0.1)),
     ...   max_consecutive_errors=5)
     >>> params = {"w": jnp.zeros(2)}
@@ -237,7 +237,7 @@ def scale_by_norm_damping(beta: float) -> optax.GradientTransformation:
   This is the damping proposed in the source material against exploding gradients in deep batch-norm
   networks. Placed first in a chain the incoming updates are the gradients, so it is
   :math:`u \leftarrow g / (1 + \beta \lVert g \rVert)`. It is a soft version of
-  ``optax.clip_byglobal_norm(1 / beta)``: the output norm :math:`n / (1 + \beta n)` is always below
+  ``optax.clip_by_global_norm(1 / beta)``: the output norm :math:`n / (1 + \beta n)` is always below
   :math:`1/\beta`, is :math:`\approx n(1 - \beta n)` for small norms and never switches abruptly; unlike a
   clip it also shrinks ordinary steps (by 9% at :math:`\beta n = 0.1`), so ``beta`` trades some speed for
   safety. It keeps no state: the damping depends only on the current norm.
@@ -249,7 +249,7 @@ def scale_by_norm_damping(beta: float) -> optax.GradientTransformation:
   Training loss after 50 steps (chance is 2.303; "nan": diverged):
 
   ===================  =======  =====================  ===========================
-  network, depth       GD       GD + damping (beta=1)  GD + clip_byglobal_norm(1)
+  network, depth       GD       GD + damping (beta=1)  GD + clip_by_global_norm(1)
   ===================  =======  =====================  ===========================
   batch norm, 16       1.43     0.643                  0.548
   batch norm, 32       1.86     2.36                   2.39
