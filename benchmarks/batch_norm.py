@@ -230,7 +230,9 @@ def available_libraries(names: Sequence[str] | None = None) -> dict[str, Norm]:
       try:
         importlib.import_module(module)
       except ImportError as err:
-        print(f"skipping {name}: {err}", file=sys.stderr)
+        peer = {"haiku": "dm-haiku", "equinox": "equinox"}.get(module)
+        why = f"the {peer} peer is not installed (pip install -e '.[peers]')" if peer else "it does not import"
+        print(f"skipping {name}: {why}: {err}", file=sys.stderr)
         continue
     out[name] = factory()
   if BASELINE not in out:

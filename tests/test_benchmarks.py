@@ -11,8 +11,8 @@ from _benchmark_scripts import load as _load_script
 
 pytestmark = pytest.mark.slow  # subprocesses or whole scripts: CI runs them; -m 'not slow' skips them
 
-pytest.importorskip("haiku")
-pytest.importorskip("equinox")
+pytest.importorskip("haiku", reason="the haiku peer (dm-haiku) is not installed: pip install -e '.[peers]'")
+pytest.importorskip("equinox", reason="the equinox peer is not installed: pip install -e '.[peers]'")
 
 
 def _bench():

@@ -260,7 +260,7 @@ def test_functional_batch_norm_takes_part_in_exact_mode(micro_batch_size):
 
 
 def _haiku_loss():
-  import haiku as hk
+  hk = pytest.importorskip("haiku", reason="the haiku peer (dm-haiku) is not installed: pip install -e '.[peers]'")
 
   def forward(x):
     h = hk.Linear(6)(x)
@@ -278,7 +278,7 @@ def _haiku_loss():
 
 
 def _equinox_loss():
-  import equinox as eqx
+  eqx = pytest.importorskip("equinox", reason="the equinox peer is not installed: pip install -e '.[peers]'")
 
   layer = eqx.nn.BatchNorm(5, axis_name="batch")
   eqx_state = eqx.nn.State(layer)

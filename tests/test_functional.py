@@ -357,7 +357,7 @@ def _tiny_var_batch():
 @pytest.mark.parametrize(("mode", "momentum"), [("cumulative", 0.9), ("debiased_ema", 0.9), ("ema", 0.0)])
 def test_weight_one_update_copies_the_batch_statistics(mode, momentum):
   """At weight 1 the state is the batch's statistics bit for bit; old + w*(new - old) rounded 1e-8 to 0."""
-  torch = pytest.importorskip("torch")
+  torch = pytest.importorskip("torch", reason="the torch peer is not installed: pip install -e '.[peers]'")
   x = _tiny_var_batch()
   stats = jaxbn.stats.local_stats(jnp.asarray(x), (1,))
   new = jaxbn.functional.update_running_stats(

@@ -358,7 +358,7 @@ def test_fold_scanned_layers_folds_each_layer(depth, width):
 
 
 def test_fold_torch_layout_with_axis_matches_torch_fusion():
-  torch = pytest.importorskip("torch")
+  torch = pytest.importorskip("torch", reason="the torch peer is not installed: pip install -e '.[peers]'")
   from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
   rng = np.random.default_rng(6)

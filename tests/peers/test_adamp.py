@@ -12,8 +12,8 @@ import numpy as np
 import optax
 import pytest
 
-torch = pytest.importorskip("torch")
-adamp_ref = pytest.importorskip("adamp")
+torch = pytest.importorskip("torch", reason="the torch peer is not installed: pip install -e '.[peers]'")
+adamp_ref = pytest.importorskip("adamp", reason="the adamp peer is not installed: pip install -e '.[peers]'")
 
 from jaxbn import transforms  # noqa: E402
 

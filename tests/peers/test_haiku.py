@@ -1,11 +1,13 @@
 """running_average="debiased_ema" against haiku.BatchNorm's zero-debiased moving averages."""
 
-import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import jaxbn
+
+hk = pytest.importorskip("haiku", reason="the haiku peer (dm-haiku) is not installed: pip install -e '.[peers]'")
 
 
 def test_debiased_ema_matches_haiku():

@@ -8,9 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 import jaxbn
+
+torch = pytest.importorskip("torch", reason="the torch peer is not installed: pip install -e '.[peers]'")
 
 
 def _torch_and_ours(torch_momentum):
