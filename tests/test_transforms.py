@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxbn
 from jaxbn import transforms
+from jaxbn.transforms import masks as transform_masks
 
 # ------------------------------------------------------------------------------------------------
 # clip_by_running_norm
@@ -560,7 +561,7 @@ def linen_setup():
 
 def invariant_modules(mask):
   flat = jax.tree_util.tree_flatten_with_path(mask)[0]
-  return {transforms._key_names(path)[-2] for path, m in flat if m}
+  return {transform_masks._key_names(path)[-2] for path, m in flat if m}
 
 
 def test_scale_invariant_mask_linen(linen_setup):
@@ -696,7 +697,7 @@ def test_register_batch_norm():
     transforms.register_batch_norm(MyNorm)
     assert transforms.scale_invariant_mask(Net(), variables, x)["Dense_0"]["kernel"]
   finally:
-    transforms._REGISTERED_BATCH_NORMS.remove(MyNorm)
+    transform_masks._REGISTERED_BATCH_NORMS.remove(MyNorm)
   with pytest.raises(TypeError, match=r"scale_invariant_mask: model must be a flax\.linen\.Module"):
     transforms.scale_invariant_mask(lambda x: x, x)
   with pytest.raises(TypeError, match="pass its variables"):
