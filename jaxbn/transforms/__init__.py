@@ -19,6 +19,11 @@ What Optax already has is composed with, not re-implemented: ``optax.clip_by_glo
 ``optax.adaptive_grad_clip``, ``optax.apply_if_finite`` (skip non-finite steps), ``optax.MultiSteps``
 (gradient accumulation), ``optax.masked`` / ``optax.partition`` (apply to a subset of leaves) and
 ``optax.lars``. The docstrings of the factories show how.
+
+References:
+  Kumar, Owen, Chowdhury, Güra, "ZClip: Adaptive Spike Mitigation for LLM Pre-Training", arXiv:2504.02507, 2025.
+  Heo, Chun, Oh, Han, Yun, Kim, Uh, Ha, "AdamP: Slowing Down the Slowdown for Momentum Optimizers on
+  Scale-invariant Weights", ICLR 2021.
 """
 
 from jaxbn.transforms.clipping import ClipByRunningNormState, clip_by_running_norm, scale_by_norm_damping

@@ -4,6 +4,9 @@
 rescales the updates whose norm is an outlier of them (a spike), as ZClip does; ``scale_by_norm_damping`` damps
 every update by its norm, ``u / (1 + beta * ||u||)``. Both compute the norm in at least float32, whatever
 the dtype of the updates.
+
+References:
+  Kumar, Owen, Chowdhury, Güra, "ZClip: Adaptive Spike Mitigation for LLM Pre-Training", arXiv:2504.02507, 2025.
 """
 
 from __future__ import annotations

@@ -365,6 +365,10 @@ def scale_invariant_mask(model: Any, *args: Any, batch_norm_types: Sequence[type
     >>> labels = jax.tree.map(lambda m: "invariant" if m else "other", mask)
     >>> tx = optax.partition(
     ...   {"invariant": transforms.sgdp(0.1, 0.9, weight_decay=5e-4), "other": optax.sgd(0.1, 0.9)}, labels)
+
+  References:
+    Ioffe, "Batch Renormalization: Towards Reducing Minibatch Dependence in Batch-Normalized Models",
+    NeurIPS 2017.
   """
   fn = f"{NAME}.scale_invariant_mask"
   types = _batch_norm_types(fn, batch_norm_types)

@@ -4,6 +4,10 @@ A weight that feeds a batch norm only matters through its direction, so the radi
 shrinks the effective learning rate. The transformations here detect such weights on the fly, as AdamP and
 SGDP do, and remove that part; ``jaxbn.transforms.masks.scale_invariant_mask`` finds them from the model
 instead, to restrict the projection to them.
+
+References:
+  Heo, Chun, Oh, Han, Yun, Kim, Uh, Ha, "AdamP: Slowing Down the Slowdown for Momentum Optimizers on
+  Scale-invariant Weights", ICLR 2021.
 """
 
 from __future__ import annotations
@@ -298,6 +302,12 @@ def adamp(
     >>> updates, state = jax.jit(tx.update)(grads, state, params)
     >>> round(float(state.hyperparams["weight_decay"]), 6)
     0.01
+
+  References:
+    Heo, Chun, Oh, Han, Yun, Kim, Uh, Ha, "AdamP: Slowing Down the Slowdown for Momentum Optimizers on
+    Scale-invariant Weights", ICLR 2021.
+    Kingma, Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015. Loshchilov, Hutter, "Decoupled Weight
+    Decay Regularization", ICLR 2019.
   """
   fn = f"{NAME}.adamp"
   _check_learning_rate(fn, learning_rate)
@@ -413,6 +423,10 @@ def sgdp(
     >>> u, state = tx.update({"kernel": jnp.array([[0.0], [1.0]])}, tx.init(w), w)
     >>> u["kernel"]  # the gradient is tangent: projected, weight decay 5e-4 * 0.1 / (1 - 0.9)
     Array([[-5.0...e-05], [-1.9...e-01]], dtype=float32)
+
+  References:
+    Heo, Chun, Oh, Han, Yun, Kim, Uh, Ha, "AdamP: Slowing Down the Slowdown for Momentum Optimizers on
+    Scale-invariant Weights", ICLR 2021.
   """
   fn = f"{NAME}.sgdp"
   _check_learning_rate(fn, learning_rate)
