@@ -37,10 +37,11 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxbn import _checks
+from jaxbn._kernel import bshape, inv_std, scale_shift
 from jaxbn._sharding import same_sharding, varying
 from jaxbn.stats import Stats, compute_stats, gather_rows, group_weights
 
-__all__ = ["batch_norm_train", "inv_std", "scale_shift"]
+__all__ = ["batch_norm_train"]
 
 
 def _sums_across(local, axis_name, groups, fn):
@@ -77,44 +78,6 @@ def _param_cotangent(x, param_varying, local, everywhere, axis_name):
   return lax.psum(local, summed)
 
 
-def _bshape(x_shape, feature_axes):
-  return tuple(x_shape[a] if a in feature_axes else 1 for a in range(len(x_shape)))
-
-
-def inv_std(var: jax.Array, count: jax.Array, epsilon: Any) -> jax.Array:
-  """Per feature ``rsqrt(var + epsilon)``, and 0 for a feature with no valid element (``count == 0``).
-
-  Such a feature has no statistics (its mean and variance read 0): a zero inverse standard deviation
-  normalizes it to 0, so its output is the bias and its gradient is 0 for ``x``, ``scale`` and
-  ``epsilon``, where ``rsqrt(0 + epsilon)`` would give ``x / sqrt(epsilon)``.
-  """
-  inv = lax.rsqrt(var + jnp.asarray(epsilon, var.dtype))
-  return jnp.where(count > 0, inv, jnp.zeros((), inv.dtype))
-
-
-def scale_shift(
-  x: jax.Array,
-  mean: jax.Array,
-  inv: jax.Array,
-  scale: jax.Array | None,
-  bias: jax.Array | None,
-  feature_axes: tuple[int, ...],
-  dtype: Any,
-) -> jax.Array:
-  """``(x - mean) * inv * scale + bias`` in the dtype of ``mean``, cast to ``dtype``; unchecked.
-
-  The per-feature arrays have the feature shape (the sizes of ``x`` along the sorted
-  ``feature_axes``); ``inv`` is the inverse standard deviation.
-  """
-  cdt = mean.dtype
-  b = _bshape(x.shape, feature_axes)
-  mul = inv if scale is None else inv * scale.astype(cdt)
-  y = (x.astype(cdt) - mean.reshape(b)) * mul.reshape(b)
-  if bias is not None:
-    y = y + bias.astype(cdt).reshape(b)
-  return y.astype(dtype)
-
-
 def _forward(x, scale, bias, mask, epsilon, feature_axes, axis_name, groups, out_dtype, fn):
   stats = compute_stats(x, feature_axes, mask=mask, axis_name=axis_name, axis_index_groups=groups, fn=fn)
   inv = inv_std(stats.var, stats.count, epsilon)
@@ -137,7 +100,7 @@ def _bn_train_bwd(feature_axes, axis_name, groups, out_dtype, fn, res, cotangent
   x, scale, bias, mask, epsilon, count, mean, inv = res
   dy, _ = cotangents  # the statistics feed only the (stop-gradient) running average
   cdt = mean.dtype
-  b = _bshape(x.shape, feature_axes)
+  b = bshape(x.shape, feature_axes)
   reduce_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
   dy = dy.astype(cdt)
   # sum(dy * xhat) as inv * sum(dy * (x + (-mean))): a broadcast of -mean, which no other op

@@ -8,22 +8,21 @@ transforms, and a caller decides when a new state is kept.
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from jaxbn import _checks, _hooks
-from jaxbn._fused import batch_norm_train, inv_std, scale_shift
+from jaxbn._fused import batch_norm_train
+from jaxbn._kernel import inv_std, scale_shift
+from jaxbn._options import RUNNING_AVERAGES as RUNNING_AVERAGES  # re-exported, as before
+from jaxbn._options import BatchNormOptions, RunningAverage, batch_norm_options, feature_shape
 from jaxbn._sharding import forward_mode_active, same_sharding
 from jaxbn.stats import Stats, compute_stats
 
 __all__ = ["BatchNormState", "batch_norm", "init_state", "normalize", "update_running_stats"]
-
-RunningAverage = Literal["ema", "debiased_ema", "cumulative"]
-RUNNING_AVERAGES = ("ema", "debiased_ema", "cumulative")
 
 
 class BatchNormState(NamedTuple):
@@ -75,15 +74,7 @@ def init_state(
     (2, 3)
   """
   fn = "jaxbn.init_state"
-  if _checks.is_int(num_features):
-    shape = (num_features,)
-  elif isinstance(num_features, (Sequence, np.ndarray)) and not isinstance(num_features, (str, bytes)):
-    shape = tuple(num_features)
-  else:
-    shape = None
-  if shape is None or not all(_checks.is_int(d) and d > 0 for d in shape):
-    raise ValueError(f"{fn}: num_features must be a positive int or a tuple of them, got {num_features!r}.")
-  shape = tuple(int(d) for d in shape)
+  shape = feature_shape(fn, num_features)
   dtype = _checks.floating_dtype(fn, "dtype", dtype, allow_none=False)
   per_feature_count = _checks.static_bool(fn, "per_feature_count", per_feature_count)
   count = jnp.zeros(shape if per_feature_count else (), jnp.int32)
@@ -176,35 +167,12 @@ def update_running_stats(
     >>> update_running_stats(jaxbn.init_state(1), stats, running_average="cumulative")
     BatchNormState(mean=Array([2.], dtype=float32), var=Array([1.], dtype=float32), count=Array(1, dtype=int32))
   """
-  return _update_running_stats(
-    "jaxbn.update_running_stats",
-    state,
-    stats,
-    momentum=momentum,
-    running_average=running_average,
-    unbiased_running_var=unbiased_running_var,
-  )
-
-
-def _check_running_average(fn: str, running_average: Any, momentum: Any, unbiased_running_var: Any) -> None:
-  _checks.in_range(fn, "momentum", momentum, 0.0, 1.0)
-  if not isinstance(running_average, str) or running_average not in RUNNING_AVERAGES:
-    raise ValueError(f"{fn}: running_average must be one of {RUNNING_AVERAGES}, got {running_average!r}.")
-  _checks.static_bool(fn, "unbiased_running_var", unbiased_running_var)
-
-
-def _update_running_stats(
-  fn: str,
-  state: BatchNormState,
-  stats: Stats,
-  *,
-  momentum: Any,
-  running_average: RunningAverage,
-  unbiased_running_var: bool,
-) -> BatchNormState:
+  fn = "jaxbn.update_running_stats"
   if not isinstance(state, BatchNormState):
     raise TypeError(f"{fn}: state must be a jaxbn.BatchNormState (see jaxbn.init_state), got {type(state).__name__}.")
-  _check_running_average(fn, running_average, momentum, unbiased_running_var)
+  opts = batch_norm_options(
+    fn, momentum=momentum, running_average=running_average, unbiased_running_var=unbiased_running_var
+  )
   old_mean, old_var = _checks.as_array(fn, "state.mean", state.mean), _checks.as_array(fn, "state.var", state.var)
   fshape = old_mean.shape
   _checks.feature_array(fn, "state.var", old_var, fshape)
@@ -216,12 +184,18 @@ def _update_running_stats(
         f"{fn}: stats.{name} must have the shape of state.mean {fshape} (one entry per feature), got shape {shape}."
       )
   count = _checks.state_count(fn, state.count, fshape)
+  return running_update(opts, BatchNormState(old_mean, old_var, count), stats)
+
+
+def running_update(opts: BatchNormOptions, state: BatchNormState, stats: Stats) -> BatchNormState:
+  """:func:`update_running_stats` with checked options and a state whose ``count`` is an array; unchecked."""
   stats = jax.tree.map(lax.stop_gradient, stats)
   valid = stats.count > 0
+  count = state.count
   seen = valid if count.ndim else jnp.any(valid)
   count = count + seen.astype(count.dtype)
   var = stats.var
-  if unbiased_running_var:
+  if opts.unbiased_running_var:
     var = stats.m2 / jnp.maximum(stats.count - 1, 1)
 
   def blend(old, new):
@@ -231,13 +205,13 @@ def _update_running_stats(
     old_c, new_c = old.astype(bdt), new.astype(bdt)
     old_c = same_sharding(old_c, new_c)  # a replicated state meets feature-sharded statistics
     # Real weights, also for the complex running mean of complex input (jaxbn's Flax modules).
-    w_old, w_new = _update_weights(running_average, momentum, count, jnp.finfo(bdt).dtype)
+    w_old, w_new = _update_weights(opts.running_average, opts.momentum, count, jnp.finfo(bdt).dtype)
     mixed = w_old * old_c + w_new * new_c
     # Weight 1 for one side copies it exactly, even where the other side is not finite.
     mixed = jnp.where(w_old == 0, new_c, jnp.where(w_new == 0, old_c, mixed))
     return jnp.where(valid, mixed, old_c).astype(old.dtype)
 
-  return BatchNormState(blend(old_mean, stats.mean), blend(old_var, var), count)
+  return BatchNormState(blend(jnp.asarray(state.mean), stats.mean), blend(jnp.asarray(state.var), var), count)
 
 
 def normalize(
@@ -407,47 +381,48 @@ def batch_norm(
     Ioffe & Szegedy, "Batch Normalization: Accelerating Deep Network Training by Reducing Internal
     Covariate Shift", 2015.
   """
-  return _batch_norm(
-    "jaxbn.batch_norm",
-    x,
-    state,
-    scale,
-    bias,
-    training=training,
-    axis=axis,
+  fn = "jaxbn.batch_norm"
+  opts = batch_norm_options(
+    fn,
     momentum=momentum,
     epsilon=epsilon,
-    mask=mask,
-    axis_name=axis_name,
-    axis_index_groups=axis_index_groups,
     running_average=running_average,
     unbiased_running_var=unbiased_running_var,
+    axis_name=axis_name,
+    axis_index_groups=axis_index_groups,
     dtype=dtype,
     fused=fused,
-  )[:2]
+  )
+  training = _checks.static_bool(fn, "training", training)
+  call = check_call(fn, x, state, scale, bias, axis, mask)
+  y, new_state, _ = (train if training else evaluate)(opts, call)
+  return y, new_state
 
 
-def _batch_norm(
-  fn: str,
-  x: Any,
-  state: BatchNormState,
-  scale: Any,
-  bias: Any,
-  *,
-  training: bool,
-  axis: int | Sequence[int],
-  momentum: Any,
-  epsilon: Any,
-  mask: Any,
-  axis_name: Hashable | None,
-  axis_index_groups: Sequence[Sequence[int]] | None,
-  running_average: RunningAverage,
-  unbiased_running_var: bool,
-  dtype: Any,
-  fused: bool | None = None,
-) -> tuple[jax.Array, BatchNormState, Stats | None]:
-  """:func:`batch_norm`, also returning the batch ``Stats`` it used (None in evaluation)."""
-  x = _checks.floating_input(fn, x)
+class Call(NamedTuple):
+  """The checked per-call arguments of a batch norm (see :func:`check_call`)."""
+
+  x: jax.Array
+  axes: tuple[int, ...]
+  state: BatchNormState  # as passed (evaluation returns it unchanged)
+  count: jax.Array  # state.count as an array
+  scale: jax.Array | None
+  bias: jax.Array | None
+  mask: jax.Array | None
+
+  @property
+  def counted_state(self) -> BatchNormState:
+    """The state with its count as an array, which :func:`running_update` takes."""
+    return self.state._replace(count=self.count)
+
+
+def check_call(fn: str, x: Any, state: Any, scale: Any, bias: Any, axis: Any, mask: Any, *, real: bool = True) -> Call:
+  """The per-call arguments every batch norm checks, once: input, state, affine parameters, axes and mask.
+
+  ``real``: ``x`` must be a real floating array (the functions); the modules convert their input
+  first and pass ``real=False``.
+  """
+  x = _checks.floating_input(fn, x) if real else x
   axes = _checks.feature_axes(fn, x.ndim, axis)
   fshape = tuple(x.shape[a] for a in axes)
   if not isinstance(state, BatchNormState):
@@ -457,60 +432,66 @@ def _batch_norm(
   scale = _checks.feature_array(fn, "scale", scale, fshape)
   bias = _checks.feature_array(fn, "bias", bias, fshape)
   count = _checks.state_count(fn, state.count, fshape)
-  _check_running_average(fn, running_average, momentum, unbiased_running_var)
-  _checks.positive(fn, "epsilon", epsilon, finite=True)
-  training = _checks.static_bool(fn, "training", training)
-  fused = _checks.static_bool(fn, "fused", fused, allow_none=True)
-  dtype = _checks.floating_dtype(fn, "dtype", dtype)
   mask = _checks.mask_for(fn, mask, x.shape)
+  return Call(x, axes, state, count, scale, bias, mask)
+
+
+def evaluate(opts: BatchNormOptions, call: Call) -> tuple[jax.Array, BatchNormState, None]:
+  """Batch norm with the running statistics: ``(y, the state unchanged, None)``; unchecked."""
+  x = call.x
   cdt = _checks.stats_dtype(x.dtype)
+  mean, var = jnp.asarray(call.state.mean).astype(cdt), jnp.asarray(call.state.var).astype(cdt)
+  inv = lax.rsqrt(var + jnp.asarray(opts.epsilon, cdt))
+  y = scale_shift(x, mean, inv, call.scale, call.bias, call.axes, x.dtype if opts.dtype is None else opts.dtype)
+  return y, call.state, None
 
-  if not training:
-    mean, var = state.mean.astype(cdt), state.var.astype(cdt)
-    return normalize(x, mean, var, scale, bias, feature_axes=axes, epsilon=epsilon, dtype=dtype), state, None
 
+def train(opts: BatchNormOptions, call: Call) -> tuple[jax.Array, BatchNormState, Stats]:
+  """Training-mode batch norm: ``(y, new_state, the batch Stats used)``; unchecked.
+
+  The statistics come from an installed statistics hook (:mod:`jaxbn._hooks`) when it supplies them,
+  else from the batch, through the closed-form backward pass or the plain formula as ``opts.fused``
+  and the autodiff mode decide.
+  """
+  fn, x, axes, mask = opts.fn, call.x, call.axes, call.mask
+  out = x.dtype if opts.dtype is None else opts.dtype
   hook = _hooks.current()
   # A training loop may supply the statistics (jaxbn.training's bn_mode="exact": over the whole dataset).
-  given = None if hook is None else hook(x, tuple(sorted(axes)), mask)
+  given = None if hook is None else hook(x, axes, mask)
 
   def plain(stats=None):
     if stats is None:
-      stats = compute_stats(x, axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups, fn=fn)
-    inv = inv_std(stats.var.astype(cdt), stats.count, epsilon)
-    return scale_shift(x, stats.mean.astype(cdt), inv, scale, bias, axes, x.dtype if dtype is None else dtype), stats
+      stats = compute_stats(
+        x, axes, mask=mask, axis_name=opts.axis_name, axis_index_groups=opts.axis_index_groups, fn=fn
+      )
+    cdt = _checks.stats_dtype(x.dtype)
+    inv = inv_std(stats.var.astype(cdt), stats.count, opts.epsilon)
+    return scale_shift(x, stats.mean.astype(cdt), inv, call.scale, call.bias, axes, out), stats
 
   if given is not None:
     y, stats = plain(given)
-  elif fused is True and forward_mode_active():
+  elif opts.fused is True and forward_mode_active():
     raise _fused_forward_mode_error(fn)
-  elif fused is False or (fused is None and forward_mode_active()):
+  elif opts.fused is False or (opts.fused is None and forward_mode_active()):
     y, stats = plain()
   else:
     try:
       y, stats = batch_norm_train(
         x,
-        scale,
-        bias,
+        call.scale,
+        call.bias,
         mask=mask,
-        epsilon=epsilon,
+        epsilon=opts.epsilon,
         feature_axes=axes,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        out_dtype=x.dtype if dtype is None else dtype,
+        axis_name=opts.axis_name,
+        axis_index_groups=opts.axis_index_groups,
+        out_dtype=out,
         fn=fn,
       )
     except TypeError as err:
       if "custom_vjp" not in str(err):
         raise
-      if fused:
+      if opts.fused:
         raise _fused_forward_mode_error(fn) from None
       y, stats = plain()
-  new_state = _update_running_stats(
-    fn,
-    state._replace(count=count),
-    stats,
-    momentum=momentum,
-    running_average=running_average,
-    unbiased_running_var=unbiased_running_var,
-  )
-  return y, new_state, stats
+  return y, running_update(opts, call.counted_state, stats), stats

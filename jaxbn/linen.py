@@ -20,7 +20,9 @@ from flax.linen import dtypes
 from jax.nn import initializers
 
 from jaxbn import _checks, variants
-from jaxbn.functional import BatchNormState, RunningAverage
+from jaxbn._layer import layer_forward, module_options
+from jaxbn._options import RunningAverage
+from jaxbn.functional import BatchNormState
 from jaxbn.stats import Stats, merge
 
 __all__ = ["MOMENTS", "BatchNorm", "record_moments"]
@@ -167,13 +169,15 @@ class BatchNorm(nn.Module):
       )
     use_running_average = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
     x = _checks.as_array(fn, "x", x)
+    initializing = self.is_initializing()
+    opts = module_options(fn, self, bound=not initializing)  # Flax ignores axis_name in init
     axes = _checks.feature_axes(fn, x.ndim, self.axis)
     fshape = tuple(x.shape[a] for a in axes)
     stat_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
     ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, stat_dtype), fshape)
     ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, stat_dtype), fshape)
     ra_count = None
-    if variants.needs_count(self.running_average, self.renorm, self.rmax, self.dmax):
+    if opts.needs_count:
       cshape = fshape if self.per_feature_count else ()
       ra_count = self.variable("batch_stats", "count", lambda: jnp.zeros(cshape, jnp.int32))
     scale = self.param("scale", self.scale_init, fshape, self.param_dtype) if self.use_scale else None
@@ -182,8 +186,6 @@ class BatchNorm(nn.Module):
     if mask is not None:
       mask = jnp.asarray(mask, bool)
 
-    initializing = self.is_initializing()
-    axis_name = None if initializing else self.axis_name
     count = ra_count.value if ra_count is not None else jnp.zeros((), jnp.int32)
     state = BatchNormState(ra_mean.value, ra_var.value, count)
     # Record only when MOMENTS is asked for by name: `mutable=True` (every collection) must not
@@ -194,25 +196,15 @@ class BatchNorm(nn.Module):
       and self.is_mutable_collection(MOMENTS)
       and not self.is_mutable_collection("jaxbn: any other collection")
     )
-    y, new_state, stats = variants.module_forward(
-      fn,
+    y, new_state, stats = layer_forward(
+      opts,
       x,
       state,
       scale,
       bias,
       training=not use_running_average,
       axis=axes,
-      momentum=self.momentum,
-      epsilon=self.epsilon,
       mask=mask,
-      axis_name=axis_name,
-      axis_index_groups=self.axis_index_groups if axis_name is not None else None,
-      running_average=self.running_average,
-      unbiased_running_var=self.unbiased_running_var,
-      ghost_batch_size=self.ghost_batch_size,
-      renorm=self.renorm,
-      rmax=self.rmax,
-      dmax=self.dmax,
       dtype=out_dtype,
       want_stats=record,
     )

@@ -17,13 +17,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from flax.nnx.module import first_from
 from flax.nnx.nn import dtypes, initializers
 
 from jaxbn import _checks, variants
-from jaxbn.functional import BatchNormState, RunningAverage
+from jaxbn._layer import layer_forward, module_options
+from jaxbn._options import RunningAverage, needs_count
+from jaxbn._options import feature_shape as _feature_shape
+from jaxbn.functional import BatchNormState
 from jaxbn.stats import Stats, merge
 
 __all__ = ["BatchMoments", "BatchNorm", "collect_moments"]
@@ -230,20 +232,10 @@ class BatchNorm(nnx.Module):
     rmax: Any = variants.paper_rmax,
     dmax: Any = variants.paper_dmax,
   ):
-    if _checks.is_int(num_features):
-      feature_shape = (num_features,)
-    elif isinstance(num_features, (Sequence, np.ndarray)) and not isinstance(num_features, (str, bytes)):
-      feature_shape = tuple(num_features)
-    else:
-      feature_shape = ()
-    if not feature_shape or not all(_checks.is_int(d) and d > 0 for d in feature_shape):
-      raise ValueError(
-        f"jaxbn.nnx.BatchNorm: num_features must be a positive int or a tuple of them, got {num_features!r}."
-      )
-    feature_shape = tuple(int(d) for d in feature_shape)
+    feature_shape = _feature_shape("jaxbn.nnx.BatchNorm", num_features)
     self.mean = nnx.BatchStat(jnp.zeros(feature_shape, jnp.float32))
     self.var = nnx.BatchStat(jnp.ones(feature_shape, jnp.float32))
-    if variants.needs_count(running_average, renorm, rmax, dmax):
+    if needs_count(running_average, renorm, rmax, dmax):
       self.count = nnx.BatchStat(jnp.zeros(feature_shape if per_feature_count else (), jnp.int32))
 
     self.scale: nnx.Param[jax.Array] | None
@@ -321,25 +313,15 @@ class BatchNorm(nnx.Module):
       _checks.leading_rows(fn, x, row_mask, "the layer")
       rows = row_mask.reshape(row_mask.shape + (1,) * (x.ndim - 1))
       mask = rows if mask is None else jnp.logical_and(mask, rows)
-    y, new_state, stats = variants.module_forward(
-      fn,
+    y, new_state, stats = layer_forward(
+      module_options(fn, self),
       x,
       BatchNormState(mean, var, count),
       scale,
       bias,
       training=not use_running_average,
-      axis=_checks.feature_axes(fn, x.ndim, self.axis),
-      momentum=self.momentum,
-      epsilon=self.epsilon,
+      axis=self.axis,
       mask=mask,
-      axis_name=self.axis_name,
-      axis_index_groups=self.axis_index_groups,
-      running_average=self.running_average,
-      unbiased_running_var=self.unbiased_running_var,
-      ghost_batch_size=self.ghost_batch_size,
-      renorm=self.renorm,
-      rmax=self.rmax,
-      dmax=self.dmax,
       dtype=out_dtype,
       want_stats=record,
     )

@@ -20,23 +20,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from jaxbn import _checks, _hooks
-from jaxbn._fused import inv_std, scale_shift
-from jaxbn.functional import (
-  RUNNING_AVERAGES,
-  BatchNormState,
-  RunningAverage,
-  _batch_norm,
-  batch_norm,
-  update_running_stats,
-)
-from jaxbn.stats import Stats, all_reduce, compute_complex_stats, compute_stats, local_stats, merge_stacked
+from jaxbn._kernel import inv_std, scale_shift
+from jaxbn._options import BatchNormOptions, RunningAverage, batch_norm_options
+from jaxbn.functional import BatchNormState, Call, check_call, evaluate, running_update
+from jaxbn.stats import Stats, all_reduce, compute_stats, local_stats, merge_stacked
 
 __all__ = [
   "RenormSchedule",
@@ -125,48 +119,13 @@ paper_dmax = renorm_schedule(start_value=0.0, end_value=5.0, start_step=5000, en
 """Ioffe (2017)'s ``dmax``: 0 for the first 5k steps, then linearly to 5 at 25k steps."""
 
 
-class _Config(NamedTuple):
-  axes: tuple[int, ...]
-  fshape: tuple[int, ...]
-  scale: jax.Array | None
-  bias: jax.Array | None
-  mask: jax.Array | None
-
-
-def _check(fn, x, state, scale, bias, axis, momentum, epsilon, running_average, mask):
-  x = _checks.floating_input(fn, x)
-  return x, _config(fn, x, state, scale, bias, axis, momentum, epsilon, running_average, mask)
-
-
-def _config(fn, x, state, scale, bias, axis, momentum, epsilon, running_average, mask) -> _Config:
-  """The checks of :func:`_check` that do not concern the dtype of ``x``."""
-  axes = _checks.feature_axes(fn, x.ndim, axis)
-  fshape = tuple(x.shape[a] for a in axes)
-  if not isinstance(state, BatchNormState):
-    raise TypeError(f"{fn}: state must be a jaxbn.BatchNormState (see jaxbn.init_state), got {type(state).__name__}.")
-  _checks.in_range(fn, "momentum", momentum, 0.0, 1.0)
-  _checks.positive(fn, "epsilon", epsilon, finite=True)
-  _checks.state_count(fn, state.count, fshape)
-  if running_average not in RUNNING_AVERAGES:
-    raise ValueError(f"{fn}: running_average must be one of {RUNNING_AVERAGES}, got {running_average!r}.")
-  _checks.feature_array(fn, "state.mean", state.mean, fshape)
-  _checks.feature_array(fn, "state.var", state.var, fshape)
-  scale = _checks.feature_array(fn, "scale", scale, fshape)
-  bias = _checks.feature_array(fn, "bias", bias, fshape)
-  mask = _checks.mask_for(fn, mask, x.shape)
-  return _Config(axes, fshape, scale, bias, mask)
-
-
-def _check_ghost_size(fn: str, ghost_batch_size: Any, x: jax.Array, axes: tuple[int, ...]) -> int:
-  if not _checks.is_int(ghost_batch_size) or ghost_batch_size < 1:
-    raise ValueError(f"{fn}: ghost_batch_size must be a positive int, got {ghost_batch_size!r}.")
-  ghost_batch_size = int(ghost_batch_size)
-  if len(axes) == x.ndim:
+def check_ghost_rows(opts: BatchNormOptions, call: Call) -> None:
+  """Ghost batches split the leading non-feature axis: ``x`` must have one."""
+  if opts.ghost_batch_size is not None and len(call.axes) == call.x.ndim:
     raise ValueError(
-      f"{fn}: ghost batches split the leading non-feature axis, but every axis of x (shape {x.shape}) "
-      f"is a feature axis (axis={axes})."
+      f"{opts.fn}: ghost batches split the leading non-feature axis, but every axis of x (shape {call.x.shape}) "
+      f"is a feature axis (axis={call.axes})."
     )
-  return ghost_batch_size
 
 
 def _limit(fn: str, arg: str, value: Any, step: jax.Array, lo: float) -> jax.Array:
@@ -207,25 +166,10 @@ def _chunk(x: jax.Array, mask: jax.Array | None, axes: tuple[int, ...], size: in
   return xr, mask, chunk_axes, chunk_axes.index(b), (b, pad)
 
 
-def _train(
-  fn: str,
-  x: jax.Array,
-  state: BatchNormState,
-  cfg: _Config,
-  *,
-  ghost_batch_size: int | None,
-  rmax: Any,
-  dmax: Any,
-  renorm: bool,
-  momentum: Any,
-  epsilon: Any,
-  axis_name: Hashable | None,
-  axis_index_groups: Sequence[Sequence[int]] | None,
-  running_average: RunningAverage,
-  unbiased_running_var: bool,
-  dtype: Any,
-) -> tuple[jax.Array, BatchNormState, Stats]:
-  """Training step shared by the variants; also returns the merged batch statistics."""
+def train_variant(opts: BatchNormOptions, call: Call) -> tuple[jax.Array, BatchNormState, Stats]:
+  """Training step of ghost batch norm and batch renormalization; also returns the merged batch statistics."""
+  fn, x, state = opts.fn, call.x, call.state
+  ghost_batch_size, renorm, epsilon = opts.ghost_batch_size, opts.renorm, opts.epsilon
   if _hooks.current() is not None:
     setting = f"ghost_batch_size={ghost_batch_size!r}" if ghost_batch_size is not None else "renorm=True"
     raise ValueError(
@@ -233,20 +177,18 @@ def _train(
       f"layer's {setting} would redefine; use plain batch norm (ghost_batch_size=None, renorm=False) with "
       "bn_mode='exact', or bn_mode='ghost'."
     )
-  if axis_index_groups is not None and axis_name is None:
-    raise ValueError(f"{fn}: axis_index_groups={axis_index_groups!r} needs an axis_name to group over.")
-  _checks.static_bool(fn, "unbiased_running_var", unbiased_running_var)
   cdt = _checks.stats_dtype(x.dtype)
+  axis_name, groups = opts.axis_name, opts.axis_index_groups
   if ghost_batch_size is None:
-    xr, mask, norm_axes, pos = x, cfg.mask, cfg.axes, None
-    stats = compute_stats(x, cfg.axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups, fn=fn)
+    xr, mask, norm_axes, pos = x, call.mask, call.axes, None
+    stats = compute_stats(x, call.axes, mask=mask, axis_name=axis_name, axis_index_groups=groups, fn=fn)
     chunk_stats = stats
   else:
-    xr, mask, norm_axes, pos, (b, pad) = _chunk(x, cfg.mask, cfg.axes, ghost_batch_size)
+    xr, mask, norm_axes, pos, (b, pad) = _chunk(x, call.mask, call.axes, ghost_batch_size)
     chunk_stats = local_stats(xr, norm_axes, mask)
     stats = merge_stacked(Stats(*(jnp.moveaxis(s, pos, 0) for s in chunk_stats)))
     if axis_name is not None:
-      stats = all_reduce(stats, axis_name, axis_index_groups, fn=fn)
+      stats = all_reduce(stats, axis_name, groups, fn=fn)
 
   sshape = chunk_stats.mean.shape
 
@@ -257,11 +199,11 @@ def _train(
     v = v.astype(cdt)
     return jnp.broadcast_to(v if pos is None else jnp.expand_dims(v, pos), sshape)
 
-  scale, bias = per_chunk(cfg.scale), per_chunk(cfg.bias)
+  scale, bias = per_chunk(call.scale), per_chunk(call.bias)
   if renorm:
-    step = jnp.max(state.count)  # the schedule's step (a per-feature count: its most advanced feature)
-    r_lim = _limit(fn, "rmax", rmax, step, 1.0).astype(cdt)
-    d_lim = _limit(fn, "dmax", dmax, step, 0.0).astype(cdt)
+    step = jnp.max(call.count)  # the schedule's step (a per-feature count: its most advanced feature)
+    r_lim = _limit(fn, "rmax", opts.rmax, step, 1.0).astype(cdt)
+    d_lim = _limit(fn, "dmax", opts.dmax, step, 0.0).astype(cdt)
     eps = jnp.asarray(epsilon, cdt)
     mu = per_chunk(lax.stop_gradient(state.mean))
     sigma = jnp.sqrt(per_chunk(lax.stop_gradient(state.var)) + eps)
@@ -276,19 +218,12 @@ def _train(
     bias = shift if bias is None else shift + bias
 
   inv = inv_std(chunk_stats.var, chunk_stats.count, epsilon)
-  y = scale_shift(xr, chunk_stats.mean, inv, scale, bias, norm_axes, x.dtype if dtype is None else dtype)
+  y = scale_shift(xr, chunk_stats.mean, inv, scale, bias, norm_axes, x.dtype if opts.dtype is None else opts.dtype)
   if ghost_batch_size is not None:
     y = y.reshape((*y.shape[:b], y.shape[b] * y.shape[b + 1], *y.shape[b + 2 :]))
     if pad:
       y = lax.slice_in_dim(y, 0, y.shape[b] - pad, axis=b)
-  new_state = update_running_stats(
-    state, stats, momentum=momentum, running_average=running_average, unbiased_running_var=unbiased_running_var
-  )
-  return y, new_state, stats
-
-
-def _evaluate(x, state, cfg, epsilon, dtype):
-  return batch_norm(x, state, cfg.scale, cfg.bias, training=False, axis=cfg.axes, epsilon=epsilon, dtype=dtype)
+  return y, running_update(opts, call.counted_state, stats), stats
 
 
 def ghost_batch_norm(
@@ -371,29 +306,28 @@ def ghost_batch_norm(
     large batch training of neural networks", 2017.
   """
   fn = "jaxbn.ghost_batch_norm"
-  x, cfg = _check(fn, x, state, scale, bias, axis, momentum, epsilon, running_average, mask)
-  dtype = _checks.floating_dtype(fn, "dtype", dtype)
-  _checks.static_bool(fn, "unbiased_running_var", unbiased_running_var)
-  ghost_batch_size = _check_ghost_size(fn, ghost_batch_size, x, cfg.axes)
-  if not _checks.static_bool(fn, "training", training):
-    return _evaluate(x, state, cfg, epsilon, dtype)
-  y, new_state, _ = _train(
+  if ghost_batch_size is None:
+    raise ValueError(f"{fn}: ghost_batch_size must be a positive int, got None.")
+  opts = batch_norm_options(
     fn,
-    x,
-    state,
-    cfg,
-    ghost_batch_size=ghost_batch_size,
-    rmax=None,
-    dmax=None,
-    renorm=False,
     momentum=momentum,
     epsilon=epsilon,
-    axis_name=axis_name,
-    axis_index_groups=axis_index_groups,
     running_average=running_average,
     unbiased_running_var=unbiased_running_var,
+    axis_name=axis_name,
+    axis_index_groups=axis_index_groups,
     dtype=dtype,
+    ghost_batch_size=ghost_batch_size,
   )
+  return _variant(opts, x, state, scale, bias, training, axis, mask)
+
+
+def _variant(opts, x, state, scale, bias, training, axis, mask) -> tuple[jax.Array, BatchNormState]:
+  """The public variants after their options are checked: the call's checks, then training or evaluation."""
+  call = check_call(opts.fn, x, state, scale, bias, axis, mask)
+  check_ghost_rows(opts, call)
+  training = _checks.static_bool(opts.fn, "training", training)
+  y, new_state, _ = (train_variant if training else evaluate)(opts, call)
   return y, new_state
 
 
@@ -484,203 +418,18 @@ def batch_renorm(
     Models", 2017.
   """
   fn = "jaxbn.batch_renorm"
-  x, cfg = _check(fn, x, state, scale, bias, axis, momentum, epsilon, running_average, mask)
-  dtype = _checks.floating_dtype(fn, "dtype", dtype)
-  _checks.static_bool(fn, "unbiased_running_var", unbiased_running_var)
-  if ghost_batch_size is not None:
-    ghost_batch_size = _check_ghost_size(fn, ghost_batch_size, x, cfg.axes)
-  if not callable(rmax):
-    _limit(fn, "rmax", rmax, state.count, 1.0)
-  if not callable(dmax):
-    _limit(fn, "dmax", dmax, state.count, 0.0)
-  if not _checks.static_bool(fn, "training", training):
-    return _evaluate(x, state, cfg, epsilon, dtype)
-  y, new_state, _ = _train(
+  opts = batch_norm_options(
     fn,
-    x,
-    state,
-    cfg,
+    momentum=momentum,
+    epsilon=epsilon,
+    running_average=running_average,
+    unbiased_running_var=unbiased_running_var,
+    axis_name=axis_name,
+    axis_index_groups=axis_index_groups,
+    dtype=dtype,
     ghost_batch_size=ghost_batch_size,
-    rmax=rmax,
-    dmax=dmax,
     renorm=True,
-    momentum=momentum,
-    epsilon=epsilon,
-    axis_name=axis_name,
-    axis_index_groups=axis_index_groups,
-    running_average=running_average,
-    unbiased_running_var=unbiased_running_var,
-    dtype=dtype,
-  )
-  return y, new_state
-
-
-def needs_count(running_average: str, renorm: bool, rmax: Any, dmax: Any) -> bool:
-  """Whether a layer with these options needs the update count kept between calls."""
-  return running_average != "ema" or (renorm and (callable(rmax) or callable(dmax)))
-
-
-def _complex_forward(
-  fn: str,
-  x: jax.Array,
-  state: BatchNormState,
-  scale: jax.Array | None,
-  bias: jax.Array | None,
-  *,
-  training: bool,
-  axis: int | Sequence[int],
-  momentum: Any,
-  epsilon: Any,
-  mask: jax.Array | None,
-  axis_name: Hashable | None,
-  axis_index_groups: Sequence[Sequence[int]] | None,
-  running_average: RunningAverage,
-  unbiased_running_var: bool,
-  ghost_batch_size: int | None,
-  renorm: bool,
-  dtype: Any,
-  want_stats: bool,
-) -> tuple[jax.Array, BatchNormState, None]:
-  """Flax's batch norm of complex ``x``: complex mean, real variance ``mean(|x - mean|**2)``, real scale and bias.
-
-  The statistics are jaxbn's (see :func:`jaxbn.stats.compute_complex_stats`: shifted sums, masks,
-  count-weighted across ``axis_name``); the gradient is autodiff of the plain formula. The running
-  mean becomes complex, as Flax's does (its dtype promoted with the statistics'), the running
-  variance stays real.
-  """
-  cfg = _config(fn, x, state, scale, bias, axis, momentum, epsilon, running_average, mask)
-  if dtype is not None and not jnp.issubdtype(dtype, jnp.complexfloating):
-    raise TypeError(
-      f"{fn}: dtype={jnp.dtype(dtype)} is real but x is complex ({x.dtype}), so the output would lose its "
-      "imaginary part. Consider one of the following options:\n"
-      "  1. dtype=None or a complex dtype, for a complex output;\n"
-      "  2. normalize a real input, e.g. jnp.real(x) or jnp.abs(x)."
-    )
-  if ghost_batch_size is not None:
-    raise ValueError(
-      f"{fn}: ghost_batch_size={ghost_batch_size!r} is not supported for complex input (x is {x.dtype}); "
-      "use ghost_batch_size=None, or a real input."
-    )
-  if renorm:
-    raise ValueError(
-      f"{fn}: renorm=True is not supported for complex input (x is {x.dtype}); use renorm=False, or a real input."
-    )
-  cdt = _checks.stats_dtype(jnp.finfo(x.dtype).dtype)
-  out = x.dtype if dtype is None else dtype
-  if not _checks.static_bool(fn, "training", training):
-    mean = jnp.asarray(state.mean).astype(jnp.promote_types(cdt, jnp.complex64))
-    inv = lax.rsqrt(jnp.asarray(state.var).astype(cdt) + jnp.asarray(epsilon, cdt))
-    return scale_shift(x, mean, inv, cfg.scale, cfg.bias, cfg.axes, out), state, None
-  if want_stats or _hooks.current() is not None:
-    raise ValueError(
-      f"{fn}: x is complex ({x.dtype}), and the batch statistics that jaxbn.recalibrate and jaxbn.training "
-      "collect or supply are for real input; normalize a real input in such a model."
-    )
-  stats = compute_complex_stats(
-    x, cfg.axes, mask=cfg.mask, axis_name=axis_name, axis_index_groups=axis_index_groups, fn=fn
-  )
-  y = scale_shift(x, stats.mean, inv_std(stats.var, stats.count, epsilon), cfg.scale, cfg.bias, cfg.axes, out)
-  old_mean = jnp.asarray(state.mean)
-  state = state._replace(mean=old_mean.astype(jnp.promote_types(old_mean.dtype, stats.mean.dtype)))
-  new_state = update_running_stats(
-    state, stats, momentum=momentum, running_average=running_average, unbiased_running_var=unbiased_running_var
-  )
-  return y, new_state, None
-
-
-def module_forward(
-  fn: str,
-  x: jax.Array,
-  state: BatchNormState,
-  scale: jax.Array | None,
-  bias: jax.Array | None,
-  *,
-  training: bool,
-  axis: int | Sequence[int],
-  momentum: Any,
-  epsilon: Any,
-  mask: jax.Array | None,
-  axis_name: Hashable | None,
-  axis_index_groups: Sequence[Sequence[int]] | None,
-  running_average: RunningAverage,
-  unbiased_running_var: bool,
-  ghost_batch_size: int | None,
-  renorm: bool,
-  rmax: Any,
-  dmax: Any,
-  dtype: Any,
-  want_stats: bool = False,
-) -> tuple[jax.Array, BatchNormState, Stats | None]:
-  """What the Flax modules run: plain batch norm, or a variant when one is configured.
-
-  Returns ``(y, new_state, stats)``; ``stats`` are the merged batch statistics that fed the
-  running update (for recalibration) when ``want_stats`` and ``training``, else None.
-
-  As Flax's modules do (and :func:`jaxbn.batch_norm` does not), it takes integer and boolean input,
-  normalized in float32, and complex input (see :func:`_complex_forward`).
-  """
-  x = jnp.asarray(x)
-  if not jnp.issubdtype(x.dtype, jnp.inexact):
-    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  if jnp.issubdtype(x.dtype, jnp.complexfloating):
-    return _complex_forward(
-      fn,
-      x,
-      state,
-      scale,
-      bias,
-      training=training,
-      axis=axis,
-      momentum=momentum,
-      epsilon=epsilon,
-      mask=mask,
-      axis_name=axis_name,
-      axis_index_groups=axis_index_groups,
-      running_average=running_average,
-      unbiased_running_var=unbiased_running_var,
-      ghost_batch_size=ghost_batch_size,
-      renorm=renorm,
-      dtype=dtype,
-      want_stats=want_stats,
-    )
-  common = dict(axis=axis, epsilon=epsilon, dtype=dtype)
-  if not _checks.static_bool(fn, "training", training):
-    y, new_state = batch_norm(x, state, scale, bias, training=False, **common)
-    return y, new_state, None
-  if ghost_batch_size is None and not renorm:
-    y, new_state, stats = _batch_norm(
-      fn,
-      x,
-      state,
-      scale,
-      bias,
-      training=True,
-      momentum=momentum,
-      mask=mask,
-      axis_name=axis_name,
-      axis_index_groups=axis_index_groups,
-      running_average=running_average,
-      unbiased_running_var=unbiased_running_var,
-      **common,
-    )
-    return y, new_state, stats if want_stats else None
-  x, cfg = _check(fn, x, state, scale, bias, axis, momentum, epsilon, running_average, mask)
-  if ghost_batch_size is not None:
-    ghost_batch_size = _check_ghost_size(fn, ghost_batch_size, x, cfg.axes)
-  return _train(
-    fn,
-    x,
-    state,
-    cfg,
-    ghost_batch_size=ghost_batch_size,
     rmax=rmax,
     dmax=dmax,
-    renorm=renorm,
-    momentum=momentum,
-    epsilon=epsilon,
-    axis_name=axis_name,
-    axis_index_groups=axis_index_groups,
-    running_average=running_average,
-    unbiased_running_var=unbiased_running_var,
-    dtype=dtype,
   )
+  return _variant(opts, x, state, scale, bias, training, axis, mask)
