@@ -18,26 +18,19 @@ from jax import lax
 
 from jaxbn import _checks, _hooks
 from jaxbn._kernel import inv_std, scale_shift
-from jaxbn._options import BatchNormOptions, batch_norm_options
+from jaxbn._options import OPTION_NAMES, BatchNormOptions, batch_norm_options
 from jaxbn.functional import BatchNormState, check_call, evaluate, running_update, train
 from jaxbn.stats import Stats, compute_complex_stats
 from jaxbn.variants import check_ghost_rows, train_variant
 
 __all__ = ["OPTION_ATTRIBUTES", "layer_forward", "module_options"]
 
-OPTION_ATTRIBUTES = (
-  "momentum",
-  "epsilon",
-  "running_average",
-  "unbiased_running_var",
-  "axis_name",
-  "axis_index_groups",
-  "ghost_batch_size",
-  "renorm",
-  "rmax",
-  "dmax",
-)
-"""The modules' attributes that are batch-norm options, named as the fields of ``BatchNormOptions``."""
+OPTION_ATTRIBUTES = tuple(name for name in OPTION_NAMES if name not in ("dtype", "fused"))
+"""The modules' attributes that are batch-norm options, named as the fields of ``BatchNormOptions``.
+
+A module's ``dtype`` is its output dtype, resolved with Flax's promotion rules at each call and
+passed to :func:`layer_forward`; the modules always take the closed-form backward pass where it applies.
+"""
 
 
 def module_options(fn: str, module: Any, *, bound: bool = True) -> BatchNormOptions:

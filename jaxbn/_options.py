@@ -10,7 +10,7 @@ check in :func:`batch_norm_options`, and the one function that reads it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, Literal
 
 import jax.numpy as jnp
@@ -136,6 +136,20 @@ def batch_norm_options(
     rmax,
     dmax,
   )
+
+
+OPTION_NAMES = tuple(f.name for f in dataclasses.fields(BatchNormOptions) if f.name != "fn")
+"""The options' names, which are also the keyword names of the public functions that take them."""
+
+
+def options_from(fn: str, arguments: Mapping[str, Any], **fixed: Any) -> BatchNormOptions:
+  """The checked options among a public function's ``arguments`` (its ``locals()``), with ``fixed`` ones.
+
+  A public function names its options in its signature (for users and their tools) and hands
+  them over in one piece: ``options_from(fn, locals())`` at its top, before any other local.
+  """
+  given = {name: value for name, value in arguments.items() if name in OPTION_NAMES}
+  return batch_norm_options(fn, **given, **fixed)
 
 
 def feature_shape(fn: str, num_features: Any) -> tuple[int, ...]:

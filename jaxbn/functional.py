@@ -18,7 +18,7 @@ from jaxbn import _checks, _hooks
 from jaxbn._fused import batch_norm_train
 from jaxbn._kernel import inv_std, scale_shift
 from jaxbn._options import RUNNING_AVERAGES as RUNNING_AVERAGES  # re-exported, as before
-from jaxbn._options import BatchNormOptions, RunningAverage, batch_norm_options, feature_shape
+from jaxbn._options import BatchNormOptions, RunningAverage, feature_shape, options_from
 from jaxbn._sharding import forward_mode_active, same_sharding
 from jaxbn.stats import Stats, compute_stats
 
@@ -170,9 +170,7 @@ def update_running_stats(
   fn = "jaxbn.update_running_stats"
   if not isinstance(state, BatchNormState):
     raise TypeError(f"{fn}: state must be a jaxbn.BatchNormState (see jaxbn.init_state), got {type(state).__name__}.")
-  opts = batch_norm_options(
-    fn, momentum=momentum, running_average=running_average, unbiased_running_var=unbiased_running_var
-  )
+  opts = options_from(fn, locals())
   old_mean, old_var = _checks.as_array(fn, "state.mean", state.mean), _checks.as_array(fn, "state.var", state.var)
   fshape = old_mean.shape
   _checks.feature_array(fn, "state.var", old_var, fshape)
@@ -382,17 +380,7 @@ def batch_norm(
     Covariate Shift", 2015.
   """
   fn = "jaxbn.batch_norm"
-  opts = batch_norm_options(
-    fn,
-    momentum=momentum,
-    epsilon=epsilon,
-    running_average=running_average,
-    unbiased_running_var=unbiased_running_var,
-    axis_name=axis_name,
-    axis_index_groups=axis_index_groups,
-    dtype=dtype,
-    fused=fused,
-  )
+  opts = options_from(fn, locals())
   training = _checks.static_bool(fn, "training", training)
   call = check_call(fn, x, state, scale, bias, axis, mask)
   y, new_state, _ = (train if training else evaluate)(opts, call)

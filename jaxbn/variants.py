@@ -28,7 +28,7 @@ from jax import lax
 
 from jaxbn import _checks, _hooks
 from jaxbn._kernel import inv_std, scale_shift
-from jaxbn._options import BatchNormOptions, RunningAverage, batch_norm_options
+from jaxbn._options import BatchNormOptions, RunningAverage, options_from
 from jaxbn.functional import BatchNormState, Call, check_call, evaluate, running_update
 from jaxbn.stats import Stats, all_reduce, compute_stats, local_stats, merge_stacked
 
@@ -306,19 +306,10 @@ def ghost_batch_norm(
     large batch training of neural networks", 2017.
   """
   fn = "jaxbn.ghost_batch_norm"
+  opts = options_from(fn, locals())
   if ghost_batch_size is None:
     raise ValueError(f"{fn}: ghost_batch_size must be a positive int, got None.")
-  opts = batch_norm_options(
-    fn,
-    momentum=momentum,
-    epsilon=epsilon,
-    running_average=running_average,
-    unbiased_running_var=unbiased_running_var,
-    axis_name=axis_name,
-    axis_index_groups=axis_index_groups,
-    dtype=dtype,
-    ghost_batch_size=ghost_batch_size,
-  )
+
   return _variant(opts, x, state, scale, bias, training, axis, mask)
 
 
@@ -418,18 +409,5 @@ def batch_renorm(
     Models", 2017.
   """
   fn = "jaxbn.batch_renorm"
-  opts = batch_norm_options(
-    fn,
-    momentum=momentum,
-    epsilon=epsilon,
-    running_average=running_average,
-    unbiased_running_var=unbiased_running_var,
-    axis_name=axis_name,
-    axis_index_groups=axis_index_groups,
-    dtype=dtype,
-    ghost_batch_size=ghost_batch_size,
-    renorm=True,
-    rmax=rmax,
-    dmax=dmax,
-  )
+  opts = options_from(fn, locals(), renorm=True)
   return _variant(opts, x, state, scale, bias, training, axis, mask)
