@@ -85,7 +85,7 @@ def test_full_batch_mnist1d_trains_and_writes_outputs(tiny_mnist1d_run):
 
 
 def test_full_batch_mnist1d_sharded_batch_matches_one_device(full_batch, tiny_mnist1d_run, tmp_path):
-  # The full batch split over 4 devices (tests/conftest.py provides 8 virtual CPU devices) must follow
+  # The full batch split over 4 devices (the root conftest.py provides 8 virtual CPU devices) must follow
   # the single-device trajectory: batch-norm statistics and gradients are over the global batch.
   one, _, _ = tiny_mnist1d_run
   four = full_batch.main([*TINY_MNIST1D, "--devices", "4", "--no-progress", "--out", str(tmp_path)])

@@ -20,7 +20,7 @@ Tolerances are derived from float32 arithmetic (unit roundoff ``u = 2**-24``), n
 * running statistics: the batch statistics' errors weighted as the convention weights them, plus a
   few ``u`` per update for the weights and the blend.
 
-The ci profile (tests/conftest.py) runs a fixed set of examples; ``--hypothesis-profile=long`` many more.
+The ci profile (the root conftest.py) runs a fixed set of examples; ``--hypothesis-profile=long`` many more.
 """
 
 from functools import partial
