@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, TypeGuard, overload
 
 import jax
+import jax.core
 import jax.numpy as jnp
 import numpy as np
 
 
-def is_int(value: Any) -> bool:
+def is_int(value: Any) -> TypeGuard[int | np.integer]:
   return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
@@ -181,13 +182,15 @@ def mapping(fn: str, arg: str, value: Any) -> Mapping:
   return value
 
 
-def stats(fn: str, value: Any, *, arg: str = "stats") -> Any:
-  """``value`` as a :class:`jaxbn.Stats` of arrays: a ``Stats`` or a tuple ``(count, mean, m2)``."""
-  from jaxbn.stats import Stats  # stats imports this module
+def stats(fn: str, value: Any, *, arg: str = "stats") -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``value`` (a :class:`jaxbn.Stats` or a tuple ``(count, mean, m2)``) as the tuple of its three arrays.
 
+  The caller makes the ``Stats``: this ground-floor module imports nothing of jaxbn.
+  """
   if not isinstance(value, tuple) or len(value) != 3:
     raise TypeError(f"{fn}: {arg} must be a jaxbn.Stats (count, mean, m2), got {_show(value)}.")
-  return Stats(*(as_array(fn, f"{arg}.{name}", v) for name, v in zip(Stats._fields, value)))
+  count, mean, m2 = (as_array(fn, f"{arg}.{name}", v) for name, v in zip(("count", "mean", "m2"), value))
+  return count, mean, m2
 
 
 def call_kwargs(fn: str, call: Callable[..., Any], kwargs: Mapping[str, Any], what: str) -> None:
@@ -204,6 +207,10 @@ def call_kwargs(fn: str, call: Callable[..., Any], kwargs: Mapping[str, Any], wh
     ) from None
 
 
+@overload
+def static_bool(fn: str, arg: str, value: Any, *, allow_none: Literal[False] = False) -> bool: ...
+@overload
+def static_bool(fn: str, arg: str, value: Any, *, allow_none: bool) -> bool | None: ...
 def static_bool(fn: str, arg: str, value: Any, *, allow_none: bool = False) -> bool | None:
   """A Python bool (or None with ``allow_none``) that selects code at trace time."""
   if value is None and allow_none:
@@ -222,6 +229,10 @@ def static_bool(fn: str, arg: str, value: Any, *, allow_none: bool = False) -> b
   raise TypeError(f"{fn}: {arg} must be {expected}, got {value!r}.")
 
 
+@overload
+def floating_dtype(fn: str, arg: str, dtype: Any, *, allow_none: Literal[False]) -> jnp.dtype: ...
+@overload
+def floating_dtype(fn: str, arg: str, dtype: Any, *, allow_none: bool = True) -> jnp.dtype | None: ...
 def floating_dtype(fn: str, arg: str, dtype: Any, *, allow_none: bool = True) -> jnp.dtype | None:
   """``dtype`` as a NumPy dtype, which must be a real floating one (None passes through with ``allow_none``)."""
   if dtype is None and allow_none:

@@ -174,7 +174,7 @@ def update_running_stats(
   old_mean, old_var = _checks.as_array(fn, "state.mean", state.mean), _checks.as_array(fn, "state.var", state.var)
   fshape = old_mean.shape
   _checks.feature_array(fn, "state.var", old_var, fshape)
-  stats = _checks.stats(fn, stats)
+  stats = Stats(*_checks.stats(fn, stats))
   for name, value in zip(("count", "mean", "m2"), stats, strict=True):
     shape = jnp.shape(value)
     if len(shape) > len(fshape) or any(d not in (1, f) for d, f in zip(shape[::-1], fshape[::-1])):
