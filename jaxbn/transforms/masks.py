@@ -71,17 +71,17 @@ def _batch_norm_types(fn: str, batch_norm_types: Sequence[type] | None) -> tuple
   import flax.linen as nn
   from flax import nnx
 
-  types: list[type] = [nn.BatchNorm, nnx.BatchNorm]
+  defaults: list[type] = [nn.BatchNorm, nnx.BatchNorm]
   for module_name in ("jaxbn.linen", "jaxbn.nnx"):
     try:
       cls = getattr(importlib.import_module(module_name), "BatchNorm", None)
     except ImportError:
       cls = None
     if isinstance(cls, type):
-      types.append(cls)
+      defaults.append(cls)
   with _LOCK:
-    types.extend(_REGISTERED_BATCH_NORMS)
-  return tuple(dict.fromkeys(types))
+    defaults.extend(_REGISTERED_BATCH_NORMS)
+  return tuple(dict.fromkeys(defaults))
 
 
 def _key_names(path: tuple[Any, ...]) -> tuple[Hashable, ...]:
@@ -239,7 +239,7 @@ def _bn_feature_axes(module: Any, args: tuple, kwargs: dict, ndim: int) -> froze
   # changes with the kernel's scale even though its gradient stays orthogonal to the kernel.
   if ura or getattr(module, "renorm", False):
     return None
-  axis = getattr(module, "axis", -1)
+  axis: Any = getattr(module, "axis", -1)  # an int or a sequence of ints
   axes = (axis,) if _checks.is_int(axis) else tuple(axis)
   return frozenset(int(a) % ndim for a in axes)
 
@@ -292,7 +292,9 @@ def _recording_class(cls: type, role: str) -> type:
         flow.bn_inputs.append((args[0], _bn_feature_axes(self, args, kwargs, args[0].ndim)))
       out = cls.__call__(self, *args, **kwargs)
       if flow is not None and role == "kernel" and isinstance(out, jax.Array):
-        flow.kernel_calls.append((id(self), out, _linear_bias_ndim(_nnx_own_params(self))))
+        bias_ndim = _linear_bias_ndim(_nnx_own_params(self))
+        if bias_ndim is not None:  # always: only linear modules get the "kernel" role
+          flow.kernel_calls.append((id(self), out, bias_ndim))
       return out
 
     sub = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__})
@@ -400,12 +402,12 @@ def scale_invariant_mask(model: Any, *args: Any, batch_norm_types: Sequence[type
           flow.kernel_calls.append((tuple(module.path), out, bias_ndim))
       return out
 
-    def run(variables, a, k):
+    def run_linen(variables, a, k):
       with nn.intercept_methods(interceptor):
         model.apply(variables, *a, mutable=True, **k)
       invariant.update(flow.invariant())
 
-    _trace(run, variables, inputs, kwargs)
+    _trace(run_linen, variables, inputs, kwargs)
     return _mask_by_path(variables["params"], lambda path: path[-1] == "kernel" and tuple(path[:-1]) in invariant)
 
   if _is_nnx_module(model):
@@ -414,7 +416,7 @@ def scale_invariant_mask(model: Any, *args: Any, batch_norm_types: Sequence[type
     graphdef, state = nnx.split(model)
     invariant_paths: set[tuple[Hashable, ...]] = set()
 
-    def run(state, a, k):
+    def run_nnx(state, a, k):
       copy = nnx.merge(graphdef, state)
       paths = {}
       for path, module in nnx.iter_modules(copy):
@@ -430,6 +432,6 @@ def scale_invariant_mask(model: Any, *args: Any, batch_norm_types: Sequence[type
         _RECORDER.reset(token)
       invariant_paths.update(paths[key] for key in flow.invariant() if key in paths)
 
-    _trace(run, state, args, kwargs)
+    _trace(run_nnx, state, args, kwargs)
     return _mask_by_path(_nnx_params(model), lambda path: path[-1] == "kernel" and tuple(path[:-1]) in invariant_paths)
   raise TypeError(f"{fn}: model must be a flax.linen.Module or a flax.nnx.Module, got {type(model).__name__}.")

@@ -197,8 +197,9 @@ def project_scale_invariant(
     inner_state = inner.init(params) if inner is not None else optax.EmptyState()
     return ProjectScaleInvariantState(inner_state, jax.tree.map(lambda _: jnp.zeros((), jnp.int32), params))
 
-  def update_fn(grads, state, params=None):
+  def update_fn(updates, state, params=None):  # optax's parameter names: `updates` are the gradients here
     require_params(fn, params)
+    grads = updates
     if inner is not None:
       updates, inner_state = inner.update(grads, state.inner_state, params)
     else:
@@ -236,7 +237,7 @@ def _scale_by_adamp_nesterov(b1: float, b2: float, eps: float) -> optax.Gradient
     mu = jax.tree.map(lambda m, g: (b1 * m + (1 - b1) * g).astype(m.dtype), state.mu, updates)
     nu = jax.tree.map(lambda v, g: (b2 * v + (1 - b2) * g * g).astype(v.dtype), state.nu, updates)
     count = optax.safe_increment(state.count)
-    t = count.astype(jnp.float32)
+    t = jnp.asarray(count, jnp.float32)
     bc1 = 1 - jnp.asarray(b1, jnp.float32) ** t
     bc2 = 1 - jnp.asarray(b2, jnp.float32) ** t
 
@@ -344,8 +345,9 @@ def _scale_by_sgdp(
     views = jax.tree.map(lambda _: jnp.zeros((), jnp.int32), params)
     return ProjectScaleInvariantState(optax.TraceState(trace=jax.tree.map(jnp.zeros_like, params)), views)
 
-  def update_fn(grads, state, params=None):
+  def update_fn(updates, state, params=None):  # optax's parameter names: `updates` are the gradients here
     require_params(fn, params)
+    grads = updates
     # optax.trace has no dampening, and Nesterov adds back the undamped gradient: not a rescaled trace.
     trace = jax.tree.map(
       lambda b, g: (momentum * b + (1 - dampening) * g).astype(b.dtype), state.inner_state.trace, grads
