@@ -213,7 +213,7 @@ class BatchNorm(nn.Module):
       ra_var.value = new_state.var
       if ra_count is not None:
         ra_count.value = new_state.count
-    if record:
+    if stats is not None:  # exactly when record: layer_forward returns them for want_stats in training
       record_moments(self, stats)
     return y
 

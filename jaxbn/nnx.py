@@ -13,7 +13,7 @@ import contextlib
 import contextvars
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -203,6 +203,9 @@ class BatchNorm(nnx.Module):
     True
   """
 
+  if TYPE_CHECKING:  # for the checker only: Flax's class setup reads the annotations a class holds at run time
+    batch_moments: BatchMoments  # attached by collect_moments for the length of its block
+
   def __init__(
     self,
     num_features: int | Sequence[int],
@@ -333,7 +336,7 @@ class BatchNorm(nnx.Module):
       self.var[...] = jax.lax.stop_gradient(new_state.var)
       if has_count:
         self.count[...] = new_state.count
-      if record:
+      if stats is not None and isinstance(moments, BatchMoments):  # exactly when record (want_stats in training)
         # float64 for float64 input; a later call of the same layer (weights shared) appends its own.
         value = jnp.stack([jax.lax.stop_gradient(a) for a in stats], axis=-1)
         calls = _CALLS.get()
