@@ -499,7 +499,7 @@ def recalibrate(
   _checks.mapping(fn, "variables", variables)
   from jaxbn.linen import MOMENTS
 
-  apply_fn = model.apply if isinstance(model, nn.Module) else model
+  apply_fn: Callable[..., Any] = model.apply if isinstance(model, nn.Module) else model
   if not callable(apply_fn):
     raise TypeError(f"{fn}: model must be a flax.linen.Module, an apply function or a flax.nnx.Module, got {model!r}.")
 
