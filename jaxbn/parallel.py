@@ -194,7 +194,7 @@ def batch_map(
   fn: Callable[..., Any],
   mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
   *,
-  mesh_axes: Hashable | Sequence[Hashable] | None = None,
+  mesh_axes: str | Sequence[Hashable] | None = None,
   in_axes: Any = 0,
   out_axes: Any = 0,
 ) -> Callable[..., Any]:
