@@ -395,7 +395,7 @@ def _sharded_stats(x: jax.Array, feature_axes: tuple[int, ...], mask: jax.Array 
   PartitionSpec = jax.sharding.PartitionSpec
   fspec = PartitionSpec(*(spec[a] for a in feature_axes))
   axis = reduced[0] if len(reduced) == 1 else reduced
-  out_specs = Stats(fspec, fspec, fspec)
+  out_specs = Stats._make((fspec,) * 3)  # a Stats of PartitionSpecs, the structure of the output
   if mask is None:
     body = lambda xs: _all_reduce_rows(_parts(xs, feature_axes, None), axis, None, fn)
     return jax.shard_map(body, mesh=mesh, in_specs=PartitionSpec(*spec), out_specs=out_specs, axis_names=manual)(x)
