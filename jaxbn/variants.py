@@ -192,14 +192,13 @@ def train_variant(opts: BatchNormOptions, call: Call) -> tuple[jax.Array, BatchN
 
   sshape = chunk_stats.mean.shape
 
-  def per_chunk(v):
+  def per_chunk(v: jax.Array) -> jax.Array:
     """A feature-shaped array broadcast to the shape of the (per-chunk) statistics."""
-    if v is None:
-      return None
     v = v.astype(cdt)
     return jnp.broadcast_to(v if pos is None else jnp.expand_dims(v, pos), sshape)
 
-  scale, bias = per_chunk(call.scale), per_chunk(call.bias)
+  scale = None if call.scale is None else per_chunk(call.scale)
+  bias = None if call.bias is None else per_chunk(call.bias)
   if renorm:
     step = jnp.max(call.count)  # the schedule's step (a per-feature count: its most advanced feature)
     r_lim = _limit(fn, "rmax", opts.rmax, step, 1.0).astype(cdt)
