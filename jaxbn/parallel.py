@@ -26,6 +26,10 @@ What works where (global statistics / groups of devices / several processes):
 
 Per-replica running statistics (from local or grouped statistics) are made to agree with
 :func:`sync_state`.
+
+References:
+  Chan, Golub & LeVeque, "Algorithms for computing the sample variance: analysis and
+  recommendations", The American Statistician, 1983 (the exact merge of summaries).
 """
 
 from __future__ import annotations
