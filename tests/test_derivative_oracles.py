@@ -19,8 +19,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxbn
-from jaxbn import training
 from jaxbn.training import TrainState, full_batch_step, linen_loss, nnx_loss, sharpness
+from jaxbn.training.exact import objective_gradient
+from jaxbn.training.sweep import MicroBatches
 
 pytestmark = pytest.mark.slow  # float64 Hessians of whole models: CI runs them; -m "not slow" skips them
 
@@ -152,7 +153,7 @@ def test_linen_gradient_hvp_and_sharpness_equal_one_flax_pass(bn_mode, loop, mic
   np.testing.assert_allclose(float(metrics.sharpness), top, rtol=1e-6)
 
   # Hessian-vector products through the step's accumulated gradient.
-  _, _, gradient = training._gradient_fns("test", loss_fn, micro_batch_size, bn_mode, None)
+  gradient = objective_gradient(MicroBatches("test", loss_fn, micro_batch_size), bn_mode)
   grad_fn = jax.jit(lambda p: gradient(p, variables["batch_stats"], data)[1])
   v = _vector(params)
   expected = jax.jvp(jax.grad(objective), (params,), (v,))[1]

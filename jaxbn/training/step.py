@@ -1,0 +1,386 @@
+"""``full_batch_step``: the scanned and the host-looped step, and the guarded optimizer update both end with."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.core
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from jaxbn import _checks, diagnostics
+from jaxbn import stats as _stats
+from jaxbn._trees import global_norm
+from jaxbn.training._args import (
+  check_bn_mode,
+  check_optimizer,
+  iterations_and_method,
+  positive_int_or_none,
+)
+from jaxbn.training.curvature import top_eigenpair
+from jaxbn.training.exact import objective_gradient
+from jaxbn.training.loss import Loss, as_loss
+from jaxbn.training.state import LossFn, StepMetrics, TrainState, UpdateStatsFn
+from jaxbn.training.sweep import GradientFn, MicroBatches, sum_over_devices, weight_dtype, weighted, zeros_like_grads
+
+Step = Callable[[TrainState, Any], tuple[TrainState, StepMetrics]]
+
+
+def full_batch_step(
+  loss_fn: Loss | LossFn,
+  optimizer: optax.GradientTransformation,
+  *,
+  micro_batch_size: int | None = None,
+  update_batch_stats: UpdateStatsFn | None = None,
+  guard: bool = True,
+  donate: bool = True,
+  jit: bool = True,
+  axis_name: Any = None,
+  loop: str = "scan",
+  bn_mode: str = "ghost",
+  layer_norms: bool = False,
+  sharpness_every: int | None = None,
+  sharpness_iters: int = 20,
+) -> Step:
+  """A compiled step that applies one update with the exact mean gradient over all of ``data``.
+
+  Args:
+    loss_fn: a :class:`Loss`, or a plain ``loss_fn(params, batch_stats, batch, mask) -> (loss,
+      LossAux)``. ``batch`` is a micro-batch (the pytree ``data`` sliced along its leading axis),
+      ``mask`` a boolean vector marking its valid rows, or None when all are valid (always so when
+      the micro-batch size divides the dataset size); ``loss`` is the mean loss over the valid rows,
+      and batch norms must use only valid rows for their statistics. :func:`linen_loss` and
+      :func:`nnx_loss` build a ``Loss`` from a Flax model. A loss that draws random numbers
+      (dropout) is a ``Loss(..., takes_key=True)`` (or a function with ``loss_fn.takes_key = True``)
+      and takes a fifth argument ``key``: a fresh key per micro-batch and step, from
+      ``TrainState.key``.
+    optimizer: any Optax gradient transformation.
+    micro_batch_size: rows per micro-batch; None for the whole dataset at once. With ``data``
+      sharded over ``d`` devices under ``jax.jit``, the rows are split into ``g = gcd(n, d)``
+      blocks (one per device when ``d`` divides ``n``) and each block puts
+      ``micro_batch_size // g`` (at least 1) of its own rows into every micro-batch, so data never
+      moves between devices and every device works on every micro-batch (one gradient all-reduce
+      per micro-batch); one device reproduces the step with the rows in that order. With
+      ``g = 1`` the micro-batches are contiguous and XLA gathers them. ``d`` comes from the data's
+      type: its sharding on Explicit meshes, all Auto-axis devices of the mesh on Auto meshes
+      (whose types do not say how data is laid out, so replicated data is split the same way).
+    update_batch_stats: ``update_batch_stats(batch_stats, merged_stats) -> batch_stats`` folds
+      the step's merged statistics into the running ones; required when ``LossAux.stats`` is given.
+      Defaults to ``loss_fn.update_batch_stats``, which the ``Loss`` of :func:`linen_loss` and
+      :func:`nnx_loss` holds.
+    guard: skip a step whose loss, gradient, update or batch statistics are not finite, changing
+      nothing but ``skipped``.
+    donate: donate the incoming state's buffers to the new state: continue from the returned
+      state; a consumed state passed again is refused with a ``ValueError`` saying so.
+    jit: return the step compiled with ``jax.jit`` (False to wrap it yourself, e.g. in pmap).
+    loop: ``"scan"`` (default) runs the micro-batches in a ``lax.scan`` inside one compiled step;
+      ``"host"`` calls one compiled micro-batch program per micro-batch from Python (accumulators
+      donated) and one compiled update. Same numbers; ``"host"`` avoids slow convolution layouts
+      XLA:CPU picks inside loops (7-8x faster for the benchmark CNN of ``benchmarks/full_batch.py``
+      with 8 micro-batches, on a 2-core CPU) but cannot be traced into ``jax.pmap``/``jax.shard_map``.
+    bn_mode: what batch norm means under micro-batching. ``"ghost"`` (default): each micro-batch
+      is normalized with its own statistics (ghost batches of the partition above), one forward
+      and backward sweep over the data. ``"exact"``: every layer normalizes with
+      its statistics over the WHOLE dataset (all micro-batches, all devices), and the gradient is
+      that objective's exact gradient, equal to one ordinary batch-norm pass over the entire
+      dataset as a single batch; memory stays that of one micro-batch. It costs ``2L + 1`` sweeps
+      over the data for ``L`` batch-norm layers (one statistics sweep per layer, since a layer's
+      statistics depend on the layers before it; one loss sweep; one vector-Jacobian sweep per
+      layer for the adjoints of the statistics, last layer first) and ``loop="scan"``. Every jaxbn
+      batch norm takes part (``jaxbn.linen.BatchNorm``, ``jaxbn.nnx.BatchNorm``,
+      ``jaxbn.batch_norm`` in a hand-written loss); at trace time the step proves from the loss's
+      jaxpr that, with their statistics fixed, the loss treats each row on its own, and refuses a
+      loss where something else mixes rows (a batch norm that is not jaxbn's, ghost batches,
+      renormalization), naming the operation. All derivatives (gradient, Hessian-vector products,
+      sharpness) are those of one ordinary pass over the whole dataset.
+    layer_norms: add per-layer gradient and parameter norms to the metrics.
+    sharpness_every: every ``k`` applied steps, add the top Hessian eigenvalue of the same full-batch
+      objective (Lanczos on Hessian-vector products through this accumulated gradient) to the
+      metrics; ``loop="scan"`` only.
+    sharpness_iters: Lanczos iterations (Hessian-vector products) per sharpness estimate.
+    axis_name: for pmap-style code (``jax.pmap(step, axis_name=...)`` with ``jit=False``, or
+      ``jax.shard_map``): ``data`` is this device's shard, and the loss, gradient and metrics are
+      reduced over the named axis so every device applies the same full-batch update. Batch norms
+      that should use global statistics need the same ``axis_name`` themselves. The primary
+      multi-device path needs none of this: ``jax.jit`` with ``data`` sharded over a mesh.
+
+  Returns:
+    ``step(state, data) -> (new_state, StepMetrics)``.
+
+  Raises:
+    ValueError: bad ``micro_batch_size``, ``sharpness_every``, ``bn_mode``, ``loop`` or ``data``;
+      under ``bn_mode="exact"``, a loss that mixes rows other than through jaxbn's batch norms
+      (at the first call); a state consumed by an earlier call (``donate=True``);
+      ``loop="host"`` with ``bn_mode="exact"``, ``sharpness_every``, ``axis_name`` or ``jit=False``;
+      statistics without ``update_batch_stats``; a loss that needs a key and a state without one;
+      data that XLA cannot partition over Explicit mesh axes (at the first call).
+    TypeError: a ``flax.linen.BatchNorm`` under ``bn_mode="exact"`` (at the first call).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, jaxbn
+    >>> def loss_fn(params, batch_stats, batch, mask):
+    ...   err = (batch["x"] @ params["w"] - batch["y"]) ** 2
+    ...   valid = jnp.ones(err.shape, bool) if mask is None else mask  # None: every row is valid
+    ...   return jnp.sum(jnp.where(valid, err, 0)) / jnp.sum(valid), jaxbn.training.LossAux()
+    >>> opt = optax.sgd(0.1)
+    >>> step = jaxbn.training.full_batch_step(loss_fn, opt, micro_batch_size=3)
+    >>> data = {"x": jnp.arange(20.0).reshape(10, 2) / 10, "y": jnp.ones(10)}
+    >>> state = jaxbn.training.TrainState.create({"w": jnp.zeros(2)}, {}, opt)
+    >>> state, metrics = step(state, data)
+    >>> int(state.step), bool(metrics.skipped)
+    (1, False)
+  """
+  fn = "jaxbn.training.full_batch_step"
+  loss = as_loss(fn, loss_fn, update_batch_stats)
+  check_optimizer(fn, optimizer)
+  guard, donate, jit, layer_norms = (
+    _checks.static_bool(fn, name, value)
+    for name, value in (("guard", guard), ("donate", donate), ("jit", jit), ("layer_norms", layer_norms))
+  )
+  iterations_and_method(fn, "sharpness_iters", sharpness_iters)
+  check_bn_mode(fn, bn_mode)
+  if loop not in ("scan", "host"):
+    raise ValueError(f"{fn}: loop must be 'scan' or 'host', got {loop!r}.")
+  if loop == "host" and bn_mode == "exact":
+    raise ValueError(
+      f"{fn}: bn_mode='exact' runs its statistics, loss and adjoint sweeps inside one compiled step; "
+      "use loop='scan' (the default) with it."
+    )
+  if loop == "host" and (axis_name is not None or not jit):
+    raise ValueError(
+      f"{fn}: loop='host' runs compiled pieces from Python, so it cannot be traced into pmap or "
+      "shard_map: use loop='scan' with axis_name=... and jit=False there."
+    )
+  micro_batch_size = positive_int_or_none(fn, "micro_batch_size", micro_batch_size)
+  sharpness_every = positive_int_or_none(fn, "sharpness_every", sharpness_every)
+  if sharpness_every is not None and loop == "host":
+    raise ValueError(
+      f"{fn}: sharpness_every needs the whole gradient in one compiled program (loop='scan'); with "
+      "loop='host', compute it every k steps with jaxbn.training.sharpness(...)."
+    )
+
+  update = _GuardedUpdate(fn, optimizer, loss.update_batch_stats, guard=guard, layer_norms=layer_norms)
+  if loop == "host":
+    return _host_step(fn, loss, micro_batch_size, update, donate=donate)
+  gradient = objective_gradient(MicroBatches(fn, loss, micro_batch_size, axis_name), bn_mode)
+  sharpness = None if sharpness_every is None else (sharpness_every, sharpness_iters)
+  step = _scan_step(fn, gradient, update, axis_name=axis_name, sharpness=sharpness)
+  if not jit:
+    return step
+  return _DonationChecked(fn, jax.jit(step, donate_argnums=(0,) if donate else ()))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _GuardedUpdate:
+  """One optimizer update from a step's gradient, mean loss and merged statistics, under the guard.
+
+  With ``guard``, a loss, gradient, update, new parameter or statistic that is not finite keeps the
+  parameters, optimizer state and batch statistics as they were, and counts the step as skipped.
+  """
+
+  fn: str
+  optimizer: optax.GradientTransformation
+  update_batch_stats: UpdateStatsFn | None
+  guard: bool = True
+  layer_norms: bool = False
+
+  def __call__(
+    self, state: TrainState, grads: Any, loss: jax.Array, stats: Any, extra: Any
+  ) -> tuple[TrainState, StepMetrics]:
+    grad_norm = global_norm(grads)  # of the float32 sums: a float16 gradient's norm can overflow float16
+    grads = jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), grads, state.params)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    batch_stats = state.batch_stats
+    if stats is not None:
+      # Statistics that overflowed (e.g. one huge row) would make the running ones inf for good.
+      finite &= jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(stats)]))
+      batch_stats = self._running_update(state.batch_stats, stats)
+    updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    update_norm = global_norm(updates)
+    # The new parameters too: a finite update can still overflow float16 parameters.
+    finite &= jnp.isfinite(update_norm) & jnp.isfinite(global_norm(params))
+    if self.guard:
+      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+      params = keep(params, state.params)
+      opt_state = keep(opt_state, state.opt_state)
+      batch_stats = keep(batch_stats, state.batch_stats)
+      applied = finite
+    else:
+      applied = jnp.bool_(True)
+    new_state = TrainState(
+      params,
+      batch_stats,
+      opt_state,
+      state.step + applied.astype(jnp.int32),
+      state.skipped + (~applied).astype(jnp.int32),
+      state.key,
+    )
+    metrics = StepMetrics(loss, grad_norm, update_norm, ~applied, extra)
+    if self.layer_norms:
+      metrics = metrics._replace(
+        layer_grad_norms=diagnostics.norms_by_layer(grads), layer_param_norms=diagnostics.norms_by_layer(params)
+      )
+    return new_state, metrics
+
+  def _running_update(self, batch_stats: Any, stats: Any) -> Any:
+    if self.update_batch_stats is None:
+      raise ValueError(
+        f"{self.fn}: the loss function returns batch statistics (LossAux.stats) but no update_batch_stats "
+        "was given to fold them into the running statistics. Pass update_batch_stats=..., or build "
+        "the loss with jaxbn.training.linen_loss, which provides it."
+      )
+    return self.update_batch_stats(batch_stats, stats)
+
+
+def _scan_step(
+  fn: str,
+  gradient: GradientFn,
+  update: _GuardedUpdate,
+  *,
+  axis_name: Any = None,
+  sharpness: tuple[int, int] | None = None,
+) -> Step:
+  """``step(state, data)`` with every micro-batch in one program (a ``lax.scan``), not yet compiled.
+
+  Under ``axis_name``, the devices' gradients, losses and metrics are summed before the update;
+  with ``sharpness = (every, iters)``, the metrics get the top Hessian eigenvalue on every
+  ``every``-th applied step.
+  """
+
+  def step(state: TrainState, data: Any) -> tuple[TrainState, StepMetrics]:
+    loss, grads, stats, extra = gradient(state.params, state.batch_stats, data, state.step_key())
+    if axis_name is not None:
+      # Each device's contributions are weighted by its share of all rows: their sum is the full-batch value.
+      grads, loss = sum_over_devices(grads, state.params, data, axis_name), lax.psum(loss, axis_name)
+      if extra is not None:
+        extra = lax.psum(extra, axis_name)
+    new_state, metrics = update(state, grads, loss, stats, extra)
+    if sharpness is not None:
+      every, iters = sharpness
+      value = lax.cond(
+        state.step % every == 0,
+        lambda: top_eigenpair(
+          gradient, state.params, state.batch_stats, data, axis_name, key=state.step_key(), num_iters=iters
+        )[0],
+        lambda: jnp.full((), jnp.nan, weight_dtype(state.params)),
+      )
+      metrics = metrics._replace(sharpness=value)
+    return new_state, metrics
+
+  def checked_step(state: TrainState, data: Any) -> tuple[TrainState, StepMetrics]:
+    try:
+      return step(state, data)
+    except Exception as err:
+      if type(err).__name__ != "ShardingTypeError":
+        raise
+      raise ValueError(
+        f"{fn}: JAX could not partition the step for data sharded over Explicit mesh axes "
+        "(jax.make_mesh's default): an operation of the loss contracts over the sharded batch axis "
+        "(a matmul with the batch, as in the backward pass of Flax's Dense and Conv layers). "
+        "Consider one of the following options:\n"
+        "  1. shard the data over a mesh with Auto axes: jax.make_mesh(shape, names, "
+        "axis_types=(jax.sharding.AxisType.Auto,) * len(names));\n"
+        "  2. run the step per device: full_batch_step(..., axis_name=name, jit=False) inside "
+        "jax.shard_map or jax.pmap, with the batch norms' axis_name set to the same name."
+      ) from err
+
+  return checked_step
+
+
+def _host_step(fn: str, loss: Loss, micro_batch_size: int | None, update: _GuardedUpdate, *, donate: bool) -> Step:
+  """``step(state, data)`` calling one compiled program per micro-batch from Python, then one compiled update.
+
+  Ghost batches under ``jax.jit`` only: exact batch norm, sharpness and pmap-style axes need the
+  whole gradient in one traced program and cannot be asked of it. The accumulators (gradient, loss,
+  merged statistics, metrics) are donated from call to call; the step exposes its two programs as
+  ``step.programs``.
+  """
+  batches = MicroBatches(fn, loss, micro_batch_size)
+  donated = (0,) if donate else ()
+
+  def host_micro(state, data, acc, i):
+    return _accumulate(batches, state, data, acc, i)
+
+  def host_finish(state, data, acc):
+    return update(state, *acc)
+
+  micro_jit = jax.jit(host_micro, donate_argnums=(2,))
+  finish_jit = jax.jit(host_finish, donate_argnums=donated)
+  whole_jit = jax.jit(_scan_step(fn, batches.gradient, update), donate_argnums=donated)
+  aux_types: dict[Any, Any] = {}
+
+  def host_step(state: TrainState, data: Any) -> tuple[TrainState, StepMetrics]:
+    *_, k = batches.sizes(data)
+    if k == 1:  # one micro-batch: the single compiled step has no loop to avoid
+      return whole_jit(state, data)
+    acc = _zero_accumulators(batches, state, data, aux_types)
+    for i in range(k):
+      acc = micro_jit(state, data, acc, jnp.int32(i))
+    return finish_jit(state, data, acc)
+
+  step = _DonationChecked(fn, host_step)
+  step.programs = {"micro-batch": micro_jit, "update": finish_jit}  # for inspection, e.g. memory
+  return step
+
+
+def _zero_accumulators(batches: MicroBatches, state: TrainState, data: Any, aux_types: dict[Any, Any]) -> tuple:
+  """Zero gradient, loss, statistics and metrics accumulators; ``aux_types`` caches the loss's aux per input type.
+
+  Empty statistics (count 0) merge exactly with the first micro-batch's.
+  """
+  key = jax.tree.structure((state, data)), tuple((a.shape, a.dtype) for a in jax.tree.leaves((state, data)))
+  if key not in aux_types:
+    aux_types[key] = jax.eval_shape(
+      lambda s, d: batches.terms(s.params, s.batch_stats, d, jnp.int32(0), s.step_key()), state, data
+    )[1]
+  aux = aux_types[key]
+  wdt = weight_dtype(state.params)
+  zeros = lambda tree: jax.tree.map(lambda a: jnp.zeros(jnp.shape(a), wdt), tree)
+  return zeros_like_grads(state.params), jnp.zeros((), wdt), zeros(aux.stats), zeros(aux.metrics)
+
+
+def _accumulate(batches: MicroBatches, state: TrainState, data: Any, acc: tuple, i: jax.Array) -> tuple:
+  """``acc`` with micro-batch ``i``'s weighted gradient, loss and metrics added and its statistics merged in."""
+  grads_acc, loss_acc, stats_acc, extra_acc = acc
+  loss, aux, grads, w = batches.terms(state.params, state.batch_stats, data, i, state.step_key())
+  grads_acc = jax.tree.map(lambda a, g: a + weighted(w, g, a.dtype), grads_acc, grads)
+  if aux.stats is not None:
+    stats_acc = jax.tree.map(_stats.merge, stats_acc, aux.stats, is_leaf=lambda s: isinstance(s, _stats.Stats))
+  if aux.metrics is not None:
+    extra_acc = jax.tree.map(lambda a, v: a + w * v, extra_acc, aux.metrics)
+  return grads_acc, loss_acc + weighted(w, loss, loss_acc.dtype), stats_acc, extra_acc
+
+
+class _DonationChecked:
+  """``step``, refusing with a clear message a state whose buffers an earlier call consumed (donated).
+
+  Everything else (``lower``, ``trace``, attributes) is ``step``'s own.
+  """
+
+  programs: dict[str, Any]  # the host loop's compiled programs, by label (set by _host_step)
+
+  def __init__(self, fn: str, step: Callable[..., Any]):
+    self._fn, self._step = fn, step
+    functools.update_wrapper(self, step)
+
+  def __call__(self, state: TrainState, *args: Any) -> Any:
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
+      if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer) and leaf.is_deleted():
+        raise ValueError(
+          f"{self._fn}: the state passed in was already consumed: its buffer state{jax.tree_util.keystr(path)} "
+          "was donated to an earlier call, whose returned state holds the values now. Consider one of the "
+          "following options:\n"
+          "  1. continue from the state the previous call returned: state, metrics = step(state, data);\n"
+          "  2. build the step with donate=False, so that every state passed in stays usable (at the cost of "
+          "memory for a second copy of the state)."
+        )
+    return self._step(state, *args)
+
+  def __getattr__(self, name: str) -> Any:
+    return getattr(self._step, name)

@@ -1,0 +1,198 @@
+"""The micro-batch sweep: how a step cuts its data into micro-batches, runs the loss on each and accumulates.
+
+Micro-batch ``i`` of ``data`` with micro-batch size ``m`` is the slice ``data[i*m:(i+1)*m]``; when
+``m`` does not divide the number of rows ``n``, the last one is ``data[n-m:n]`` with the rows already
+seen masked out, so that no row is dropped or counted twice and no padded copy of the data is made.
+With the rows sharded over ``g`` devices under ``jax.jit``, each device's block of ``n/g`` rows is
+sliced the same way (see :class:`MicroBatches`). Gradients, losses and metrics accumulate weighted by
+each micro-batch's share of all rows, in float32 (float64 for float64 parameters); batch statistics
+merge exactly, count-weighted (:func:`jaxbn.stats.merge`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxbn import _checks
+from jaxbn import stats as _stats
+from jaxbn._sharding import data_shards, varying, varying_like
+from jaxbn.training._args import num_rows
+from jaxbn.training.loss import Loss
+from jaxbn.training.state import LossAux
+
+GradientFn = Callable[..., tuple[jax.Array, Any, Any, Any]]
+"""``gradient(params, batch_stats, data, key=None) -> (loss, grads, stats, metrics)`` of a full-batch objective."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MicroBatches:
+  """The micro-batches of a step's data and the loss on each.
+
+  With the rows sharded over ``g`` devices under ``jax.jit``, micro-batch ``i`` takes rows
+  ``i*m .. i*m + m - 1`` of every device's block of ``n/g`` rows, so that each device works on its
+  own rows and nothing is gathered: the same micro-batches as the per-device step of
+  ``jax.shard_map``/``jax.pmap`` code, where ``axis_name`` names the devices and ``data`` is one
+  device's rows.
+
+  Attributes:
+    fn: the public call, for error messages.
+    loss: the loss.
+    micro_batch_size: rows per micro-batch (over all devices under ``jax.jit``); None for all rows.
+    axis_name: the devices' axis name in pmap-style code, or None.
+  """
+
+  fn: str
+  loss: Loss
+  micro_batch_size: int | None = None
+  axis_name: Any = None
+
+  def sizes(self, data: Any) -> tuple[int, int, int, int]:
+    """``(n, g, m, k)``: rows, data shards, rows per shard in each micro-batch, micro-batches."""
+    n = num_rows(self.fn, data)
+    g = 1 if self.axis_name is not None else math.gcd(n, data_shards(data))
+    per = n // g
+    m = per if self.micro_batch_size is None else min(max(self.micro_batch_size // g, 1), per)
+    return n, g, m, math.ceil(per / m)
+
+  def slice(self, data: Any, i: jax.Array, key: Any = None, dtype: Any = jnp.float32) -> tuple[Any, Any, jax.Array]:
+    """Micro-batch ``i``: its rows, its row mask (None when all are valid) and its share of all rows.
+
+    The share is in ``dtype``. For a loss that takes a key, the rows come packed with the
+    micro-batch's key, ``(rows, key)``, as :meth:`apply` expects them.
+    """
+    n, g, m, _ = self.sizes(data)
+    per = n // g
+    dtype = jnp.dtype(dtype)
+    total = dtype.type(n) if self.axis_name is None else lax.psum(dtype.type(n), self.axis_name)
+    start = jnp.minimum(i * m, per - m)
+    if per % m:
+      valid = start + jnp.arange(m) >= i * m  # the last slice re-reads rows of the one before: mask them
+      mask = jnp.tile(valid, g)
+      w = g * jnp.sum(valid).astype(dtype) / total
+    else:
+      mask, w = None, dtype.type(g * m) / total  # every row valid: no mask for the loss or the batch norms
+
+    def cut(a):
+      if g == 1:
+        return lax.dynamic_slice_in_dim(a, start, m, axis=0)
+      blocks = a.reshape(g, per, *a.shape[1:])
+      return lax.dynamic_slice_in_dim(blocks, start, m, axis=1).reshape(g * m, *a.shape[1:])
+
+    batch = jax.tree.map(cut, data)
+    if self.loss.takes_key:
+      batch = (batch, self._key(key, i))
+    return batch, mask, w
+
+  def _key(self, key: Any, i: jax.Array) -> jax.Array:
+    """The key of micro-batch ``i`` (and of this device under ``axis_name``) from the step's key."""
+    if key is None:
+      raise ValueError(
+        f"{self.fn}: the loss function draws random numbers (e.g. dropout) and the state has no key: create it "
+        "with TrainState.create(..., key=jax.random.key(0)) (nnx_loss: loss_fn.init_state(optimizer, key=...))."
+      )
+    key = jax.random.fold_in(key, i)
+    if self.axis_name is not None:
+      key = jax.random.fold_in(key, lax.axis_index(self.axis_name))
+    return key
+
+  def apply(self, params: Any, batch_stats: Any, batch: Any, mask: Any) -> tuple[jax.Array, LossAux]:
+    """The loss on a micro-batch from :meth:`slice` (whose key, for a loss that takes one, travels with the rows)."""
+    if self.loss.takes_key:
+      rows, key = batch
+      return self.loss(params, batch_stats, rows, mask, key)
+    return self.loss(params, batch_stats, batch, mask)
+
+  def terms(self, params: Any, batch_stats: Any, data: Any, i: jax.Array, key: Any = None) -> tuple[Any, ...]:
+    """Loss, aux, gradient and weight (share of all rows) of micro-batch ``i``."""
+    batch, mask, w = self.slice(data, i, key, weight_dtype(params))
+    (loss, aux), grads = jax.value_and_grad(self.apply, has_aux=True)(params, batch_stats, batch, mask)
+    return loss, aux, grads, w
+
+  def gradient(self, params: Any, batch_stats: Any, data: Any, key: Any = None) -> tuple[jax.Array, Any, Any, Any]:
+    """The ghost-batch objective: mean loss, gradient, merged statistics and metrics over every micro-batch.
+
+    Each micro-batch's batch norms use its own statistics. The gradient accumulates in float32 or
+    wider (this device's share under ``axis_name``); the statistics are the exact merge of every
+    micro-batch's, for one running update; the metrics are averaged with the micro-batches' shares.
+    """
+    *_, k = self.sizes(data)
+    wdt = weight_dtype(params)
+    zeros = zeros_like_grads(params)
+
+    def body(i):
+      loss, aux, grads, w = self.terms(params, batch_stats, data, i, key)
+      terms = (jax.tree.map(lambda g, z: weighted(w, g, z.dtype), grads, zeros), weighted(w, loss, wdt))
+      return terms, (aux, w)
+
+    # Under jax.shard_map the accumulated loss varies over the data's axes: so must the loop's initial value.
+    init = (zeros, varying_like(jnp.zeros((), wdt), *jax.tree.leaves(data)))
+    (grads, loss), (aux, weights) = sweep(k, body, init)
+    stats = None
+    if aux.stats is not None:
+      stats = jax.tree.map(_stats.merge_stacked, aux.stats, is_leaf=lambda s: isinstance(s, _stats.Stats))
+    return loss, grads, stats, weighted_metrics(aux, weights)
+
+
+def sweep(k: int, body: Callable[[jax.Array], tuple[Any, Any]], init: Any = None) -> tuple[Any, Any]:
+  """Runs ``body(i) -> (terms, outputs)`` over micro-batches ``0..k-1``.
+
+  Returns the sum of the ``terms`` (accumulated onto ``init``, zeros that type the loop's carry) and
+  the ``outputs`` stacked along a new leading axis.
+  """
+  if k == 1:
+    # No loop for one micro-batch: XLA:CPU leaves a convolution's kernel gradient inside a while
+    # loop in a slow, uncanonicalized form (30x slower for a Conv1D), even at trip count 1.
+    terms, outputs = body(jnp.int32(0))
+    return terms, jax.tree.map(lambda a: jnp.expand_dims(a, 0), outputs)
+
+  def step(carry, i):
+    terms, outputs = body(i)
+    return (None if carry is None else jax.tree.map(jnp.add, carry, terms)), outputs
+
+  return lax.scan(step, init, jnp.arange(k))
+
+
+def weight_dtype(params: Any) -> jnp.dtype:
+  """The dtype micro-batch weights, losses and statistics accumulate in: float32, or float64 for float64 parameters."""
+  dtypes = [_checks.stats_dtype(jnp.result_type(p)) for p in jax.tree.leaves(params)]
+  return jnp.dtype(jnp.result_type(jnp.float32, *dtypes))
+
+
+def zeros_like_grads(params: Any) -> Any:
+  """Gradient accumulators: float32 per leaf (float64 for float64 leaves), typed like the leaf under shard_map."""
+  return jax.tree.map(
+    lambda p: varying_like(jnp.zeros(jnp.shape(p), _checks.stats_dtype(jnp.result_type(p))), p), params
+  )
+
+
+def weighted(w: jax.Array, value: jax.Array, dtype: Any) -> jax.Array:
+  """``w * value`` computed and returned in the accumulator's ``dtype``."""
+  return w.astype(dtype) * jnp.asarray(value).astype(dtype)
+
+
+def weighted_metrics(aux: LossAux, weights: jax.Array) -> Any:
+  """The micro-batches' metrics averaged with their shares of all rows (None without metrics)."""
+  return None if aux.metrics is None else jax.tree.map(lambda v: jnp.tensordot(weights, v, axes=1), aux.metrics)
+
+
+def sum_over_devices(grads: Any, primals: Any, data: Any, axis_name: Any) -> Any:
+  """Sums the devices' contributions to the gradients with respect to ``primals``.
+
+  Under ``jax.shard_map``, autodiff already sums the gradient of a value that is the same on
+  every device over the axes the data varies over; under ``jax.pmap`` it does not.
+  """
+  data_axes = frozenset().union(*(varying(leaf) for leaf in jax.tree.leaves(data)))
+  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+
+  def reduce(g, p):
+    missing = tuple(a for a in names if not (a in data_axes and a not in varying(p)))
+    return lax.psum(g, missing) if missing else g
+
+  return jax.tree.map(reduce, grads, primals)
