@@ -14,7 +14,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxbn
-from jaxbn.training import LossAux, TrainState, full_batch_step, linen_loss, minibatch_epoch
+from jaxbn.training import Loss, LossAux, TrainState, full_batch_step, linen_loss, minibatch_epoch
 
 
 def _data(n=10, d=3, classes=4, seed=0):
@@ -557,3 +557,71 @@ def test_row_mask_that_cannot_follow_rows_into_a_vmap_is_an_error():
   with pytest.raises(ValueError, match=r"input of shape \(3,\).*not the micro-batch's 5 rows"):
     step(state, data)
   full_batch_step(linen_loss(PerRow(), xent), optax.sgd(0.1), micro_batch_size=6)(state, data)  # no mask: fine
+
+
+# ---- the Loss record ----------------------------------------------------------------------------
+
+
+def _noisy_loss(params, batch_stats, batch, mask, key):
+  """Squared error plus one uniform draw per micro-batch; reports the mean of x over the valid rows."""
+  err = (batch["x"] @ params["w"] - batch["y"]) ** 2 + jax.random.uniform(key)
+  valid = jnp.ones(err.shape, bool) if mask is None else mask
+  stats = jaxbn.stats.compute_stats(batch["x"], (1,), mask=valid[:, None])
+  return jnp.sum(jnp.where(valid, err, 0)) / jnp.sum(valid), LossAux(stats={"x": stats})
+
+
+def _running_mean(batch_stats, merged):
+  return {"mean": merged["x"].mean}
+
+
+def _step_with_noisy_loss(loss_fn, **kw):
+  data = {"x": jnp.arange(20.0).reshape(10, 2), "y": jnp.ones(10)}  # micro-batches of 4, 4 and 2 rows
+  opt = optax.sgd(0.01)
+  state = TrainState.create({"w": jnp.zeros(2)}, {"mean": jnp.zeros(2)}, opt, key=jax.random.key(7))
+  return full_batch_step(loss_fn, opt, micro_batch_size=4, **kw)(state, data), data
+
+
+def test_a_loss_built_by_hand_gives_the_step_its_running_update_and_keys():
+  (new, metrics), data = _step_with_noisy_loss(Loss(_noisy_loss, _running_mean, takes_key=True))
+  # One running update, from the statistics of all 10 rows merged over the micro-batches.
+  np.testing.assert_allclose(new.batch_stats["mean"], np.asarray(data["x"]).mean(0), rtol=1e-6)
+  # w = 0: every row's error is 1; micro-batch i draws from fold_in(fold_in(key, step 0), i).
+  draws = [jax.random.uniform(jax.random.fold_in(jax.random.fold_in(jax.random.key(7), 0), i)) for i in range(3)]
+  np.testing.assert_allclose(metrics.loss, 1.0 + np.dot([0.4, 0.4, 0.2], draws), rtol=1e-6)
+  assert not bool(metrics.skipped)
+  # The step's own update_batch_stats replaces the Loss's.
+  (new, _), _ = _step_with_noisy_loss(
+    Loss(_noisy_loss, _running_mean, takes_key=True), update_batch_stats=lambda bs, merged: {"mean": bs["mean"] + 1}
+  )
+  np.testing.assert_array_equal(new.batch_stats["mean"], [1.0, 1.0])
+  with pytest.raises(TypeError, match=r"jaxbn.training.Loss: update_batch_stats must be callable"):
+    Loss(_noisy_loss, 5)
+
+
+def test_a_plain_function_with_the_old_attributes_still_works():
+  def loss_fn(*args):
+    return _noisy_loss(*args)
+
+  loss_fn.update_batch_stats = _running_mean
+  loss_fn.takes_key = True
+  (new, metrics), _ = _step_with_noisy_loss(loss_fn)
+  (want, want_metrics), _ = _step_with_noisy_loss(Loss(_noisy_loss, _running_mean, takes_key=True))
+  for a, b in zip(jax.tree.leaves((new, metrics)), jax.tree.leaves((want, want_metrics))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_linen_loss_returns_a_loss():
+  model, variables, *_ = _setup(jaxbn.linen.BatchNorm)
+  loss_fn = linen_loss(model, xent, train=True)
+  assert isinstance(loss_fn, Loss) and callable(loss_fn.update_batch_stats) and loss_fn.takes_key is False
+  assert linen_loss(model, xent, train=True, rng_streams=("dropout",)).takes_key is True
+  # Called, traced and shape-evaluated like the plain function it used to be.
+  data = _data()
+  value, aux = loss_fn(variables["params"], variables["batch_stats"], data, None)
+  assert jax.eval_shape(loss_fn, variables["params"], variables["batch_stats"], data, None)[0].shape == ()
+  np.testing.assert_allclose(jax.jit(loss_fn)(variables["params"], variables["batch_stats"], data, None)[0], value)
+  assert sorted(aux.stats) == [("BatchNorm_0",), ("BatchNorm_1",)]
+  # Its update reads each layer's settings from the loss's latest trace: a layer never traced is an error.
+  loss_fn.update_batch_stats(variables["batch_stats"], aux.stats)
+  with pytest.raises(ValueError, match=r"linen_loss: update_batch_stats got statistics for the batch norm at Other/BN"):
+    loss_fn.update_batch_stats(variables["batch_stats"], {("Other", "BN"): aux.stats[("BatchNorm_0",)]})
