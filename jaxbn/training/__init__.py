@@ -12,9 +12,9 @@ On one device, micro-batches are the contiguous slices ``data[k*m:(k+1)*m]`` for
 the same way, see :func:`full_batch_step`); when ``m`` does not divide the dataset size ``n``, the
 last micro-batch is the slice ``data[n-m:n]`` with the rows already seen masked out, so no example
 is dropped or counted twice and no padded copy of the data is made. Batch norm inside the loss
-normalizes each micro-batch with its own statistics (ghost batches over that partition); the running
-statistics are updated ONCE per step from the exact count-weighted merge of every micro-batch's
-statistics (Chan et al. 1983), not by an EMA per micro-batch.
+normalizes each micro-batch with its own statistics (ghost batches over that partition, Hoffer et
+al. 2017); the running statistics are updated ONCE per step from the exact count-weighted merge of
+every micro-batch's statistics (Chan et al. 1983), not by an EMA per micro-batch.
 
 With ``bn_mode="exact"`` the batch norms instead normalize with their statistics over the WHOLE
 dataset, and the gradient is the exact gradient of that objective (``2L + 1`` sweeps over the
@@ -32,6 +32,10 @@ the host-looped step), ``adapters`` (Flax), ``curvature`` (sharpness), ``epoch``
 References:
   Geiping, Goldblum, Pope, Moeller & Goldstein, "Stochastic Training is Not Necessary for
   Generalization", ICLR 2022 (full-batch training with gradient accumulation and ghost batch norm).
+  Hoffer, Hubara & Soudry, "Train longer, generalize better: closing the generalization gap in
+  large batch training of neural networks", NeurIPS 2017 (ghost batch norm).
+  Chan, Golub & LeVeque, "Algorithms for Computing the Sample Variance: Analysis and
+  Recommendations", The American Statistician, 1983 (the exact merge of statistics).
 """
 
 from jaxbn.training.adapters import linen_loss as linen_loss

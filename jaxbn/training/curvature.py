@@ -46,7 +46,7 @@ def sharpness(
   :func:`jaxbn.top_hessian_eigenvalue` on Hessian-vector products of the same accumulated gradient
   (micro-batches, devices and ``bn_mode`` as in the step). Full-batch gradient descent with
   learning rate ``lr`` is stable on a quadratic while it stays below ``2 / lr``
-  (:func:`jaxbn.stability_threshold`); Cohen et al. (ICLR 2021) show networks rise to that edge.
+  (:func:`jaxbn.stability_threshold`); Cohen et al. (2021) show networks rise to that edge.
 
   Args:
     loss_fn: the step's loss function (a :class:`Loss`, e.g. from :func:`linen_loss`, or a plain
@@ -55,7 +55,7 @@ def sharpness(
     bn_mode: ``"ghost"`` or ``"exact"``, as in :func:`full_batch_step`.
     axis_name: as in :func:`full_batch_step`, for pmap-style use (then pass ``jit=False``).
     num_iters: Lanczos iterations (Hessian-vector products).
-    method: ``"lanczos"`` or ``"power"``.
+    method: ``"lanczos"`` (Lanczos 1950) or ``"power"`` (power iteration).
     jit: return the function compiled with ``jax.jit``.
 
   Returns:
@@ -76,6 +76,12 @@ def sharpness(
     >>> value, _ = jaxbn.training.sharpness(loss_fn, micro_batch_size=2)(state, data)
     >>> round(float(value), 4)  # Hessian 2/3 * diag(1, 4, 9)
     6.0
+
+  References:
+    Cohen, Kaur, Li, Kolter & Talwalkar, "Gradient Descent on Neural Networks Typically Occurs at the
+    Edge of Stability", ICLR 2021.
+    Lanczos, "An Iteration Method for the Solution of the Eigenvalue Problem of Linear Differential
+    and Integral Operators", Journal of Research of the National Bureau of Standards, 1950.
   """
   fn = "jaxbn.training.sharpness"
   loss = as_loss(fn, loss_fn)

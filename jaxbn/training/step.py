@@ -81,11 +81,11 @@ def full_batch_step(
     loop: ``"scan"`` (default) runs the micro-batches in a ``lax.scan`` inside one compiled step;
       ``"host"`` calls one compiled micro-batch program per micro-batch from Python (accumulators
       donated) and one compiled update. Same numbers; ``"host"`` avoids slow convolution layouts
-      XLA:CPU picks inside loops (7-8x faster for the benchmark CNN of ``benchmarks/full_batch.py``
-      with 8 micro-batches, on a 2-core CPU) but cannot be traced into ``jax.pmap``/``jax.shard_map``.
+      XLA:CPU picks inside loops (measured by ``benchmarks/full_batch.py``, results in
+      ``benchmarks/RESULTS.md``) but cannot be traced into ``jax.pmap``/``jax.shard_map``.
     bn_mode: what batch norm means under micro-batching. ``"ghost"`` (default): each micro-batch
-      is normalized with its own statistics (ghost batches of the partition above), one forward
-      and backward sweep over the data. ``"exact"``: every layer normalizes with
+      is normalized with its own statistics (ghost batches of the partition above, Hoffer et al.
+      2017), one forward and backward sweep over the data. ``"exact"``: every layer normalizes with
       its statistics over the WHOLE dataset (all micro-batches, all devices), and the gradient is
       that objective's exact gradient, equal to one ordinary batch-norm pass over the entire
       dataset as a single batch; memory stays that of one micro-batch. It costs ``2L + 1`` sweeps
@@ -95,12 +95,12 @@ def full_batch_step(
       batch norm takes part (``jaxbn.linen.BatchNorm``, ``jaxbn.nnx.BatchNorm``,
       ``jaxbn.batch_norm`` in a hand-written loss); at trace time the step proves from the loss's
       jaxpr that, with their statistics fixed, the loss treats each row on its own, and refuses a
-      loss where something else mixes rows (a batch norm that is not jaxbn's, ghost batches,
-      renormalization), naming the operation. All derivatives (gradient, Hessian-vector products,
-      sharpness) are those of one ordinary pass over the whole dataset.
+      loss where something else mixes rows (a batch norm that is not jaxbn's, ghost batches, batch
+      renormalization after Ioffe 2017), naming the operation. All derivatives (gradient,
+      Hessian-vector products, sharpness) are those of one ordinary pass over the whole dataset.
     layer_norms: add per-layer gradient and parameter norms to the metrics.
     sharpness_every: every ``k`` applied steps, add the top Hessian eigenvalue of the same full-batch
-      objective (Lanczos on Hessian-vector products through this accumulated gradient) to the
+      objective (Lanczos 1950 on Hessian-vector products through this accumulated gradient) to the
       metrics; ``loop="scan"`` only.
     sharpness_iters: Lanczos iterations (Hessian-vector products) per sharpness estimate.
     axis_name: for pmap-style code (``jax.pmap(step, axis_name=...)`` with ``jit=False``, or
@@ -119,7 +119,9 @@ def full_batch_step(
       ``loop="host"`` with ``bn_mode="exact"``, ``sharpness_every``, ``axis_name`` or ``jit=False``;
       statistics without ``update_batch_stats``; a loss that needs a key and a state without one;
       data that XLA cannot partition over Explicit mesh axes (at the first call).
-    TypeError: a ``flax.linen.BatchNorm`` under ``bn_mode="exact"`` (at the first call).
+    TypeError: ``loss_fn`` or ``update_batch_stats`` not callable, ``optimizer`` no Optax
+      transformation, ``guard``, ``donate``, ``jit`` or ``layer_norms`` not a bool; a
+      ``flax.linen.BatchNorm`` under ``bn_mode="exact"`` (at the first call).
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, jaxbn
@@ -134,6 +136,16 @@ def full_batch_step(
     >>> state, metrics = step(state, data)
     >>> int(state.step), bool(metrics.skipped)
     (1, False)
+
+  References:
+    Geiping, Goldblum, Pope, Moeller & Goldstein, "Stochastic Training is Not Necessary for
+    Generalization", ICLR 2022 (full-batch training with gradient accumulation and ghost batch norm).
+    Hoffer, Hubara & Soudry, "Train longer, generalize better: closing the generalization gap in
+    large batch training of neural networks", NeurIPS 2017 (ghost batch norm).
+    Ioffe, "Batch Renormalization: Towards Reducing Minibatch Dependence in Batch-Normalized Models",
+    NeurIPS 2017.
+    Lanczos, "An Iteration Method for the Solution of the Eigenvalue Problem of Linear Differential
+    and Integral Operators", Journal of Research of the National Bureau of Standards, 1950.
   """
   fn = "jaxbn.training.full_batch_step"
   loss = as_loss(fn, loss_fn, update_batch_stats)
