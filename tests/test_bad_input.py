@@ -721,6 +721,9 @@ ROWS = [
   ),
   unknown("jaxbn.training.TrainState", training.TrainState),
   unknown("jaxbn.training.LossAux", training.LossAux),
+  Row("jaxbn.training.Loss", "loss", "not callable", lambda: training.Loss(5), TypeError),
+  Row("jaxbn.training.Loss", "takes_key", "string", lambda: training.Loss(_loss, takes_key="yes"), TypeError),
+  unknown("jaxbn.training.Loss", training.Loss),
   unknown("jaxbn.training.StepMetrics", training.StepMetrics),
   Row(
     "jaxbn.training.save_checkpoint",
