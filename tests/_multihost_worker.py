@@ -10,6 +10,7 @@ side effects.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
@@ -162,7 +163,10 @@ def main(argv: list[str]) -> None:
   jax.config.update("jax_num_cpu_devices", 4)
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(
-    f"127.0.0.1:{port}", num_processes=num_processes, process_id=process_id, initialization_timeout=90
+    f"127.0.0.1:{port}",
+    num_processes=num_processes,
+    process_id=process_id,
+    initialization_timeout=int(os.environ.get("JAXBN_INIT_TIMEOUT_S", "90")),
   )
   assert jax.process_count() == num_processes and jax.device_count() == 4 * num_processes
   mesh = jax.make_mesh((jax.device_count(),), ("batch",))

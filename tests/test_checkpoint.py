@@ -7,6 +7,7 @@ import sys
 
 import jax
 import numpy as np
+from _deadlines import scaled
 from _training_setup import build
 
 import jaxbn
@@ -43,7 +44,7 @@ def test_restore_in_a_new_process_continues_bitwise(tmp_path):
     cwd=ROOT,
     env=env,
     check=True,
-    timeout=240,
+    timeout=scaled(240),
   )
   resumed = np.load(out)
   leaves = jax.tree.leaves(straight)

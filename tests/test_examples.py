@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from _deadlines import scaled
 
 pytestmark = pytest.mark.slow  # subprocesses or whole scripts: CI runs them; -m 'not slow' skips them
 
@@ -204,7 +205,7 @@ def test_seed_regression_runs_as_a_script(tmp_path):
     [sys.executable, str(EXAMPLES / "seed_regression.py"), "--steps", "2", "--out", str(tmp_path)],
     capture_output=True,
     text=True,
-    timeout=120,
+    timeout=scaled(120),
   )
   assert proc.returncode == 0, proc.stderr
   assert "scale 10 / batch norm" in proc.stdout and (tmp_path / "loss.png").exists()

@@ -15,6 +15,7 @@ import sys
 
 import nbformat
 import pytest
+from _deadlines import scaled
 from jupyter_client import AsyncKernelManager
 from jupyter_client.kernelspec import KernelSpecManager
 from nbclient import NotebookClient
@@ -156,7 +157,7 @@ def test_notebook_runs_end_to_end(name, kernel_spec_manager, tmp_path):
   env.pop("MPLBACKEND", None)  # the kernel's inline backend shows the figures
   km = AsyncKernelManager(kernel_name=KERNEL, kernel_spec_manager=kernel_spec_manager)
   client = NotebookClient(
-    nb, km=km, timeout=CELL_TIMEOUT_S, allow_errors=False, resources={"metadata": {"path": str(tmp_path)}}
+    nb, km=km, timeout=int(scaled(CELL_TIMEOUT_S)), allow_errors=False, resources={"metadata": {"path": str(tmp_path)}}
   )
   client.execute(env=env)  # raises CellExecutionError, with the cell and its traceback, if a cell fails
 

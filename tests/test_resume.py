@@ -19,6 +19,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from _deadlines import scaled
 from test_examples import EXAMPLES, _load
 
 # A learning rate high enough for clip_by_running_norm (z-score 1) to act after its 25-step warm-up,
@@ -40,7 +41,7 @@ def _start(out: pathlib.Path, *extra: str) -> tuple[subprocess.Popen, pathlib.Pa
 
 def _finish(proc: subprocess.Popen, log: pathlib.Path) -> str:
   """Waits for a run that must succeed; returns its output."""
-  assert proc.wait(timeout=300) == 0, log.read_text()
+  assert proc.wait(timeout=scaled(300)) == 0, log.read_text()
   return log.read_text()
 
 
@@ -50,13 +51,13 @@ def _run(out: pathlib.Path) -> str:
 
 def _kill_when_holding(proc: subprocess.Popen, log: pathlib.Path, timeout: float = 240.0) -> str:
   """SIGKILLs the run once it says it holds after step 25 (it sleeps there, so there is no race)."""
-  deadline = time.monotonic() + timeout
+  deadline = time.monotonic() + scaled(timeout)
   while "holding after step 25" not in log.read_text():
     assert proc.poll() is None, f"the run ended before step 25 (exit {proc.returncode}):\n{log.read_text()}"
     assert time.monotonic() < deadline, f"no 'holding after step 25' within {timeout} s:\n{log.read_text()}"
     time.sleep(0.05)
   proc.send_signal(signal.SIGKILL)
-  assert proc.wait(timeout=60) == -signal.SIGKILL
+  assert proc.wait(timeout=scaled(60)) == -signal.SIGKILL
   return log.read_text()
 
 
