@@ -1,0 +1,283 @@
+"""Mutation check: small deliberate bugs in jaxbn's key mechanisms, each of which the tests must catch.
+
+    python tests/mutants/run.py            # every mutant: prints a table, exits 1 if one survives
+    python tests/mutants/run.py --list     # the mutants and the tests that should catch them
+    python tests/mutants/run.py --only "variance shift" --only "remainder mask"
+    python tests/mutants/run.py --no-baseline   # as CI runs it: the suite runs the tests unmutated anyway
+
+Each mutant is a replacement of one snippet inside one named function of the library (found with
+``ast``, so a mutant whose code moved fails loudly instead of testing nothing). The runner copies the
+repository once to a temporary folder, checks that the selected tests pass there unmutated, then for
+each mutant writes the changed function, runs only the tests that should catch it and restores the
+file. A mutant is caught when pytest reports a failing test; it survives when they all pass; anything
+else (an import error, no test collected) is an error of the list, also a failure.
+
+Keep the list current when code moves: ``tests/test_mutants.py`` runs this in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+COPIED = ("jaxbn", "tests", "conftest.py", "pyproject.toml")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+  """``old`` becomes ``new`` inside function ``function`` of ``path``; ``tests`` are pytest node ids."""
+
+  name: str
+  path: str
+  function: str
+  old: str
+  new: str
+  tests: tuple[str, ...]
+
+
+MUTANTS = (
+  Mutant(
+    "variance shift",  # one-pass sums without the shift: cancellation at large means
+    "jaxbn/stats.py",
+    "_parts",
+    "shift = lax.stop_gradient(_first_valid(x, mask, feature_axes)).astype(cdt)",
+    "shift = jnp.zeros_like(_first_valid(x, mask, feature_axes)).astype(cdt)",
+    ("tests/test_stats.py::test_variance_accurate_at_large_mean_float32",),
+  ),
+  Mutant(
+    "unweighted per-device means",  # the mean of per-part means, as flax's cross-device average
+    "jaxbn/stats.py",
+    "_merge_rows",
+    "dmean = jnp.sum(jnp.where(part, count * delta, 0), axis=0) / jnp.maximum(total, 1)",
+    "dmean = jnp.sum(jnp.where(part, delta, 0), axis=0) / jnp.maximum(jnp.sum(part, axis=0), 1)",
+    (
+      "tests/test_parallel.py::test_uneven_counts_two_devices_exact_where_flax_averages_means",
+      "tests/test_stats.py::test_merge_is_exact_for_uneven_parts",
+    ),
+  ),
+  Mutant(
+    "rounding before the merge",  # each part's mean rounded to one float before the merge
+    "jaxbn/stats.py",
+    "_merge_rows",
+    "delta = (hi - ref_hi) + (lo - ref_lo)",
+    "delta = (hi + lo) - (ref_hi + ref_lo)",
+    ("tests/test_stats.py::test_cross_device_variance_accurate_at_large_mean",),
+  ),
+  Mutant(
+    "biased for unbiased running variance",
+    "jaxbn/functional.py",
+    "running_update",
+    "var = stats.m2 / jnp.maximum(stats.count - 1, 1)",
+    "var = stats.var",
+    ("tests/test_functional.py::test_unbiased_running_variance_is_bessel_corrected",),
+  ),
+  Mutant(
+    "mask in the backward correction",  # masked-out elements get the mean's correction too
+    "jaxbn/_fused.py",
+    "_bn_train_bwd",
+    "correction = jnp.where(mask, correction, 0)",
+    "correction = correction",
+    ("tests/test_fused.py::test_fused_gradients_equal_autodiff",),
+  ),
+  Mutant(
+    "projection in SGDP/AdamP",  # the radial part of the update is kept
+    "jaxbn/transforms/projection.py",
+    "_remove_radial",
+    "return u - pn * jnp.sum(pn * u, axis=axes, keepdims=True)",
+    "return u + 0 * pn",
+    (
+      "tests/peers/test_adamp.py::test_adamp_matches_reference",
+      "tests/peers/test_adamp.py::test_sgdp_matches_reference",
+    ),
+  ),
+  Mutant(
+    "remainder mask",  # the last micro-batch counts the rows it re-reads a second time
+    "jaxbn/training/sweep.py",
+    "slice",
+    "valid = start + jnp.arange(m) >= i * m",
+    "valid = start + jnp.arange(m) >= 0",
+    ("tests/test_training.py::test_without_batch_norm_equals_one_step_on_the_whole_dataset",),
+  ),
+  Mutant(
+    "stats update on a skipped step",  # the guard keeps parameters but not the running statistics
+    "jaxbn/training/step.py",
+    "_GuardedUpdate.__call__",
+    "batch_stats = keep(batch_stats, state.batch_stats)",
+    "batch_stats = batch_stats",
+    ("tests/test_training.py::test_non_finite_step_changes_nothing",),
+  ),
+  Mutant(
+    "guard blind to statistics",  # overflowing batch statistics do not skip the step
+    "jaxbn/training/step.py",
+    "_GuardedUpdate.__call__",
+    "finite &= jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(stats)]))",
+    "finite &= True",
+    ("tests/test_training.py::test_guard_also_covers_overflowing_statistics_and_float16_norms",),
+  ),
+  Mutant(
+    "accumulation dtype",  # micro-batch gradients summed in the parameters' dtype
+    "jaxbn/training/sweep.py",
+    "zeros_like_grads",
+    "jnp.zeros(jnp.shape(p), _checks.stats_dtype(jnp.result_type(p)))",
+    "jnp.zeros(jnp.shape(p), jnp.result_type(p))",
+    ("tests/test_training.py::test_accumulated_bfloat16_gradient_is_the_float32_mean",),
+  ),
+  Mutant(
+    "exact-mode adjoint chain",  # earlier layers miss the later layers' share of their adjoints
+    "jaxbn/training/exact.py",
+    "_adjoint_sweeps",
+    "adjoint[:layer] = jax.tree.map(jnp.add, adjoint[:layer], g_diff)",
+    "adjoint[:layer] = adjoint[:layer]",
+    ("tests/test_exact_batch_norm.py::test_equals_one_batch_on_the_whole_dataset",),
+  ),
+  Mutant(
+    "exact-mode second derivatives",  # the adjoint sweep holds the whole-data mean fixed
+    "jaxbn/training/exact.py",
+    "_ExactHook.__call__",
+    "t_mean, t_var, mean, count = self.cotangent",
+    "t_mean, t_var, mean, count = self.cotangent\n    mean = jax.lax.stop_gradient(mean)",
+    ("tests/test_derivative_oracles.py::test_linen_gradient_hvp_and_sharpness_equal_one_flax_pass[exact-scan-10]",),
+  ),
+  Mutant(
+    "restore of counters",  # skipped taken from the template instead of the checkpoint
+    "jaxbn/training/checkpoint.py",
+    "restore_checkpoint",
+    "return jax.tree.unflatten(jax.tree.structure(like), jax.tree.leaves(restored))",
+    "return jax.tree.unflatten(jax.tree.structure(like), jax.tree.leaves(restored))._replace(skipped=like.skipped)",
+    ("tests/test_checkpoint.py",),
+  ),
+  Mutant(
+    "one running update for a layer called twice",  # the calls' statistics merged into one update
+    "jaxbn/linen.py",
+    "record_moments",
+    'module.put_variable(MOMENTS, "calls", (*calls, stats))',
+    "pass",
+    ("tests/test_exact_batch_norm.py::test_layer_called_twice_updates_like_model_apply",),
+  ),
+  Mutant(
+    "module option dropped",  # the Flax modules lose unbiased_running_var on the way to the record
+    "jaxbn/_layer.py",
+    "module_options",
+    "return batch_norm_options(fn, **values)",
+    'return batch_norm_options(fn, **{**values, "unbiased_running_var": False})',
+    ("tests/test_linen.py::test_extras_match_the_pure_functions[cumulative-unbiased]",),
+  ),
+)
+
+
+def _function_span(source: str, function: str) -> tuple[int, int]:
+  """Line span (0-based start, end exclusive) of the only function named ``function`` (or ``Class.method``)."""
+  owner, _, name = function.rpartition(".")
+  tree = ast.parse(source)
+  scopes = (
+    [node for node in ast.walk(tree) if isinstance(node, ast.ClassDef) and node.name == owner] if owner else [tree]
+  )
+  spans = [
+    (node.lineno - 1, node.end_lineno or node.lineno)
+    for scope in scopes
+    for node in (scope.body if owner else ast.walk(scope))
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name
+  ]
+  if len(spans) != 1:
+    raise ValueError(f"{len(spans)} functions named {function!r} (expected exactly one)")
+  return spans[0]
+
+
+def mutate(source: str, mutant: Mutant) -> str:
+  """``source`` with the mutant's snippet replaced inside its function; raises if it is not there exactly once."""
+  lines = source.splitlines(keepends=True)
+  start, end = _function_span(source, mutant.function)
+  body = "".join(lines[start:end])
+  if body.count(mutant.old) != 1:
+    raise ValueError(f"{mutant.path}:{mutant.function} holds {body.count(mutant.old)} copies of {mutant.old!r}")
+  return "".join(lines[:start]) + body.replace(mutant.old, mutant.new) + "".join(lines[end:])
+
+
+def _pytest(copy: pathlib.Path, tests: tuple[str, ...]) -> tuple[int, float, str]:
+  env = {**os.environ, "PYTHONPATH": str(copy), "XLA_FLAGS": ""}
+  args = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-n", "0", *tests]
+  start = time.monotonic()
+  proc = subprocess.run(args, cwd=copy, env=env, capture_output=True, text=True)
+  return proc.returncode, time.monotonic() - start, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def run(mutants: tuple[Mutant, ...], baseline: bool = True) -> bool:
+  """Runs the mutants; prints a table; True when every one is caught.
+
+  ``baseline``: first run the selected tests on the unmutated copy (skip it where the same run of the
+  suite runs them anyway, as CI does).
+  """
+  with tempfile.TemporaryDirectory(prefix="jaxbn-mutants-") as tmp:
+    copy = pathlib.Path(tmp)
+    for name in COPIED:
+      src = ROOT / name
+      if src.is_dir():
+        shutil.copytree(src, copy / name, ignore=shutil.ignore_patterns("__pycache__", "mutants"))
+      else:
+        shutil.copy2(src, copy / name)
+    originals = {m.path: (copy / m.path).read_text() for m in mutants}
+    for m in mutants:  # every mutant applies before anything runs
+      mutate(originals[m.path], m)
+    env = {**os.environ, "PYTHONPATH": str(copy)}
+    probe = [sys.executable, "-c", "import jaxbn; print(jaxbn.__file__)"]
+    imported = subprocess.run(probe, cwd=copy, env=env, capture_output=True, text=True).stdout.strip()
+    if not imported.startswith(str(copy)):
+      print(f"the copy's tests would import jaxbn from {imported!r}, not from the copy {copy}")
+      return False
+    if baseline:
+      tests = tuple(dict.fromkeys(t for m in mutants for t in m.tests))
+      code, seconds, out = _pytest(copy, tests)
+      print(f"unmutated: {len(tests)} test selections, exit {code}, {seconds:.0f} s")
+      if code != 0:
+        print(out)
+        return False
+    rows, ok = [], True
+    for m in mutants:
+      target = copy / m.path
+      target.write_text(mutate(originals[m.path], m))
+      try:
+        code, seconds, out = _pytest(copy, m.tests)
+      finally:
+        target.write_text(originals[m.path])
+      verdict = {0: "SURVIVED", 1: "caught"}.get(code, f"ERROR (pytest exit {code})")
+      ok &= code == 1
+      rows.append((m.name, f"{m.path}:{m.function}", ", ".join(t.split("/")[-1] for t in m.tests), verdict, seconds))
+      if code != 1:
+        print(f"--- {m.name}: {verdict}\n{out}")
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'mutant':{width}}  {'verdict':9}  {'s':>4}  where / tests run")
+    for name, where, tests_run, verdict, seconds in rows:
+      print(f"{name:{width}}  {verdict:9}  {seconds:4.0f}  {where} / {tests_run}")
+    caught = sum(r[3] == "caught" for r in rows)
+    print(f"\n{caught} of {len(rows)} mutants caught")
+  return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--list", action="store_true", help="list the mutants and their tests, run nothing")
+  p.add_argument("--only", action="append", default=[], help="run only the mutant with this name (repeatable)")
+  p.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the selected tests")
+  args = p.parse_args(argv)
+  chosen = tuple(m for m in MUTANTS if not args.only or m.name in args.only)
+  unknown = set(args.only) - {m.name for m in MUTANTS}
+  if unknown:
+    p.error(f"unknown mutants {sorted(unknown)}; --list shows them")
+  if args.list:
+    for m in chosen:
+      print(f"{m.name}: {m.path}:{m.function} -> {', '.join(m.tests)}")
+    return 0
+  return 0 if run(chosen, baseline=not args.no_baseline) else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())
