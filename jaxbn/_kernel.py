@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["bshape", "inv_std", "scale_shift"]
+__all__ = ["bshape", "inv_std", "normalize", "scale_shift"]
 
 
 def bshape(x_shape: tuple[int, ...], feature_axes: tuple[int, ...]) -> tuple[int, ...]:
@@ -53,3 +53,21 @@ def scale_shift(
   if bias is not None:
     y = y + bias.astype(cdt).reshape(b)
   return y.astype(dtype)
+
+
+def normalize(
+  x: jax.Array,
+  mean: jax.Array,
+  var: jax.Array,
+  scale: jax.Array | None,
+  bias: jax.Array | None,
+  feature_axes: tuple[int, ...],
+  epsilon: Any,
+  dtype: Any,
+) -> jax.Array:
+  """``(x - mean) * rsqrt(var + epsilon) * scale + bias`` with given statistics, in ``mean``'s dtype; unchecked.
+
+  ``epsilon`` takes the real dtype of ``mean`` (the real part's for a complex mean).
+  """
+  inv = lax.rsqrt(var + jnp.asarray(epsilon, jnp.finfo(mean.dtype).dtype))
+  return scale_shift(x, mean, inv, scale, bias, feature_axes, dtype)

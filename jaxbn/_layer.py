@@ -14,10 +14,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from jaxbn import _checks, _hooks
-from jaxbn._kernel import inv_std, scale_shift
+from jaxbn._kernel import inv_std, normalize, scale_shift
 from jaxbn._options import OPTION_NAMES, BatchNormOptions, batch_norm_options
 from jaxbn.functional import BatchNormState, check_call, evaluate, running_update, train
 from jaxbn.stats import Stats, compute_complex_stats
@@ -111,8 +110,8 @@ def _complex_forward(
   state = call.state
   if not training:
     mean = jnp.asarray(state.mean).astype(jnp.promote_types(cdt, jnp.complex64))
-    inv = lax.rsqrt(jnp.asarray(state.var).astype(cdt) + jnp.asarray(opts.epsilon, cdt))
-    return scale_shift(x, mean, inv, call.scale, call.bias, call.axes, out), state, None
+    var = jnp.asarray(state.var).astype(cdt)
+    return normalize(x, mean, var, call.scale, call.bias, call.axes, opts.epsilon, out), state, None
   if want_stats or _hooks.current() is not None:
     raise ValueError(
       f"{fn}: x is complex ({x.dtype}), and the batch statistics that jaxbn.recalibrate and jaxbn.training "

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbn import _checks, _hooks
+from jaxbn import _checks, _hooks, _kernel
 from jaxbn._fused import batch_norm_train
 from jaxbn._kernel import inv_std, scale_shift
 from jaxbn._options import RUNNING_AVERAGES as RUNNING_AVERAGES  # re-exported, as before
@@ -262,8 +262,7 @@ def normalize(
   _checks.positive(fn, "epsilon", epsilon)
   dtype = _checks.floating_dtype(fn, "dtype", dtype)
   x = jnp.asarray(x)
-  inv = lax.rsqrt(var + jnp.asarray(epsilon, mean.dtype))
-  return scale_shift(x, mean, inv, scale, bias, axes, x.dtype if dtype is None else dtype)
+  return _kernel.normalize(x, mean, var, scale, bias, axes, epsilon, x.dtype if dtype is None else dtype)
 
 
 def _fused_forward_mode_error(fn: str) -> ValueError:
@@ -429,9 +428,8 @@ def evaluate(opts: BatchNormOptions, call: Call) -> tuple[jax.Array, BatchNormSt
   x = call.x
   cdt = _checks.stats_dtype(x.dtype)
   mean, var = jnp.asarray(call.state.mean).astype(cdt), jnp.asarray(call.state.var).astype(cdt)
-  inv = lax.rsqrt(var + jnp.asarray(opts.epsilon, cdt))
-  y = scale_shift(x, mean, inv, call.scale, call.bias, call.axes, x.dtype if opts.dtype is None else opts.dtype)
-  return y, call.state, None
+  out = x.dtype if opts.dtype is None else opts.dtype
+  return _kernel.normalize(x, mean, var, call.scale, call.bias, call.axes, opts.epsilon, out), call.state, None
 
 
 def train(opts: BatchNormOptions, call: Call) -> tuple[jax.Array, BatchNormState, Stats]:

@@ -312,7 +312,9 @@ def ghost_batch_norm(
   return _variant(opts, x, state, scale, bias, training, axis, mask)
 
 
-def _variant(opts, x, state, scale, bias, training, axis, mask) -> tuple[jax.Array, BatchNormState]:
+def _variant(
+  opts: BatchNormOptions, x: Any, state: Any, scale: Any, bias: Any, training: Any, axis: Any, mask: Any
+) -> tuple[jax.Array, BatchNormState]:
   """The public variants after their options are checked: the call's checks, then training or evaluation."""
   call = check_call(opts.fn, x, state, scale, bias, axis, mask)
   check_ghost_rows(opts, call)
