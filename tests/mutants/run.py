@@ -10,7 +10,11 @@ Each mutant is a replacement of one snippet inside one named function of the lib
 repository once to a temporary folder, checks that the selected tests pass there unmutated, then for
 each mutant writes the changed function, runs only the tests that should catch it and restores the
 file. A mutant is caught when pytest reports a failing test; it survives when they all pass; anything
-else (an import error, no test collected) is an error of the list, also a failure.
+else (an import error, no test collected) is an error of the list, also a failure. Each mutant lists
+the smallest selection that catches it (pytest runs it with ``-x``: the first failure ends the run,
+so later node ids only run where the earlier ones miss). Each run is a fork of the runner, which has
+imported JAX, Flax and pytest once (a new Python process where there is no fork, or with
+``JAXBN_MUTANTS_NO_FORK=1``).
 
 Keep the list current when code moves: ``tests/test_mutants.py`` runs this in CI.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import importlib
 import os
 import pathlib
 import shutil
@@ -27,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 COPIED = ("jaxbn", "tests", "conftest.py", "pyproject.toml")
@@ -86,7 +92,7 @@ MUTANTS = (
     "_bn_train_bwd",
     "correction = jnp.where(mask, correction, 0)",
     "correction = correction",
-    ("tests/test_fused.py::test_fused_gradients_equal_autodiff",),
+    ("tests/test_fused.py::test_fused_gradients_equal_autodiff[rows-shape2--1]",),  # masked rows, (64, 7)
   ),
   Mutant(
     "projection in SGDP/AdamP",  # the radial part of the update is kept
@@ -95,8 +101,8 @@ MUTANTS = (
     "return u - pn * jnp.sum(pn * u, axis=axes, keepdims=True)",
     "return u + 0 * pn",
     (
-      "tests/peers/test_adamp.py::test_adamp_matches_reference",
-      "tests/peers/test_adamp.py::test_sgdp_matches_reference",
+      "tests/peers/test_adamp.py::test_sgdp_matches_reference[plain]",
+      "tests/peers/test_adamp.py::test_adamp_matches_reference[plain]",
     ),
   ),
   Mutant(
@@ -105,7 +111,7 @@ MUTANTS = (
     "slice",
     "valid = start + jnp.arange(m) >= i * m",
     "valid = start + jnp.arange(m) >= 0",
-    ("tests/test_training.py::test_without_batch_norm_equals_one_step_on_the_whole_dataset",),
+    ("tests/test_training.py::test_without_batch_norm_equals_one_step_on_the_whole_dataset[3]",),  # 10 rows by 3
   ),
   Mutant(
     "stats update on a skipped step",  # the guard keeps parameters but not the running statistics
@@ -137,7 +143,10 @@ MUTANTS = (
     "_adjoint_sweeps",
     "adjoint[:layer] = jax.tree.map(jnp.add, adjoint[:layer], g_diff)",
     "adjoint[:layer] = adjoint[:layer]",
-    ("tests/test_exact_batch_norm.py::test_equals_one_batch_on_the_whole_dataset",),
+    (  # flax's model.apply on all rows: one layer called twice, so the second call's adjoint reaches the first
+      "tests/test_exact_batch_norm.py::test_layer_called_twice_updates_like_model_apply[exact-None]",
+      "tests/test_exact_batch_norm.py::test_equals_one_batch_on_the_whole_dataset[None-MLP-shape0]",
+    ),
   ),
   Mutant(
     "exact-mode second derivatives",  # the adjoint sweep holds the whole-data mean fixed
@@ -161,7 +170,7 @@ MUTANTS = (
     "record_moments",
     'module.put_variable(MOMENTS, "calls", (*calls, stats))',
     "pass",
-    ("tests/test_exact_batch_norm.py::test_layer_called_twice_updates_like_model_apply",),
+    ("tests/test_exact_batch_norm.py::test_layer_called_twice_updates_like_model_apply[exact-None]",),
   ),
   Mutant(
     "module option dropped",  # the Flax modules lose unbiased_running_var on the way to the record
@@ -202,12 +211,74 @@ def mutate(source: str, mutant: Mutant) -> str:
   return "".join(lines[:start]) + body.replace(mutant.old, mutant.new) + "".join(lines[end:])
 
 
-def _pytest(copy: pathlib.Path, tests: tuple[str, ...]) -> tuple[int, float, str]:
-  env = {**os.environ, "PYTHONPATH": str(copy), "XLA_FLAGS": ""}
-  args = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-n", "0", *tests]
+# Third-party modules that every mutant's test run imports: the runner imports them once and starts each
+# run as a fork of itself (where the platform has fork), so that a run pays for jaxbn, its test file and
+# their compilations only, not for starting Python, JAX, Flax and pytest again. jaxbn is never imported
+# here, and JAX's backend is never started (a fork after that would be unsafe), so every run imports the
+# (mutated) copy afresh and starts its own backend, as a new process would. pytest's plugins (xdist,
+# hypothesis) are left for each run to import, so that pytest can rewrite their asserts as usual.
+PRELOAD = ("numpy", "jax", "jax.numpy", "flax.linen", "flax.nnx", "optax", "pytest")
+PRELOAD_PEERS = ("torch", "adamp")  # only where a selected test is a peer's parity test (tests/peers/)
+
+
+def _preload(mutants: tuple[Mutant, ...]) -> bool:
+  """Imports PRELOAD (and the peers the mutants' tests need) unless fork is missing; True when runs may fork."""
+  if not hasattr(os, "fork") or os.environ.get("JAXBN_MUTANTS_NO_FORK"):
+    return False
+  os.environ["XLA_FLAGS"] = ""  # as the root conftest.py leaves it for a test process
+  peers = any(t.startswith("tests/peers/") for m in mutants for t in m.tests)
+  for name in PRELOAD + (PRELOAD_PEERS if peers else ()):
+    try:
+      importlib.import_module(name)
+    except ImportError:  # a missing peer: its tests skip in the run, which then reports it
+      pass
+  from jax._src import xla_bridge
+
+  assert not xla_bridge.backends_are_initialized(), "an import started JAX's backend; forking would be unsafe"
+  assert "jaxbn" not in sys.modules, "jaxbn imported in the runner: the runs must import the mutated copy"
+  return True
+
+
+def _pytest(copy: pathlib.Path, tests: tuple[str, ...], fork: bool) -> tuple[int, float, str]:
+  """Runs pytest on ``tests`` in ``copy``: in a forked child of this process, or in a new one."""
+  args = ["-q", "-x", "-p", "no:cacheprovider", "-n", "0", *tests]
+  env = {"PYTHONPATH": str(copy), "XLA_FLAGS": ""}
   start = time.monotonic()
-  proc = subprocess.run(args, cwd=copy, env=env, capture_output=True, text=True)
-  return proc.returncode, time.monotonic() - start, proc.stdout[-2000:] + proc.stderr[-2000:]
+  with tempfile.TemporaryFile("w+") as log:
+    if not fork:
+      proc = subprocess.run(
+        [sys.executable, "-m", "pytest", *args], cwd=copy, env={**os.environ, **env}, stdout=log, stderr=log
+      )
+      code = proc.returncode
+    else:
+      sys.stdout.flush()
+      sys.stderr.flush()
+      pid = os.fork()
+      if pid == 0:  # the child: becomes the test process
+        code = 3
+        try:
+          os.dup2(log.fileno(), 1)
+          os.dup2(log.fileno(), 2)
+          os.chdir(copy)
+          os.environ.update(env)  # for the subprocesses the tests start
+          sys.path.insert(0, str(copy))
+          import pytest
+
+          code = int(pytest.main(args))
+          imported = getattr(sys.modules.get("jaxbn"), "__file__", None) or ""
+          if not imported.startswith(str(copy)):
+            print(f"the tests imported jaxbn from {imported!r}, not from the copy {copy}")
+            code = 4
+        except BaseException:
+          traceback.print_exc()
+        finally:
+          sys.stdout.flush()
+          sys.stderr.flush()
+          os._exit(code)
+      code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    log.seek(0)
+    out = log.read()
+  return code, time.monotonic() - start, out[-4000:]
 
 
 def run(mutants: tuple[Mutant, ...], baseline: bool = True) -> bool:
@@ -227,15 +298,17 @@ def run(mutants: tuple[Mutant, ...], baseline: bool = True) -> bool:
     originals = {m.path: (copy / m.path).read_text() for m in mutants}
     for m in mutants:  # every mutant applies before anything runs
       mutate(originals[m.path], m)
-    env = {**os.environ, "PYTHONPATH": str(copy)}
-    probe = [sys.executable, "-c", "import jaxbn; print(jaxbn.__file__)"]
-    imported = subprocess.run(probe, cwd=copy, env=env, capture_output=True, text=True).stdout.strip()
-    if not imported.startswith(str(copy)):
-      print(f"the copy's tests would import jaxbn from {imported!r}, not from the copy {copy}")
-      return False
+    fork = _preload(mutants)  # a forked run checks where it imported jaxbn from itself, after its tests
+    if not fork:
+      env = {**os.environ, "PYTHONPATH": str(copy)}
+      probe = [sys.executable, "-c", "import jaxbn; print(jaxbn.__file__)"]
+      imported = subprocess.run(probe, cwd=copy, env=env, capture_output=True, text=True).stdout.strip()
+      if not imported.startswith(str(copy)):
+        print(f"the copy's tests would import jaxbn from {imported!r}, not from the copy {copy}")
+        return False
     if baseline:
       tests = tuple(dict.fromkeys(t for m in mutants for t in m.tests))
-      code, seconds, out = _pytest(copy, tests)
+      code, seconds, out = _pytest(copy, tests, fork)
       print(f"unmutated: {len(tests)} test selections, exit {code}, {seconds:.0f} s")
       if code != 0:
         print(out)
@@ -245,7 +318,7 @@ def run(mutants: tuple[Mutant, ...], baseline: bool = True) -> bool:
       target = copy / m.path
       target.write_text(mutate(originals[m.path], m))
       try:
-        code, seconds, out = _pytest(copy, m.tests)
+        code, seconds, out = _pytest(copy, m.tests, fork)
       finally:
         target.write_text(originals[m.path])
       verdict = {0: "SURVIVED", 1: "caught"}.get(code, f"ERROR (pytest exit {code})")
