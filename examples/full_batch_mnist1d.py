@@ -21,11 +21,11 @@ What jaxbn does here:
   then normalizes each slice with its own statistics, i.e. ghost batches of size ``m`` (Hoffer et al.,
   "Train longer, generalize better", NeurIPS 2017), a slightly different model; the running statistics
   are still updated once per step, from the exact statistics of all 4000 rows. The default is the
-  whole data set at once, the fastest on a CPU. With micro-batches the step runs them with
-  ``loop="host"`` (one compiled micro-batch program called from Python; ``--loop scan`` runs them in a
-  ``lax.scan`` inside one program instead): XLA:CPU only canonicalizes convolutions outside loops, so
-  a convolution's weight gradient inside the scan takes a slow kernel. Measured on 2 shared cores:
-  micro-batches of 1000 reach 96.3% in ~47 s (seed 0) with the host loop; the scan was ~2x slower.
+  whole data set at once, the fastest on a CPU. The step's default ``loop="auto"`` runs micro-batches
+  with the host loop on a CPU (one compiled program per micro-batch called from Python; ``--loop scan``
+  runs them in a ``lax.scan`` inside one program instead): XLA:CPU only canonicalizes convolutions
+  outside loops, so a convolution's weight gradient inside the scan takes a slow kernel
+  (``benchmarks/full_batch.py`` measures both).
 * The optimizer chain starts with ``jaxbn.transforms.clip_by_running_norm`` (spike protection, as in
   ZClip: a step whose gradient norm is an outlier of the norm's running mean and variance, z-score
   above ``--spike-z``, is scaled down). At this learning rate full-batch descent runs at the edge of
@@ -166,8 +166,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     choices=("auto", "scan", "host"),
     default="auto",
     help="how the step runs micro-batches: 'scan' (one compiled program), 'host' (one compiled program per "
-    "micro-batch, called from Python: faster for convolutions on a CPU); 'auto': host with micro-batches, "
-    "else scan",
+    "micro-batch, called from Python: faster for convolutions on a CPU); 'auto': the step's default (host on "
+    "a CPU, scan on GPU and TPU)",
   )
   parser.add_argument("--weight-decay", type=float, default=2e-2, help="L2 weight decay added to the gradient")
   parser.add_argument(
@@ -289,8 +289,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model, optax.softmax_cross_entropy_with_integer_labels, metrics=accuracy, train=True
   )
   # The loss function carries the running-statistics update (loss_fn.update_batch_stats) to the step.
-  loop = args.loop if args.loop != "auto" else "scan" if args.micro_batch_size is None else "host"
-  step = jaxbn.training.full_batch_step(loss_fn, optimizer, micro_batch_size=args.micro_batch_size, loop=loop)
+  step = jaxbn.training.full_batch_step(loss_fn, optimizer, micro_batch_size=args.micro_batch_size, loop=args.loop)
+  loop = step.loop  # the one "auto" picked for this backend
   state = jaxbn.training.TrainState.create(variables["params"], variables["batch_stats"], optimizer)
   state = jax.device_put(state, replicated)
 

@@ -44,6 +44,7 @@ __all__ = [
   "trace_state",
   "varying",
   "varying_like",
+  "varying_over",
 ]
 
 
@@ -59,6 +60,22 @@ def varying_like(x: jax.Array, *like: Any) -> jax.Array:
   """``x`` marked as varying over the mesh axes any of ``like`` varies over (``jax.shard_map`` types)."""
   axes = tuple(sorted(frozenset().union(*(varying(v) for v in like)) - varying(x), key=str))
   return lax.pcast(x, axes, to="varying") if axes else x
+
+
+def varying_over(tree: Any, axis_name: Any) -> Any:
+  """``tree``'s arrays marked as varying over the named axes (a no-op where nothing checks it, as in pmap).
+
+  A gradient with respect to such a copy of replicated parameters stays each device's own partial
+  sum, where one with respect to the parameters themselves is summed over devices by autodiff
+  (``jax.shard_map``), once per use.
+  """
+  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+
+  def cast(x: Any) -> Any:
+    axes = tuple(a for a in names if a not in varying(x))
+    return lax.pcast(x, axes, to="varying") if axes else x
+
+  return jax.tree.map(cast, tree)
 
 
 # ---- Explicit meshes ----------------------------------------------------------------------------

@@ -239,7 +239,7 @@ def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.matmul(a, b, precision=lax.Precision.HIGHEST)
 
 
-def _lanczos(matvec, v0, num_iters, tol):
+def _lanczos(matvec, v0, num_iters, tol, while_loop=lax.while_loop):
   m, n, dtype = num_iters, v0.shape[0], v0.dtype
   noise = jnp.sqrt(jnp.asarray(n, dtype)) * jnp.finfo(dtype).eps
 
@@ -281,12 +281,12 @@ def _lanczos(matvec, v0, num_iters, tol):
     jnp.zeros(m, dtype),
     jnp.zeros((), bool),
   )
-  _, _, basis, _, _, _, theta, y, _ = lax.while_loop(cond, body, init)
+  _, _, basis, _, _, _, theta, y, _ = while_loop(cond, body, init)
   vector = _dot(basis.T, y)
   return theta, vector / jnp.maximum(jnp.linalg.norm(vector), jnp.finfo(dtype).tiny)
 
 
-def _power(matvec, v0, num_iters, tol):
+def _power(matvec, v0, num_iters, tol, while_loop=lax.while_loop):
   def body(carry):
     j, v, _, _, _ = carry
     w = matvec(v)
@@ -302,7 +302,7 @@ def _power(matvec, v0, num_iters, tol):
     return (j < num_iters) & ~done
 
   init = (jnp.zeros((), jnp.int32), v0, v0, jnp.zeros((), v0.dtype), jnp.zeros((), bool))
-  _, _, v, theta, _ = lax.while_loop(cond, body, init)
+  _, _, v, theta, _ = while_loop(cond, body, init)
   return theta, v
 
 
@@ -316,6 +316,7 @@ def top_hessian_eigenvalue(
   key: jax.Array | None = None,
   init: Any = None,
   mode: str = "forward",
+  jit: bool = True,
 ) -> tuple[jax.Array, Any]:
   """The sharpness: the largest eigenvalue of the Hessian whose gradient is ``grad_fn``, and its eigenvector.
 
@@ -358,14 +359,17 @@ def top_hessian_eigenvalue(
       call, which makes power iteration converge in a few products while training moves slowly);
       overrides ``key``, except where it is all zeros or not finite: there the random start is used.
     mode: how products are taken, see :func:`hessian_vector_product`.
+    jit: run the whole iteration as one compiled program (default); False runs it from Python, one
+      Hessian-vector product per iteration, for a ``grad_fn`` that cannot be traced into one program
+      (e.g. one that calls compiled programs per micro-batch, as ``full_batch_step(..., loop="host")``).
 
   Returns:
     ``(eigenvalue, eigenvector)``: a scalar, and a pytree like ``params`` with unit global L2 norm
     (in the parameters' dtypes).
 
   Raises:
-    TypeError: ``grad_fn`` is not callable, a leaf of ``params`` is not floating, or ``num_iters`` is
-      not an int.
+    TypeError: ``grad_fn`` is not callable, a leaf of ``params`` is not floating, ``num_iters`` is
+      not an int, or ``jit`` not a bool.
     ValueError: an argument is out of range, or ``init`` or ``grad_fn(params)`` is not shaped like
       ``params``.
 
@@ -403,6 +407,7 @@ def top_hessian_eigenvalue(
     raise TypeError(f"{_TOP}: num_iters must be a positive Python int (a loop length), got {num_iters!r}.")
   if num_iters < 1:
     raise ValueError(f"{_TOP}: num_iters must be >= 1, got {num_iters}.")
+  jit = _checks.static_bool(_TOP, "jit", jit)
   tol_value = _checks.concrete_number(tol)
   if tol_value is None:
     raise TypeError(f"{_TOP}: tol must be a Python number known at trace time, got {tol!r}.")
@@ -434,15 +439,24 @@ def top_hessian_eigenvalue(
       return jnp.concatenate([jnp.ravel(x).astype(dtype) for x in jax.tree.leaves(hv)])
 
     tol_array = jnp.asarray(tol_value, dtype)
+    loop = lax.while_loop if jit else _python_while_loop
     if method == "lanczos":
-      value, vector = _lanczos(matvec, v0, min(int(num_iters), n), tol_array)
+      value, vector = _lanczos(matvec, v0, min(int(num_iters), n), tol_array, loop)
     else:
-      value, vector = _power(matvec, v0, int(num_iters), tol_array)
+      value, vector = _power(matvec, v0, int(num_iters), tol_array, loop)
     return value, unravel(vector.astype(flat.dtype))
 
   # One compiled program even when called outside jax.jit (op-by-op dispatch of the setup and of
   # the result's unraveling would cost more than the loop).
-  return jax.jit(run)(params, key, init)
+  return jax.jit(run)(params, key, init) if jit else run(params, key, init)
+
+
+def _python_while_loop(cond: Callable[[Any], Any], body: Callable[[Any], Any], init: Any) -> Any:
+  """``lax.while_loop`` run from Python, each iteration op by op (its body may call compiled programs)."""
+  carry = init
+  while bool(cond(carry)):
+    carry = body(carry)
+  return carry
 
 
 # ---- stability threshold ----------------------------------------------------------------------

@@ -21,7 +21,8 @@ from jax.sharding import PartitionSpec as P
 import jaxbn
 from jaxbn.training import TrainState, full_batch_step, linen_loss, nnx_loss, sharpness
 from jaxbn.training.exact import objective_gradient
-from jaxbn.training.sweep import MicroBatches
+from jaxbn.training.loops import HostLoop
+from jaxbn.training.sweep import SCAN, MicroBatches
 
 pytestmark = pytest.mark.slow  # float64 Hessians of whole models: CI runs them; -m "not slow" skips them
 
@@ -126,6 +127,7 @@ CASES = [
   ("ghost", "scan", 12),
   ("ghost", "scan", 10),
   ("ghost", "host", 10),
+  ("exact", "host", 10),
 ]
 
 
@@ -138,26 +140,28 @@ def test_linen_gradient_hvp_and_sharpness_equal_one_flax_pass(bn_mode, loop, mic
   params = variables["params"]
   loss_fn = linen_loss(Net(), xent)
   options = dict(micro_batch_size=micro_batch_size, bn_mode=bn_mode, loop=loop, donate=False)
-  if loop == "scan":  # the host loop offers neither sharpness nor exact mode (refused, tested elsewhere)
-    options.update(sharpness_every=1, sharpness_iters=40)
+  options.update(sharpness_every=1, sharpness_iters=40)
 
   # The gradient the step applies, and the sharpness it reports: the top eigenvalue of the dense Hessian.
   state = TrainState.create(params, variables["batch_stats"], _recorder())
   new, metrics = full_batch_step(loss_fn, _recorder(), **options)(state, data)
   _assert_tree_close(new.opt_state, jax.grad(objective)(params), rtol=1e-10, atol=1e-12)
   np.testing.assert_allclose(float(metrics.loss), float(objective(params)), rtol=1e-12)
-  if loop == "host":
-    return
   top = np.linalg.eigvalsh(_dense_hessian(objective, params)[0])[-1]
   assert metrics.sharpness.dtype == F64
   np.testing.assert_allclose(float(metrics.sharpness), top, rtol=1e-6)
 
   # Hessian-vector products through the step's accumulated gradient.
-  gradient = objective_gradient(MicroBatches("test", loss_fn, micro_batch_size), bn_mode)
-  grad_fn = jax.jit(lambda p: gradient(p, variables["batch_stats"], data)[1])
+  # The host loop's are a sweep of compiled per-micro-batch JVPs, its gradient runs from Python.
+  host = loop == "host"
+  gradient = objective_gradient(
+    MicroBatches("test", loss_fn, micro_batch_size, loop=HostLoop() if host else SCAN), bn_mode
+  )
+  grad_fn = lambda p: gradient(p, variables["batch_stats"], data)[1]
+  grad_fn = grad_fn if host else jax.jit(grad_fn)
   v = _vector(params)
   expected = jax.jvp(jax.grad(objective), (params,), (v,))[1]
-  modes = ("forward", "reverse") if (bn_mode, micro_batch_size) == ("exact", 10) else ("forward",)
+  modes = ("forward", "reverse") if (bn_mode, loop, micro_batch_size) == ("exact", "scan", 10) else ("forward",)
   for mode in modes:
     _assert_tree_close(jaxbn.hessian_vector_product(grad_fn, params, v, mode=mode), expected, rtol=1e-8, atol=1e-10)
 

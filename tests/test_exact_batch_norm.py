@@ -209,8 +209,10 @@ def test_errors():
     step(TrainState.create({"w": jnp.ones(5)}, {}, opt), data)
   with pytest.raises(ValueError, match=r"bn_mode must be 'ghost' or 'exact', got 'full'"):
     full_batch_step(linen_loss(MLP(), xent), opt, bn_mode="full")
-  with pytest.raises(ValueError, match=r"bn_mode='exact' .* use loop='scan'"):
-    full_batch_step(linen_loss(MLP(), xent), opt, bn_mode="exact", loop="host")
+  with pytest.raises(
+    ValueError, match=r"full_batch_step: loop must be one of \('auto', 'scan', 'host'\), got 'python'"
+  ):
+    full_batch_step(linen_loss(MLP(), xent), opt, bn_mode="exact", loop="python")
 
 
 def _plain_bn_loss(params, x, y):

@@ -160,11 +160,12 @@ def test_no_retracing_and_donated_state():
   opt = optax.sgd(0.1)
   step = full_batch_step(counting_loss, opt, micro_batch_size=4, update_batch_stats=base.update_batch_stats)
   state = TrainState.create(variables["params"], variables["batch_stats"], opt)
-  for _ in range(3):
+  for i in range(3):
     old = state
     state, _ = step(state, data)
     assert all(leaf.is_deleted() for leaf in jax.tree.leaves(old.params))
-  assert len(traces) == 1
+    # Traced once per program: the scanned step's one, or the host loop's first, next and last micro-batch.
+    assert len(traces) == (1 if step.loop == "scan" else 3), i
   # Reusing a consumed state is refused before XLA sees the deleted buffers, saying what to do.
   for loop in ("scan", "host"):
     again = full_batch_step(base, opt, micro_batch_size=4, loop=loop)
@@ -173,12 +174,15 @@ def test_no_retracing_and_donated_state():
       ValueError, match=r"(?s)full_batch_step: the state passed in was already consumed: .*donate=False"
     ):
       again(old, data)
-  assert again.programs and full_batch_step(base, opt).lower(state, data).compile()  # still the jitted step's own
+  assert (
+    again.programs and full_batch_step(base, opt, loop="scan").lower(state, data).compile()
+  )  # still the jitted step's own
 
 
-def test_sharded_data_on_eight_devices_equals_one_device():
+@pytest.mark.parametrize("loop", ["scan", "host"])
+def test_sharded_data_on_eight_devices_equals_one_device(loop):
   data = _data(n=32)
-  _, variables, opt, step = _setup(jaxbn.linen.BatchNorm, micro_batch_size=8, donate=False)
+  _, variables, opt, step = _setup(jaxbn.linen.BatchNorm, micro_batch_size=8, donate=False, loop=loop)
   state = TrainState.create(variables["params"], variables["batch_stats"], opt)
   mesh = jax.make_mesh((8,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
   sharded = jax.device_put(data, NamedSharding(mesh, P("batch")))
@@ -190,22 +194,18 @@ def test_sharded_data_on_eight_devices_equals_one_device():
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(got_metrics.loss, want_metrics.loss, rtol=1e-6)
-  # Nothing moves the data: no collective of a row-sized (32-row) array.
-  hlo = step.lower(state, sharded).compile().as_text()
-  moved = [
-    line for line in hlo.splitlines() if re.search(r"= \w+\[32[,\]].* (all-gather|all-to-all|collective-permute)", line)
-  ]
-  assert not moved, moved
-
-
-def test_accumulates_in_float32_for_bfloat16_parameters():
-  data = _data()
-  model = MLP()
-  params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), model.init(jax.random.key(0), data["x"])["params"])
-  opt = optax.sgd(0.1)
-  step = full_batch_step(linen_loss(model, xent), opt, micro_batch_size=3, donate=False)
-  state, metrics = step(TrainState.create(params, {}, opt), data)
-  assert jax.tree.leaves(state.params)[0].dtype == jnp.bfloat16 and np.isfinite(metrics.loss)
+  # Nothing moves the data: no collective of a row-sized (32-row) array, in any of the step's programs.
+  if loop == "scan":
+    programs = [step.lower(state, sharded)]
+  else:
+    programs = [step.programs[label].lower(*args) for label, (args, _) in step.calls.items()]
+  for hlo in (p.compile().as_text() for p in programs):
+    moved = [
+      line
+      for line in hlo.splitlines()
+      if re.search(r"= \w+\[32[,\]].* (all-gather|all-to-all|collective-permute)", line)
+    ]
+    assert not moved, moved
 
 
 @pytest.mark.parametrize("loop", ["scan", "host"])

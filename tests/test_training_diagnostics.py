@@ -82,7 +82,9 @@ def test_errors():
   opt = optax.sgd(0.1)
   with pytest.raises(ValueError, match=r"sharpness_every must be a positive int or None, got 0"):
     full_batch_step(linen_loss(model, xent), opt, sharpness_every=0)
-  with pytest.raises(ValueError, match=r"sharpness_every needs .*loop='scan'"):
-    full_batch_step(linen_loss(model, xent), opt, sharpness_every=5, loop="host")
+  with pytest.raises(ValueError, match=r"jaxbn.training.sharpness: loop='host' .* takes no axis_name and jit=True"):
+    sharpness(linen_loss(model, xent), loop="host", jit=False)
+  with pytest.raises(ValueError, match=r"jaxbn.training.sharpness: loop must be one of \('auto', 'scan', 'host'\)"):
+    sharpness(linen_loss(model, xent), loop="python")
   with pytest.raises(ValueError, match=r"jaxbn.training.sharpness: bn_mode must be 'ghost' or 'exact'"):
     sharpness(linen_loss(model, xent), bn_mode="other")

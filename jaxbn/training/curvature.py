@@ -10,9 +10,10 @@ import jax
 from jaxbn import _checks, diagnostics
 from jaxbn.training._args import check_bn_mode, iterations_and_method, positive_int_or_none
 from jaxbn.training.exact import objective_gradient
+from jaxbn.training.loops import HostLoop, resolve_loop
 from jaxbn.training.loss import Loss, as_loss
 from jaxbn.training.state import LossFn, TrainState
-from jaxbn.training.sweep import GradientFn, MicroBatches, sum_over_devices
+from jaxbn.training.sweep import SCAN, GradientFn, MicroBatches, device_gradient
 
 
 def top_eigenpair(
@@ -24,8 +25,7 @@ def top_eigenpair(
   """
 
   def grad_fn(p):
-    grads = gradient(p, batch_stats, data, key)[1]
-    return grads if axis_name is None else sum_over_devices(grads, p, data, axis_name)
+    return device_gradient(gradient, p, batch_stats, data, key, axis_name)[1]
 
   return diagnostics.top_hessian_eigenvalue(grad_fn, params, **options)
 
@@ -39,6 +39,7 @@ def sharpness(
   num_iters: int = 20,
   method: str = "lanczos",
   jit: bool = True,
+  loop: str = "auto",
 ) -> Callable[..., tuple[jax.Array, Any]]:
   """The sharpness of the full-batch objective that :func:`full_batch_step` minimizes.
 
@@ -57,13 +58,17 @@ def sharpness(
     num_iters: Lanczos iterations (Hessian-vector products).
     method: ``"lanczos"`` (Lanczos 1950) or ``"power"`` (power iteration).
     jit: return the function compiled with ``jax.jit``.
+    loop: ``"auto"``, ``"scan"`` or ``"host"``, as in :func:`full_batch_step`: with the host loop the
+      Lanczos iterations run from Python and every Hessian-vector product is a sweep of compiled
+      per-micro-batch programs.
 
   Returns:
     ``fn(state, data, init=None) -> (eigenvalue, eigenvector)``; ``init`` warm-starts from a
     previous eigenvector.
 
   Raises:
-    ValueError: bad ``micro_batch_size``, ``bn_mode``, ``num_iters`` or ``method``.
+    ValueError: bad ``micro_batch_size``, ``bn_mode``, ``num_iters``, ``method`` or ``loop``;
+      ``loop="host"`` with ``axis_name`` or ``jit=False``.
     TypeError: ``loss_fn`` is not callable, or ``jit`` not a bool.
 
   Examples:
@@ -89,7 +94,12 @@ def sharpness(
   jit = _checks.static_bool(fn, "jit", jit)
   check_bn_mode(fn, bn_mode)
   micro_batch_size = positive_int_or_none(fn, "micro_batch_size", micro_batch_size)
-  gradient = objective_gradient(MicroBatches(fn, loss, micro_batch_size, axis_name), bn_mode)
+  traced = axis_name is not None or not jit
+  if loop == "host" and traced:
+    raise ValueError(f"{fn}: loop='host' runs compiled pieces from Python: it takes no axis_name and jit=True.")
+  host = resolve_loop(fn, loop, traced=traced) == "host"
+  batches = MicroBatches(fn, loss, micro_batch_size, axis_name, HostLoop() if host else SCAN)
+  gradient = objective_gradient(batches, bn_mode)
 
   def run(state: TrainState, data: Any, init: Any = None) -> tuple[jax.Array, Any]:
     return top_eigenpair(
@@ -102,6 +112,7 @@ def sharpness(
       num_iters=num_iters,
       method=method,
       init=init,
+      jit=not host,
     )
 
-  return jax.jit(run) if jit else run
+  return run if host or not jit else jax.jit(run)

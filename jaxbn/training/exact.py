@@ -35,8 +35,8 @@ from jaxbn.training.state import LossAux
 from jaxbn.training.sweep import (
   GradientFn,
   MicroBatches,
+  accumulator_dtype,
   sum_over_devices,
-  sweep,
   weight_dtype,
   weighted,
   weighted_metrics,
@@ -106,139 +106,165 @@ def _given(diff: list[Any], counts: list[Any]) -> list[_stats.Stats]:
   return [_stats.Stats(c, m, v * c) for (m, v), c in zip(diff, counts, strict=True)]
 
 
+Base = tuple[Any, Any, Any, Any]
+"""``(params, batch_stats, data, key)``: what every sweep of one evaluation reads."""
+
+
 @dataclasses.dataclass(frozen=True)
 class _Sweeps:
-  """What every sweep of one exact gradient evaluation shares: the micro-batches of ``data`` and the loss."""
+  """What every sweep of one exact gradient evaluation shares: the micro-batches and the loss.
+
+  The sweeps' bodies read the arrays from their arguments only (``base`` and what each adds), as the
+  loops of :mod:`jaxbn.training.loops` require.
+  """
 
   batches: MicroBatches
-  params: Any
-  batch_stats: Any
-  data: Any
-  key: Any
   k: int
 
-  def micro(self, i: jax.Array) -> tuple[Any, Any, jax.Array]:
-    return self.batches.slice(self.data, i, self.key, weight_dtype(self.params))
+  def micro(self, base: Base, i: jax.Array) -> tuple[Any, Any, jax.Array]:
+    params, _, data, key = base
+    return self.batches.slice(data, i, key, weight_dtype(params))
 
-  def run(self, hook: _ExactHook, params: Any, batch: Any, mask: Any) -> tuple[jax.Array, LossAux]:
+  def run(self, hook: _ExactHook, base: Base, params: Any, batch: Any, mask: Any) -> tuple[jax.Array, LossAux]:
     """The loss on a micro-batch with ``hook`` answering its batch norms."""
     hook.trace = trace_state()
     with _hooks.stats_hook(hook):
-      return self.batches.apply(params, self.batch_stats, batch, mask)
+      return self.batches.apply(params, base[1], batch, mask)
 
-  def device_sum(self, grads: Any, primals: Any) -> Any:
+  def device_sum(self, grads: Any, primals: Any, data: Any) -> Any:
     """Under ``axis_name``, the sum over devices of their contributions to the gradients with respect to ``primals``."""
     axis_name = self.batches.axis_name
-    return grads if axis_name is None else sum_over_devices(grads, primals, self.data, axis_name)
+    return grads if axis_name is None else sum_over_devices(grads, primals, data, axis_name)
 
 
 def exact_gradient(
   batches: MicroBatches, params: Any, batch_stats: Any, data: Any, key: Any = None
 ) -> tuple[jax.Array, Any, Any, Any]:
   """Loss, gradient, full-data statistics and metrics of batch norm over the WHOLE dataset (see the module)."""
-  sw = _Sweeps(batches, params, batch_stats, data, key, batches.sizes(data)[3])
-  num_layers = _probe(sw)
-  diff, counts = _statistics_sweeps(sw, num_layers)
-  loss, grads, weights, aux, adjoint = _loss_sweep(sw, diff, counts)
-  grads = _adjoint_sweeps(sw, diff, counts, adjoint, grads)
-  # Every micro-batch reports the same (full-data) statistics; metrics are averaged by row share.
-  stats = None if aux.stats is None else jax.tree.map(lambda a: a[0], aux.stats)
-  return loss, grads, stats, weighted_metrics(aux, weights)
+  sw = _Sweeps(batches, batches.sizes(data)[3])
+  base = (params, batch_stats, data, key)
+  num_layers = batches.memo("exact probe", lambda: _probe(sw, base), params, batch_stats, data, key)
+  diff, counts = _statistics_sweeps(sw, base, num_layers)
+  loss, grads, stats, metrics, adjoint = _loss_sweep(sw, base, diff, counts)
+  grads = _adjoint_sweeps(sw, base, diff, counts, adjoint, grads)
+  return loss, grads, stats, metrics
 
 
-def _probe(sw: _Sweeps) -> int:
+def _probe(sw: _Sweeps, base: Base) -> int:
   """The number of batch-norm calls, from one traced forward pass; refuses a loss the exact mode cannot serve."""
   fn = sw.batches.fn
   probe = _ExactHook([], record_shapes=True)
-  batch0, mask0, _ = sw.micro(jnp.int32(0))
-  aux_shape = jax.eval_shape(lambda p, b, m: sw.run(probe, p, b, m)[1], sw.params, batch0, mask0)
+  batch0, mask0, _ = sw.micro(base, jnp.int32(0))
+  aux_shape = jax.eval_shape(lambda p, b, m: sw.run(probe, base, p, b, m)[1], base[0], batch0, mask0)
   if probe.calls == 0 and aux_shape.stats is not None:
     raise ValueError(
       f"{fn}: bn_mode='exact' needs the model's batch norms to be jaxbn's (jaxbn.linen.BatchNorm or "
       "jaxbn.nnx.BatchNorm, in training mode); the loss function reports batch statistics but no jaxbn "
       "batch norm was called."
     )
-  _check_rows_separate(fn, sw.run, sw.params, batch0, mask0, probe.shapes, sw.batches.loss.takes_key)
+  run = lambda hook, p, b, m: sw.run(hook, base, p, b, m)
+  _check_rows_separate(fn, run, base[0], batch0, mask0, probe.shapes, sw.batches.loss.takes_key)
   return probe.calls
 
 
-def _statistics_sweeps(sw: _Sweeps, num_layers: int) -> tuple[list[Any], list[Any]]:
+def _merged(consts: Any, terms: Any, stacked: _stats.Stats) -> tuple[Any, Any, Any]:
+  """A statistics sweep's result: the layer's mean, variance and count over all rows."""
+  del consts, terms
+  full = _stats.merge_stacked(stacked)
+  return full.mean, full.var, full.count
+
+
+def _statistics_sweeps(sw: _Sweeps, base: Base, num_layers: int) -> tuple[list[Any], list[Any]]:
   """One sweep per layer, first to last: each layer's ``(mean, var)`` and count over all rows."""
-  diff, counts = [], []
+  diff: list[Any] = []
+  counts: list[Any] = []
   axis_name = sw.batches.axis_name
   for layer in range(num_layers):
 
-    def body(i, layer=layer):
-      batch, mask, _ = sw.micro(i)
+    def body(consts, i, layer=layer):
+      base, (diff, counts) = consts
+      batch, mask, _ = sw.micro(base, i)
       hook = _ExactHook(_given(diff, counts), target=layer, axis_name=axis_name)
-      sw.run(hook, sw.params, batch, mask)
+      sw.run(hook, base, base[0], batch, mask)
       return None, hook.out
 
-    _, stacked = sweep(sw.k, body)
-    full = _stats.merge_stacked(stacked)
-    diff.append((full.mean, full.var))
-    counts.append(full.count)
+    mean, var, count = sw.batches.loop.sweep(f"statistics {layer}", sw.k, body, (base, (diff, counts)), None, _merged)
+    diff.append((mean, var))
+    counts.append(count)
   return diff, counts
 
 
-def _loss_sweep(sw: _Sweeps, diff: list[Any], counts: list[Any]) -> tuple[Any, ...]:
+def _loss_sweep(sw: _Sweeps, base: Base, diff: list[Any], counts: list[Any]) -> tuple[Any, ...]:
   """The loss with every layer's statistics fixed, and its partial gradients with respect to the parameters and
   to every layer's statistics (the adjoints' first terms, summed over devices).
 
-  Returns ``(loss, grads, weights, aux, adjoint)``: ``weights`` and ``aux`` stacked per micro-batch.
+  Returns ``(loss, grads, stats, metrics, adjoint)``.
   """
-  zeros = zeros_like_grads(sw.params)
 
-  def weighted_loss(p, d, batch, mask, w):
-    loss, aux = sw.run(_ExactHook(_given(d, counts)), p, batch, mask)
+  def weighted_loss(p, d, counts, base, batch, mask, w):
+    loss, aux = sw.run(_ExactHook(_given(d, counts)), base, p, batch, mask)
     return weighted(w, loss, w.dtype), (loss, aux)
 
-  def body(i):
-    batch, mask, w = sw.micro(i)
+  def body(consts, i):
+    base, diff, counts = consts
+    batch, mask, w = sw.micro(base, i)
     (_, (loss, aux)), (g_params, g_diff) = jax.value_and_grad(weighted_loss, argnums=(0, 1), has_aux=True)(
-      sw.params, diff, batch, mask, w
+      base[0], diff, counts, base, batch, mask, w
     )
-    g_params = jax.tree.map(lambda g, z: g.astype(z.dtype), g_params, zeros)
+    g_params = jax.tree.map(lambda g, p: g.astype(accumulator_dtype(p)), g_params, base[0])
     return g_params, (w, loss.astype(w.dtype), g_diff, aux)
 
-  grads, (weights, losses, g_diff, aux) = sweep(sw.k, body, zeros)
-  adjoint = sw.device_sum([jax.tree.map(lambda a: jnp.sum(a, 0), t) for t in g_diff], diff)
-  return jnp.dot(weights, losses), grads, weights, aux, adjoint
+  def finish(consts, grads, outputs):
+    (_, _, data, _), diff, _ = consts
+    weights, losses, g_diff, aux = outputs
+    adjoint = sw.device_sum([jax.tree.map(lambda a: jnp.sum(a, 0), t) for t in g_diff], diff, data)
+    # Every micro-batch reports the same (full-data) statistics; metrics are averaged by row share.
+    stats = None if aux.stats is None else jax.tree.map(lambda a: a[0], aux.stats)
+    return jnp.dot(weights, losses), grads, stats, weighted_metrics(aux, weights), adjoint
+
+  init = lambda: zeros_like_grads(base[0])
+  return sw.batches.loop.sweep("loss", sw.k, body, (base, diff, counts), init, finish)
 
 
-def _adjoint_sweeps(sw: _Sweeps, diff: list[Any], counts: list[Any], adjoint: list[Any], grads: Any) -> Any:
+def _adjoint_sweeps(sw: _Sweeps, base: Base, diff: list[Any], counts: list[Any], adjoint: list[Any], grads: Any) -> Any:
   """Adds ``sum_l lam_l . dG_l/dparams`` to ``grads``, one sweep per layer, last layer first.
 
   ``lam_m`` is complete once every layer after ``m`` has contributed its ``lam_l . dG_l/dS_m``.
   """
   adjoint = list(adjoint)
   for layer in reversed(range(len(diff))):
-    g_params, g_diff = _adjoint_sweep(sw, layer, diff, counts, adjoint[layer])
-    grads = jax.tree.map(jnp.add, grads, g_params)
-    if layer:
-      g_diff = sw.device_sum([jax.tree.map(lambda a: jnp.sum(a, 0), t) for t in g_diff], diff[:layer])
-      adjoint[:layer] = jax.tree.map(jnp.add, adjoint[:layer], g_diff)
+    grads, adjoint[:layer] = _adjoint_sweep(sw, base, layer, diff, counts, adjoint, grads)
   return grads
 
 
-def _adjoint_sweep(sw: _Sweeps, layer: int, diff: list[Any], counts: list[Any], lam: Any) -> tuple[Any, Any]:
-  """``lam . dG_layer/dparams`` accumulated over the micro-batches, and ``lam . dG_layer/dS_m`` per micro-batch."""
-  t_mean, t_var = lam
-  cotangent = (t_mean, t_var, diff[layer][0], counts[layer])
+def _adjoint_sweep(
+  sw: _Sweeps, base: Base, layer: int, diff: list[Any], counts: list[Any], adjoint: list[Any], grads: Any
+) -> tuple[Any, Any]:
+  """``grads`` plus ``lam . dG_layer/dparams`` accumulated over the micro-batches, and the adjoints of the
+  layers before plus ``lam . dG_layer/dS_m`` (``lam = adjoint[layer]``, complete)."""
   axis_name = sw.batches.axis_name
-  zeros = zeros_like_grads(sw.params)
 
-  def vjp_term(p, d, batch, mask):
+  def vjp_term(p, d, counts, cotangent, base, batch, mask):
     hook = _ExactHook(_given(d, counts[:layer]), target=layer, cotangent=cotangent, axis_name=axis_name)
-    sw.run(hook, p, batch, mask)
+    sw.run(hook, base, p, batch, mask)
     return hook.out
 
-  def body(i):
-    batch, mask, _ = sw.micro(i)
-    g_params, g_diff = jax.grad(vjp_term, argnums=(0, 1))(sw.params, diff[:layer], batch, mask)
-    return jax.tree.map(lambda g, z: g.astype(z.dtype), g_params, zeros), g_diff
+  def body(consts, i):
+    base, diff, counts, cotangent, _ = consts
+    batch, mask, _ = sw.micro(base, i)
+    g_params, g_diff = jax.grad(vjp_term, argnums=(0, 1))(base[0], diff, counts, cotangent, base, batch, mask)
+    return jax.tree.map(lambda g, p: g.astype(accumulator_dtype(p)), g_params, base[0]), g_diff
 
-  return sweep(sw.k, body, zeros)
+  def finish(consts, g_params, g_diff):
+    (_, _, data, _), diff, _, _, (grads, before) = consts
+    g_diff = sw.device_sum([jax.tree.map(lambda a: jnp.sum(a, 0), t) for t in g_diff], diff, data)
+    return jax.tree.map(jnp.add, grads, g_params), jax.tree.map(jnp.add, before, g_diff)
+
+  t_mean, t_var = adjoint[layer]
+  cotangent = (t_mean, t_var, diff[layer][0], counts[layer])
+  consts = (base, diff[:layer], counts, cotangent, (grads, adjoint[:layer]))
+  init = lambda: zeros_like_grads(base[0])
+  return sw.batches.loop.sweep(f"adjoint {layer}", sw.k, body, consts, init, finish)
 
 
 def _check_rows_separate(fn, run, params, batch, mask, shapes, takes_key):

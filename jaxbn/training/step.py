@@ -14,7 +14,6 @@ import optax
 from jax import lax
 
 from jaxbn import _checks, diagnostics
-from jaxbn import stats as _stats
 from jaxbn._trees import global_norm
 from jaxbn.training._args import (
   check_bn_mode,
@@ -24,9 +23,10 @@ from jaxbn.training._args import (
 )
 from jaxbn.training.curvature import top_eigenpair
 from jaxbn.training.exact import objective_gradient
+from jaxbn.training.loops import HostLoop, resolve_loop, types_of
 from jaxbn.training.loss import Loss, as_loss
 from jaxbn.training.state import LossFn, StepMetrics, TrainState, UpdateStatsFn
-from jaxbn.training.sweep import GradientFn, MicroBatches, sum_over_devices, weight_dtype, weighted, zeros_like_grads
+from jaxbn.training.sweep import SCAN, GradientFn, MicroBatches, device_gradient, weight_dtype
 
 Step = Callable[[TrainState, Any], tuple[TrainState, StepMetrics]]
 
@@ -41,7 +41,7 @@ def full_batch_step(
   donate: bool = True,
   jit: bool = True,
   axis_name: Any = None,
-  loop: str = "scan",
+  loop: str = "auto",
   bn_mode: str = "ghost",
   layer_norms: bool = False,
   sharpness_every: int | None = None,
@@ -78,11 +78,14 @@ def full_batch_step(
     donate: donate the incoming state's buffers to the new state: continue from the returned
       state; a consumed state passed again is refused with a ``ValueError`` saying so.
     jit: return the step compiled with ``jax.jit`` (False to wrap it yourself, e.g. in pmap).
-    loop: ``"scan"`` (default) runs the micro-batches in a ``lax.scan`` inside one compiled step;
-      ``"host"`` calls one compiled micro-batch program per micro-batch from Python (accumulators
-      donated) and one compiled update. Same numbers; ``"host"`` avoids slow convolution layouts
-      XLA:CPU picks inside loops (measured by ``benchmarks/full_batch.py``, results in
-      ``benchmarks/RESULTS.md``) but cannot be traced into ``jax.pmap``/``jax.shard_map``.
+    loop: how the micro-batches run. ``"scan"``: in a ``lax.scan`` inside one compiled step
+      (traceable into ``jax.pmap``/``jax.shard_map``). ``"host"``: one compiled program per
+      micro-batch (per sweep, in exact mode), called from Python with the accumulators donated,
+      then one compiled update. ``"auto"`` (default): ``"host"`` on the CPU backend, where XLA runs
+      convolutions inside loops several times slower (jax-ml/jax#12868), unless ``axis_name`` is
+      given or ``jit=False``; ``"scan"`` elsewhere. The same numbers up to float rounding
+      (measured by ``benchmarks/full_batch.py``, results in ``benchmarks/RESULTS.md``); every
+      option works with both. The step's ``loop`` attribute says which one it runs.
     bn_mode: what batch norm means under micro-batching. ``"ghost"`` (default): each micro-batch
       is normalized with its own statistics (ghost batches of the partition above, Hoffer et al.
       2017), one forward and backward sweep over the data. ``"exact"``: every layer normalizes with
@@ -91,7 +94,7 @@ def full_batch_step(
       dataset as a single batch; memory stays that of one micro-batch. It costs ``2L + 1`` sweeps
       over the data for ``L`` batch-norm layers (one statistics sweep per layer, since a layer's
       statistics depend on the layers before it; one loss sweep; one vector-Jacobian sweep per
-      layer for the adjoints of the statistics, last layer first) and ``loop="scan"``. Every jaxbn
+      layer for the adjoints of the statistics, last layer first), on either loop. Every jaxbn
       batch norm takes part (``jaxbn.linen.BatchNorm``, ``jaxbn.nnx.BatchNorm``,
       ``jaxbn.batch_norm`` in a hand-written loss); at trace time the step proves from the loss's
       jaxpr that, with their statistics fixed, the loss treats each row on its own, and refuses a
@@ -101,7 +104,8 @@ def full_batch_step(
     layer_norms: add per-layer gradient and parameter norms to the metrics.
     sharpness_every: every ``k`` applied steps, add the top Hessian eigenvalue of the same full-batch
       objective (Lanczos 1950 on Hessian-vector products through this accumulated gradient) to the
-      metrics; ``loop="scan"`` only.
+      metrics (with ``loop="host"``, Lanczos runs from Python before the update, each product a sweep
+      of compiled per-micro-batch JVPs).
     sharpness_iters: Lanczos iterations (Hessian-vector products) per sharpness estimate.
     axis_name: for pmap-style code (``jax.pmap(step, axis_name=...)`` with ``jit=False``, or
       ``jax.shard_map``): ``data`` is this device's shard, and the loss, gradient and metrics are
@@ -116,7 +120,7 @@ def full_batch_step(
     ValueError: bad ``micro_batch_size``, ``sharpness_every``, ``bn_mode``, ``loop`` or ``data``;
       under ``bn_mode="exact"``, a loss that mixes rows other than through jaxbn's batch norms
       (at the first call); a state consumed by an earlier call (``donate=True``);
-      ``loop="host"`` with ``bn_mode="exact"``, ``sharpness_every``, ``axis_name`` or ``jit=False``;
+      ``loop="host"`` with ``axis_name`` or ``jit=False``;
       statistics without ``update_batch_stats``; a loss that needs a key and a state without one;
       data that XLA cannot partition over Explicit mesh axes (at the first call).
     TypeError: ``loss_fn`` or ``update_batch_stats`` not callable, ``optimizer`` no Optax
@@ -156,35 +160,29 @@ def full_batch_step(
   )
   iterations_and_method(fn, "sharpness_iters", sharpness_iters)
   check_bn_mode(fn, bn_mode)
-  if loop not in ("scan", "host"):
-    raise ValueError(f"{fn}: loop must be 'scan' or 'host', got {loop!r}.")
-  if loop == "host" and bn_mode == "exact":
-    raise ValueError(
-      f"{fn}: bn_mode='exact' runs its statistics, loss and adjoint sweeps inside one compiled step; "
-      "use loop='scan' (the default) with it."
-    )
-  if loop == "host" and (axis_name is not None or not jit):
-    raise ValueError(
-      f"{fn}: loop='host' runs compiled pieces from Python, so it cannot be traced into pmap or "
-      "shard_map: use loop='scan' with axis_name=... and jit=False there."
-    )
   micro_batch_size = positive_int_or_none(fn, "micro_batch_size", micro_batch_size)
   sharpness_every = positive_int_or_none(fn, "sharpness_every", sharpness_every)
-  if sharpness_every is not None and loop == "host":
+  traced = axis_name is not None or not jit
+  if loop == "host" and traced:
     raise ValueError(
-      f"{fn}: sharpness_every needs the whole gradient in one compiled program (loop='scan'); with "
-      "loop='host', compute it every k steps with jaxbn.training.sharpness(...)."
+      f"{fn}: loop='host' runs compiled pieces from Python, so it cannot be traced into pmap or "
+      "shard_map: use loop='scan' (or 'auto') with axis_name=... and jit=False there."
     )
+  loop = resolve_loop(fn, loop, traced=traced)
 
   update = _GuardedUpdate(fn, optimizer, loss.update_batch_stats, guard=guard, layer_norms=layer_norms)
-  if loop == "host":
-    return _host_step(fn, loss, micro_batch_size, update, donate=donate)
-  gradient = objective_gradient(MicroBatches(fn, loss, micro_batch_size, axis_name), bn_mode)
+  host = HostLoop() if loop == "host" else None
+  gradient = objective_gradient(MicroBatches(fn, loss, micro_batch_size, axis_name, host or SCAN), bn_mode)
   sharpness = None if sharpness_every is None else (sharpness_every, sharpness_iters)
+  if host is not None:
+    return _host_step(fn, gradient, update, host, sharpness=sharpness, donate=donate)
   step = _scan_step(fn, gradient, update, axis_name=axis_name, sharpness=sharpness)
   if not jit:
+    step.loop = "scan"  # type: ignore[attr-defined]
     return step
-  return _DonationChecked(fn, jax.jit(step, donate_argnums=(0,) if donate else ()))
+  step = _DonationChecked(fn, jax.jit(step, donate_argnums=(0,) if donate else ()))
+  step.loop = "scan"
+  return step
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -266,10 +264,12 @@ def _scan_step(
   """
 
   def step(state: TrainState, data: Any) -> tuple[TrainState, StepMetrics]:
-    loss, grads, stats, extra = gradient(state.params, state.batch_stats, data, state.step_key())
+    loss, grads, stats, extra = device_gradient(
+      gradient, state.params, state.batch_stats, data, state.step_key(), axis_name
+    )
     if axis_name is not None:
       # Each device's contributions are weighted by its share of all rows: their sum is the full-batch value.
-      grads, loss = sum_over_devices(grads, state.params, data, axis_name), lax.psum(loss, axis_name)
+      loss = lax.psum(loss, axis_name)
       if extra is not None:
         extra = lax.psum(extra, axis_name)
     new_state, metrics = update(state, grads, loss, stats, extra)
@@ -284,6 +284,53 @@ def _scan_step(
       )
       metrics = metrics._replace(sharpness=value)
     return new_state, metrics
+
+  return _partition_errors_explained(fn, step)
+
+
+def _host_step(
+  fn: str,
+  gradient: GradientFn,
+  update: _GuardedUpdate,
+  loop: HostLoop,
+  *,
+  sharpness: tuple[int, int] | None,
+  donate: bool,
+) -> Step:
+  """``step(state, data)`` running every sweep's compiled program per micro-batch from Python, then one
+  compiled update (:class:`jaxbn.training.loops.HostLoop`).
+
+  The sharpness, when due, is estimated before the update (the state's buffers are donated to it) by
+  Lanczos iterations run from Python, each Hessian-vector product a sweep of compiled JVPs. The step
+  exposes its compiled programs as ``step.programs`` and their argument types as ``step.calls``.
+  """
+  # The new state takes the incoming one's buffers; without donation, the gradient accumulators' (the step's own).
+  finish = jax.jit(update, donate_argnums=(0,) if donate else (1,))
+
+  def host_step(state: TrainState, data: Any) -> tuple[TrainState, StepMetrics]:
+    loss, grads, stats, extra = gradient(state.params, state.batch_stats, data, state.step_key())
+    value = None
+    if sharpness is not None:
+      every, iters = sharpness
+      if int(state.step) % every == 0:
+        value = top_eigenpair(
+          gradient, state.params, state.batch_stats, data, None, key=state.step_key(), num_iters=iters, jit=False
+        )[0]
+      else:
+        value = jnp.full((), jnp.nan, weight_dtype(state.params))
+    if "update" not in loop.calls:
+      loop.calls["update"] = (types_of((state, grads, loss, stats, extra)), 1)
+    new_state, metrics = finish(state, grads, loss, stats, extra)
+    return new_state, metrics if value is None else metrics._replace(sharpness=value)
+
+  loop.programs["update"] = finish
+  step = _DonationChecked(fn, _partition_errors_explained(fn, host_step))
+  step.programs, step.calls, step.loop = loop.programs, loop.calls, "host"
+  return step
+
+
+def _partition_errors_explained(fn: str, step: Step) -> Step:
+  """``step``, with JAX's error for data it cannot partition over Explicit mesh axes explained."""
 
   def checked_step(state: TrainState, data: Any) -> tuple[TrainState, StepMetrics]:
     try:
@@ -305,70 +352,6 @@ def _scan_step(
   return checked_step
 
 
-def _host_step(fn: str, loss: Loss, micro_batch_size: int | None, update: _GuardedUpdate, *, donate: bool) -> Step:
-  """``step(state, data)`` calling one compiled program per micro-batch from Python, then one compiled update.
-
-  Ghost batches under ``jax.jit`` only: exact batch norm, sharpness and pmap-style axes need the
-  whole gradient in one traced program and cannot be asked of it. The accumulators (gradient, loss,
-  merged statistics, metrics) are donated from call to call; the step exposes its two programs as
-  ``step.programs``.
-  """
-  batches = MicroBatches(fn, loss, micro_batch_size)
-  donated = (0,) if donate else ()
-
-  def host_micro(state, data, acc, i):
-    return _accumulate(batches, state, data, acc, i)
-
-  def host_finish(state, data, acc):
-    return update(state, *acc)
-
-  micro_jit = jax.jit(host_micro, donate_argnums=(2,))
-  finish_jit = jax.jit(host_finish, donate_argnums=donated)
-  whole_jit = jax.jit(_scan_step(fn, batches.gradient, update), donate_argnums=donated)
-  aux_types: dict[Any, Any] = {}
-
-  def host_step(state: TrainState, data: Any) -> tuple[TrainState, StepMetrics]:
-    *_, k = batches.sizes(data)
-    if k == 1:  # one micro-batch: the single compiled step has no loop to avoid
-      return whole_jit(state, data)
-    acc = _zero_accumulators(batches, state, data, aux_types)
-    for i in range(k):
-      acc = micro_jit(state, data, acc, jnp.int32(i))
-    return finish_jit(state, data, acc)
-
-  step = _DonationChecked(fn, host_step)
-  step.programs = {"micro-batch": micro_jit, "update": finish_jit}  # for inspection, e.g. memory
-  return step
-
-
-def _zero_accumulators(batches: MicroBatches, state: TrainState, data: Any, aux_types: dict[Any, Any]) -> tuple:
-  """Zero gradient, loss, statistics and metrics accumulators; ``aux_types`` caches the loss's aux per input type.
-
-  Empty statistics (count 0) merge exactly with the first micro-batch's.
-  """
-  key = jax.tree.structure((state, data)), tuple((a.shape, a.dtype) for a in jax.tree.leaves((state, data)))
-  if key not in aux_types:
-    aux_types[key] = jax.eval_shape(
-      lambda s, d: batches.terms(s.params, s.batch_stats, d, jnp.int32(0), s.step_key()), state, data
-    )[1]
-  aux = aux_types[key]
-  wdt = weight_dtype(state.params)
-  zeros = lambda tree: jax.tree.map(lambda a: jnp.zeros(jnp.shape(a), wdt), tree)
-  return zeros_like_grads(state.params), jnp.zeros((), wdt), zeros(aux.stats), zeros(aux.metrics)
-
-
-def _accumulate(batches: MicroBatches, state: TrainState, data: Any, acc: tuple, i: jax.Array) -> tuple:
-  """``acc`` with micro-batch ``i``'s weighted gradient, loss and metrics added and its statistics merged in."""
-  grads_acc, loss_acc, stats_acc, extra_acc = acc
-  loss, aux, grads, w = batches.terms(state.params, state.batch_stats, data, i, state.step_key())
-  grads_acc = jax.tree.map(lambda a, g: a + weighted(w, g, a.dtype), grads_acc, grads)
-  if aux.stats is not None:
-    stats_acc = jax.tree.map(_stats.merge, stats_acc, aux.stats, is_leaf=lambda s: isinstance(s, _stats.Stats))
-  if aux.metrics is not None:
-    extra_acc = jax.tree.map(lambda a, v: a + w * v, extra_acc, aux.metrics)
-  return grads_acc, loss_acc + weighted(w, loss, loss_acc.dtype), stats_acc, extra_acc
-
-
 class _DonationChecked:
   """``step``, refusing with a clear message a state whose buffers an earlier call consumed (donated).
 
@@ -376,6 +359,8 @@ class _DonationChecked:
   """
 
   programs: dict[str, Any]  # the host loop's compiled programs, by label (set by _host_step)
+  calls: dict[str, Any]  # the host loop's programs' argument types and calls per sweep (set by _host_step)
+  loop: str  # the loop the step runs: "scan" or "host"
 
   def __init__(self, fn: str, step: Callable[..., Any]):
     self._fn, self._step = fn, step

@@ -18,14 +18,18 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxbn import _checks
 from jaxbn import stats as _stats
-from jaxbn._sharding import data_shards, varying, varying_like
+from jaxbn._sharding import data_shards, varying, varying_like, varying_over
 from jaxbn.training._args import num_rows
+from jaxbn.training.loops import HostLoop, ScanLoop
 from jaxbn.training.loss import Loss
 from jaxbn.training.state import LossAux
+
+SCAN = ScanLoop()
 
 GradientFn = Callable[..., tuple[jax.Array, Any, Any, Any]]
 """``gradient(params, batch_stats, data, key=None) -> (loss, grads, stats, metrics)`` of a full-batch objective."""
@@ -46,12 +50,14 @@ class MicroBatches:
     loss: the loss.
     micro_batch_size: rows per micro-batch (over all devices under ``jax.jit``); None for all rows.
     axis_name: the devices' axis name in pmap-style code, or None.
+    loop: how sweeps over the micro-batches run (:mod:`jaxbn.training.loops`).
   """
 
   fn: str
   loss: Loss
   micro_batch_size: int | None = None
   axis_name: Any = None
+  loop: ScanLoop | HostLoop = SCAN
 
   def sizes(self, data: Any) -> tuple[int, int, int, int]:
     """``(n, g, m, k)``: rows, data shards, rows per shard in each micro-batch, micro-batches."""
@@ -123,40 +129,40 @@ class MicroBatches:
     micro-batch's, for one running update; the metrics are averaged with the micro-batches' shares.
     """
     *_, k = self.sizes(data)
-    wdt = weight_dtype(params)
-    zeros = zeros_like_grads(params)
-
-    def body(i):
-      loss, aux, grads, w = self.terms(params, batch_stats, data, i, key)
-      terms = (jax.tree.map(lambda g, z: weighted(w, g, z.dtype), grads, zeros), weighted(w, loss, wdt))
-      return terms, (aux, w)
-
     # Under jax.shard_map the accumulated loss varies over the data's axes: so must the loop's initial value.
-    init = (zeros, varying_like(jnp.zeros((), wdt), *jax.tree.leaves(data)))
-    (grads, loss), (aux, weights) = sweep(k, body, init)
-    stats = None
-    if aux.stats is not None:
-      stats = jax.tree.map(_stats.merge_stacked, aux.stats, is_leaf=lambda s: isinstance(s, _stats.Stats))
-    return loss, grads, stats, weighted_metrics(aux, weights)
+    init = lambda: (zeros_like_grads(params), varying_like(jnp.zeros((), weight_dtype(params)), *jax.tree.leaves(data)))
+    consts = (params, batch_stats, data, key)
+    return self.loop.sweep("ghost", k, self._ghost_terms, consts, init, _ghost_result)
+
+  def _ghost_terms(self, consts: Any, i: jax.Array) -> tuple[Any, Any]:
+    """Micro-batch ``i``'s weighted gradient and loss (the sweep's terms), its aux and weight (outputs)."""
+    params, batch_stats, data, key = consts
+    loss, aux, grads, w = self.terms(params, batch_stats, data, i, key)
+    grads = jax.tree.map(lambda g, p: weighted(w, g, accumulator_dtype(p)), grads, params)
+    return (grads, weighted(w, loss, weight_dtype(params))), (aux, w)
+
+  def memo(self, label: str, fn: Callable[[], Any], *args: Any) -> Any:
+    """``fn()``, remembered per ``label`` and the types of ``args`` where the loop runs from Python.
+
+    Inside a compiled step a trace-time computation runs once per compilation anyway.
+    """
+    cache = getattr(self.loop, "memos", None)
+    if cache is None:
+      return fn()
+    key = (label, jax.tree.structure(args), tuple((np.shape(a), a.dtype) for a in jax.tree.leaves(args)))
+    if key not in cache:
+      cache[key] = fn()
+    return cache[key]
 
 
-def sweep(k: int, body: Callable[[jax.Array], tuple[Any, Any]], init: Any = None) -> tuple[Any, Any]:
-  """Runs ``body(i) -> (terms, outputs)`` over micro-batches ``0..k-1``.
-
-  Returns the sum of the ``terms`` (accumulated onto ``init``, zeros that type the loop's carry) and
-  the ``outputs`` stacked along a new leading axis.
-  """
-  if k == 1:
-    # No loop for one micro-batch: XLA:CPU leaves a convolution's kernel gradient inside a while
-    # loop in a slow, uncanonicalized form (30x slower for a Conv1D), even at trip count 1.
-    terms, outputs = body(jnp.int32(0))
-    return terms, jax.tree.map(lambda a: jnp.expand_dims(a, 0), outputs)
-
-  def step(carry, i):
-    terms, outputs = body(i)
-    return (None if carry is None else jax.tree.map(jnp.add, carry, terms)), outputs
-
-  return lax.scan(step, init, jnp.arange(k))
+def _ghost_result(consts: Any, terms: Any, outputs: Any) -> tuple[jax.Array, Any, Any, Any]:
+  """The ghost sweep's ``(loss, grads, stats, metrics)``: the merged statistics, the weighted metrics."""
+  del consts
+  (grads, loss), (aux, weights) = terms, outputs
+  stats = None
+  if aux.stats is not None:
+    stats = jax.tree.map(_stats.merge_stacked, aux.stats, is_leaf=lambda s: isinstance(s, _stats.Stats))
+  return loss, grads, stats, weighted_metrics(aux, weights)
 
 
 def weight_dtype(params: Any) -> jnp.dtype:
@@ -165,11 +171,14 @@ def weight_dtype(params: Any) -> jnp.dtype:
   return jnp.dtype(jnp.result_type(jnp.float32, *dtypes))
 
 
+def accumulator_dtype(p: Any) -> jnp.dtype:
+  """The dtype a gradient with respect to ``p`` accumulates in: float32, or float64 for float64 ``p``."""
+  return _checks.stats_dtype(jnp.result_type(p))
+
+
 def zeros_like_grads(params: Any) -> Any:
   """Gradient accumulators: float32 per leaf (float64 for float64 leaves), typed like the leaf under shard_map."""
-  return jax.tree.map(
-    lambda p: varying_like(jnp.zeros(jnp.shape(p), _checks.stats_dtype(jnp.result_type(p))), p), params
-  )
+  return jax.tree.map(lambda p: varying_like(jnp.zeros(jnp.shape(p), accumulator_dtype(p)), p), params)
 
 
 def weighted(w: jax.Array, value: jax.Array, dtype: Any) -> jax.Array:
@@ -180,6 +189,22 @@ def weighted(w: jax.Array, value: jax.Array, dtype: Any) -> jax.Array:
 def weighted_metrics(aux: LossAux, weights: jax.Array) -> Any:
   """The micro-batches' metrics averaged with their shares of all rows (None without metrics)."""
   return None if aux.metrics is None else jax.tree.map(lambda v: jnp.tensordot(weights, v, axes=1), aux.metrics)
+
+
+def device_gradient(
+  gradient: GradientFn, params: Any, batch_stats: Any, data: Any, key: Any, axis_name: Any
+) -> tuple[jax.Array, Any, Any, Any]:
+  """``gradient(params, batch_stats, data, key)`` with, under ``axis_name``, the gradient summed over devices once.
+
+  Each device differentiates with respect to its own (varying) copy of the parameters, so its
+  partial gradient accumulates over all its micro-batches without crossing devices, and the
+  partials meet in one all-reduce at the end: the traffic does not grow with the micro-batch count.
+  """
+  if axis_name is None:
+    return gradient(params, batch_stats, data, key)
+  local = varying_over(params, axis_name)
+  loss, grads, stats, metrics = gradient(local, batch_stats, data, key)
+  return loss, sum_over_devices(grads, local, data, axis_name), stats, metrics
 
 
 def sum_over_devices(grads: Any, primals: Any, data: Any, axis_name: Any) -> Any:

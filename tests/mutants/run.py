@@ -132,17 +132,17 @@ MUTANTS = (
   Mutant(
     "accumulation dtype",  # micro-batch gradients summed in the parameters' dtype
     "jaxbn/training/sweep.py",
-    "zeros_like_grads",
-    "jnp.zeros(jnp.shape(p), _checks.stats_dtype(jnp.result_type(p)))",
-    "jnp.zeros(jnp.shape(p), jnp.result_type(p))",
+    "accumulator_dtype",
+    "return _checks.stats_dtype(jnp.result_type(p))",
+    "return jnp.result_type(p)",
     ("tests/test_training.py::test_accumulated_bfloat16_gradient_is_the_float32_mean",),
   ),
   Mutant(
     "exact-mode adjoint chain",  # earlier layers miss the later layers' share of their adjoints
     "jaxbn/training/exact.py",
-    "_adjoint_sweeps",
-    "adjoint[:layer] = jax.tree.map(jnp.add, adjoint[:layer], g_diff)",
-    "adjoint[:layer] = adjoint[:layer]",
+    "_adjoint_sweep",
+    "jax.tree.map(jnp.add, before, g_diff)",
+    "before",
     (  # flax's model.apply on all rows: one layer called twice, so the second call's adjoint reaches the first
       "tests/test_exact_batch_norm.py::test_layer_called_twice_updates_like_model_apply[exact-None]",
       "tests/test_exact_batch_norm.py::test_equals_one_batch_on_the_whole_dataset[None-MLP-shape0]",
@@ -179,6 +179,14 @@ MUTANTS = (
     "return batch_norm_options(fn, **values)",
     'return batch_norm_options(fn, **{**values, "unbiased_running_var": False})',
     ("tests/test_linen.py::test_extras_match_the_pure_functions[cumulative-unbiased]",),
+  ),
+  Mutant(
+    "host loop's stacked outputs",  # every micro-batch's outputs (statistics, weights) written over the first's
+    "jaxbn/training/loops.py",
+    "_call",
+    "lax.dynamic_update_index_in_dim(s, o, i, 0)",
+    "lax.dynamic_update_index_in_dim(s, o, 0, 0)",
+    ("tests/test_training.py::test_host_loop_equals_scan[4]",),
   ),
 )
 
