@@ -385,7 +385,7 @@ def _jaxbn_contender(
       return {"step": ((state, data), 1)}
     if not step.calls:
       step(init(*_fresh_variables(state)), data)  # a first update, on copies, makes the programs and records the calls
-      fns.update(step.programs)
+    fns.update({label: step.programs[label] for label in step.calls if label not in fns})
     return {label: (args, calls) for label, (args, calls) in step.calls.items()}
 
   def accumulators(state):
