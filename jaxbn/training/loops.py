@@ -151,9 +151,11 @@ class HostLoop:
       fn = functools.partial(_call, body, finish, k, i == 0, i == k - 1)
       carried = 0 < i < k - 1  # the running sum and stacked outputs pass through in place; the last ends them
       if active is None:
-        program = jax.jit(fn, donate_argnums=(1,) if carried else ())
+        program = jax.jit(_named(fn, name), donate_argnums=(1,) if carried else ())
       else:
-        program = jax.jit(functools.partial(_call_jvp, fn, active), donate_argnums=(2, 3) if carried else ())
+        program = jax.jit(
+          _named(functools.partial(_call_jvp, fn, active), name), donate_argnums=(2, 3) if carried else ()
+        )
       self._compiled[key] = self.programs[name] = program
     return program, name
 
@@ -207,6 +209,16 @@ def _call_jvp(fn: Any, active: Any, leaves: list[Any], moving: list[Any], carry:
   if carry is None:
     return jax.jvp(lambda p: f(p, None), (primals,), (moving,))
   return jax.jvp(f, (primals, carry), (moving, t_carry))
+
+
+def _named(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+  """``fn`` under ``name`` (as an identifier), which names its compiled program (``jit_<name>``) in profiles and dumps."""
+
+  def program(*args: Any) -> Any:
+    return fn(*args)
+
+  program.__name__ = program.__qualname__ = "".join(c if c.isalnum() else "_" for c in name)
+  return program
 
 
 def types_of(tree: Any) -> Any:
