@@ -22,6 +22,8 @@ from jax.sharding import PartitionSpec as P
 import jaxbn
 from jaxbn.training import TrainState, full_batch_step, linen_loss
 
+pytestmark = pytest.mark.slow  # three compilations of an 8-device step per case: CI runs them
+
 KERNELS = ((6, 24), (24, 40), (40, 7))  # shapes no batch-norm statistic (stacked in 3s and 5s) or bias has
 
 
