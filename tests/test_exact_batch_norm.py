@@ -6,8 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 import jaxbn
 from jaxbn.training import TrainState, full_batch_step, linen_loss, nnx_loss
@@ -103,24 +101,9 @@ def test_ghost_batches_differ_so_the_comparison_can_fail():
 
 
 @pytest.mark.slow
-def test_eight_devices_equal_one_batch_jit_shard_map_and_pmap():
-  data = _data(32, (5,), seed=3)
-  model = MLP()
-  variables = model.init(jax.random.key(1), data["x"][:2], train=False)
-  mesh = Mesh(np.array(jax.devices()), ("data",))
-  sharded = jax.device_put(data, NamedSharding(mesh, P("data")))
-  # Micro-batches of 12 rows: two full ones and a masked remainder, each spread over the 8 devices.
-  step = full_batch_step(linen_loss(model, xent), _recorder(), micro_batch_size=12, bn_mode="exact", donate=False)
-  _check(step, model, variables, sharded)
-  per_device = MLP(axis_name="data")  # 4 rows per device, micro-batches of 3: a remainder on every device
-  step = full_batch_step(
-    linen_loss(per_device, xent), _recorder(), micro_batch_size=3, bn_mode="exact", axis_name="data", jit=False
-  )
-  shard_mapped = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P("data")), out_specs=P()))
-  _check(step, model, variables, data, run=shard_mapped)
-  pmapped = jax.pmap(step, axis_name="data", in_axes=(None, 0), out_axes=None)
-  stacked = jax.tree.map(lambda a: a.reshape(8, -1, *a.shape[1:]), data)
-  _check(step, model, variables, data, run=pmapped, inputs=stacked)
+# Eight devices (jit on sharded data with a remainder on every device, shard_map, pmap): the gradient,
+# sharpness and running statistics against one flax pass in float64, in
+# tests/test_derivative_oracles.py::test_eight_devices_equal_one_flax_pass.
 
 
 def test_nnx_model_equals_one_batch():
