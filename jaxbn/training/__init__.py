@@ -1,8 +1,9 @@
 """Full-batch (and mini-batch) gradient steps: compiled, accumulated over micro-batches, guarded.
 
 ``full_batch_step`` turns a loss function into a jitted ``step(state, data) -> (state, metrics)``
-whose update uses the exact mean gradient over ALL of ``data``: micro-batches are scanned with
-``lax.scan``, gradients accumulate in float32 (float64 for float64 parameters), and no per-example
+whose update uses the exact mean gradient over ALL of ``data``: micro-batches run in a ``lax.scan``
+or as compiled per-micro-batch programs called from Python (``loop=``; the latter by default on
+CPU), gradients accumulate in float32 (float64 for float64 parameters), and no per-example
 gradient is ever kept, so memory is bounded by one micro-batch beyond the data itself. The loss is a
 :class:`Loss` (a record of the loss function, its running-statistics update and whether it takes a
 key); :func:`linen_loss` and :func:`nnx_loss` build one from a Flax model.
@@ -26,8 +27,9 @@ the batch statistics, and Flax's ImageNet example keeps the bad step's), and ``s
 counts it.
 
 Where each mechanism lives: ``state`` (the records), ``loss`` (:class:`Loss`), ``sweep`` (the
-micro-batches and their accumulation), ``exact`` (full-data batch norm), ``step`` (the scanned and
-the host-looped step), ``adapters`` (Flax), ``curvature`` (sharpness), ``epoch``, ``checkpoint``.
+micro-batches and their accumulation), ``loops`` (how a sweep runs: scanned or from Python),
+``exact`` (full-data batch norm), ``step`` (the step and its guarded update), ``adapters`` (Flax),
+``curvature`` (sharpness), ``epoch``, ``checkpoint``.
 
 References:
   Geiping, Goldblum, Pope, Moeller & Goldstein, "Stochastic Training is Not Necessary for
