@@ -81,8 +81,11 @@ def _check(step, model, variables, data, run=None, inputs=None):
   return new
 
 
-@pytest.mark.parametrize("model_cls, shape", [(MLP, (5,)), (CNN, (9, 2))])
-@pytest.mark.parametrize("micro_batch_size", [None, 8, 7, 1])
+@pytest.mark.parametrize(
+  "model_cls, shape, micro_batch_size",
+  # One micro-batch, even ones, a remainder, single rows: each once, on the MLP or the CNN.
+  [(CNN, (9, 2), None), (MLP, (5,), 8), (CNN, (9, 2), 7), (MLP, (5,), 1)],
+)
 def test_equals_one_batch_on_the_whole_dataset(model_cls, shape, micro_batch_size):
   model, data = model_cls(), _data(24, shape)
   variables = model.init(jax.random.key(1), data["x"][:2], train=False)
