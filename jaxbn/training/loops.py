@@ -73,8 +73,6 @@ def _pair(consts: Any, terms: Any, outputs: Any) -> tuple[Any, Any]:
 class ScanLoop:
   """Sweeps as ``lax.scan`` loops inside the caller's trace (see the module)."""
 
-  name = "scan"
-
   def sweep(
     self,
     label: str,
@@ -110,8 +108,6 @@ class HostLoop:
     calls: per program, the argument types of its first call and its calls per sweep.
     memos: what the step works out from the loss's trace (e.g. its batch-norm calls), per input types.
   """
-
-  name = "host"
 
   def __init__(self) -> None:
     self.programs: dict[str, Any] = {}
