@@ -145,8 +145,8 @@ def update_running_stats(
   Args:
     state: the running statistics. ``count`` is a scalar or has the feature shape; a Python int is
       accepted.
-    stats: the batch's ``Stats`` (count, mean, m2 per feature), e.g. from
-      :func:`jaxbn.stats.compute_stats`. No gradient flows through them.
+    stats: the batch's :class:`jaxbn.Stats` (count, mean, m2 per feature), e.g. from
+      ``jaxbn.stats.compute_stats``. No gradient flows through them.
     momentum: decay of the running average, in [0, 1] (ignored by ``"cumulative"``).
     running_average: ``"ema"``, ``"debiased_ema"`` or ``"cumulative"``.
     unbiased_running_var: store the Bessel-corrected batch variance ``m2 / (count - 1)``.

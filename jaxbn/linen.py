@@ -72,8 +72,8 @@ class BatchNorm(nn.Module):
   * ``unbiased_running_var``: store the 1/(N-1) variance, as PyTorch does.
   * ``ghost_batch_size``: normalize contiguous sub-batches of the leading non-feature axis with
     their own statistics; the running statistics see the whole batch
-    (see :func:`jaxbn.variants.ghost_batch_norm`).
-  * ``renorm``, ``rmax``, ``dmax``: batch renormalization (see :func:`jaxbn.variants.batch_renorm`);
+    (see :func:`jaxbn.ghost_batch_norm`).
+  * ``renorm``, ``rmax``, ``dmax``: batch renormalization (see :func:`jaxbn.batch_renorm`);
     schedules (the default is the paper's) add ``batch_stats/count``, the step they read.
 
   Attributes:

@@ -181,8 +181,8 @@ class BatchNorm(nnx.Module):
     unbiased_running_var: store the Bessel-corrected batch variance in the running variance.
     per_feature_count: give the ``count`` BatchStat the feature shape (see
       :class:`jaxbn.linen.BatchNorm`).
-    ghost_batch_size: rows per ghost batch (see :func:`jaxbn.variants.ghost_batch_norm`).
-    renorm: use batch renormalization in training (see :func:`jaxbn.variants.batch_renorm`).
+    ghost_batch_size: rows per ghost batch (see :func:`jaxbn.ghost_batch_norm`).
+    renorm: use batch renormalization in training (see :func:`jaxbn.batch_renorm`).
     rmax: renorm limit of ``r``, a number or ``schedule(step)``; schedules add a ``count`` BatchStat.
     dmax: renorm limit of ``|d|``, a number or ``schedule(step)``.
 

@@ -181,7 +181,7 @@ def scale_by_norm_damping(beta: float) -> optax.GradientTransformation:
 
   This is the damping that the article jaxbn started from proposes against exploding gradients in deep
   batch-norm networks ("Batch normalization and batch gradient descent: how to efficiently solve the
-  gradient explosion problem"; see the README). Placed first in a chain the incoming updates are the gradients, so it is
+  gradient explosion problem"; ``examples/gradient_explosion.py`` measures it). Placed first in a chain the incoming updates are the gradients, so it is
   :math:`u \leftarrow g / (1 + \beta \lVert g \rVert)`. It is a soft version of
   ``optax.clip_by_global_norm(1 / beta)``: the output norm :math:`n / (1 + \beta n)` is always below
   :math:`1/\beta`, is :math:`\approx n(1 - \beta n)` for small norms and never switches abruptly; unlike a
