@@ -155,8 +155,8 @@ def _fetch(multihost_utils):
   return fetch
 
 
-def main(argv: list[str]) -> None:
-  process_id, num_processes, port, out_path = int(argv[1]), int(argv[2]), int(argv[3]), argv[4]
+def initialize(process_id: int, num_processes: int, port: int) -> None:
+  """Joins the others over gloo on 127.0.0.1:``port``, with 4 CPU devices of this process's own."""
   import jax
 
   jax.config.update("jax_platforms", "cpu")
@@ -169,6 +169,13 @@ def main(argv: list[str]) -> None:
     initialization_timeout=int(os.environ.get("JAXBN_INIT_TIMEOUT_S", "90")),
   )
   assert jax.process_count() == num_processes and jax.device_count() == 4 * num_processes
+
+
+def main(argv: list[str]) -> None:
+  process_id, num_processes, port, out_path = int(argv[1]), int(argv[2]), int(argv[3]), argv[4]
+  import jax
+
+  initialize(process_id, num_processes, port)
   mesh = jax.make_mesh((jax.device_count(),), ("batch",))
   results = {}
   for style in ("jit", "batch_map"):
