@@ -1,6 +1,6 @@
 """The package's shape, checked from its source: sizes, one-way imports, no reaching into a sibling's privates.
 
-These hold the layout README.md's "How the code is organized" describes: a module of at most 600
+These hold the layout docs/development.md's "How the code is organized" describes: a module of at most 600
 lines, functions of at most 90 lines (docstring not counted), no import circle between jaxbn's
 modules, and no module that imports an underscore name of another module (shared helpers live in
 the private ground-floor modules under names without an underscore).

@@ -4,7 +4,7 @@ Hypothesis draws shapes, feature axes (NHWC, NCHW, tuples, negative, every axis)
 broadcast rows, elements, empty, one valid element, a feature left empty), input dtypes (float32,
 bfloat16, float16), offsets up to 1e5, several batches in a row and the running-average conventions
 (``"ema"``, ``"debiased_ema"``, ``"cumulative"``, biased or unbiased running variance). The oracle
-is written from the documented definitions (README's conventions table, ``jaxbn.batch_norm``'s
+is written from the documented definitions (the conventions table of docs/coming_from.md, ``jaxbn.batch_norm``'s
 docstring), not from jaxbn's formulas: two-pass float64 statistics over the valid elements, the
 running averages in their closed forms (the debiased EMA as a zero-initialised hidden EMA divided by
 ``1 - m**t``, the cumulative average as a sum divided by the count).
