@@ -12,8 +12,8 @@ one-hot targets (as in Cohen et al.), and ``optax.sgd(lr)`` on the full batch, f
 with and without batch norm (``jaxbn.linen.BatchNorm``, normalizing with the statistics of the full
 batch, so that the objective is the same at every step).
 
-    python examples/edge_of_stability.py                 # ~70-100 s on 2 shared CPU cores
-    python examples/edge_of_stability.py --quick         # ~7 s: lr 0.3, 600 steps, plain MLP only
+    python examples/edge_of_stability.py                 # 70-100 s on 2 shared CPU cores (76 s measured)
+    python examples/edge_of_stability.py --quick         # seconds: lr 0.3, 600 steps, plain MLP only
     python examples/edge_of_stability.py --lrs 0.4 0.2 --steps 2000 --every 20 --models plain
 
 Every ``--every`` steps the sharpness of the full-batch loss is computed with
@@ -26,16 +26,19 @@ sharpness below all the ``2 / lr`` lines (4.4 without batch norm, 6.7 with) and 
 the first step; with the usual initialisation the sharpness starts near 12 (measured on all 4000
 examples), above 2/lr for the larger learning rates, which then begin with an unstable phase instead.
 
-What the default run shows (learning rates 0.25, 0.2, 0.15, 4000 steps; one run on 2 CPU cores):
+What the default run shows (learning rates 0.25, 0.2, 0.15, 4000 steps; ranges over two runs of
+``python examples/edge_of_stability.py`` on 2 CPU cores, 2026-11-26 and 2026-12-07):
 
 * Progressive sharpening: the sharpness rises from 4.4 to 0.9 * 2/lr at step 350, 900 and 2500
   (lr 0.25, 0.2, 0.15) without batch norm; the smaller the learning rate, the longer it rises.
 * Edge of stability: from then on it stays at 2/lr, on average 1.03, 1.01 and 0.99 x 2/lr (range
-  0.90-1.08), while the loss keeps falling (to 0.067, 0.077, 0.094) but no longer monotonically: it
-  rises at 1509 of the 3649 steps after that point at lr 0.25 (1119 of 3099 at 0.2, 311 of 1499 at 0.15).
+  0.90-1.08), while the loss keeps falling (to 0.059-0.067, 0.077, 0.094-0.095) but no longer
+  monotonically: it rises at 1438-1509 of the 3649 steps after that point at lr 0.25 (1119-1131 of
+  3099 at 0.2, 307-311 of 1499 at 0.15).
 * Batch norm does not avoid it: the batch-norm network starts sharper, reaches 2/lr sooner (steps 100,
   300, 650) and then hovers slightly above it, 1.07-1.08 x 2/lr on average (range 0.91-1.16), with the
-  loss rising at 43-46% of the steps; it reaches a lower loss (0.055, 0.061, 0.075).
+  loss rising at 42-46% of the steps. Its final loss is lower at lr 0.2 and 0.15 (0.061-0.062 and
+  0.075-0.080) but not at lr 0.25 (0.055-0.059, against 0.059-0.067 without batch norm).
 
 At the edge of stability the trajectory is chaotic: the last digits of these numbers change between
 builds (XLA versions, CPU kinds), the picture does not.
@@ -104,9 +107,12 @@ def make_loss(model: nn.Module, variables: dict[str, Any], x: jax.Array, targets
   return loss
 
 
-def train(loss, params, *, lr: float, steps: int, every: int, lanczos_iters: int, seed: int) -> dict[str, Any]:
+def train(
+  loss, params, *, lr: float, steps: int, every: int, lanczos_iters: int, seed: int, on_steps=None
+) -> dict[str, Any]:
   """Full-batch GD for ``steps`` steps, the sharpness measured before steps 0, every, 2 every, ... and at the end.
 
+  ``on_steps(n)``, when given, is called after each stretch of ``n`` steps (a progress bar's ``update``).
   Returns the per-step losses (``losses[t]``: loss before update ``t``), the checkpoints' steps and
   sharpness values, and whether the run diverged (a non-finite loss ends it early).
   """
@@ -141,6 +147,8 @@ def train(loss, params, *, lr: float, steps: int, every: int, lanczos_iters: int
       break
     params, opt_state, values = run(params, opt_state, np.empty(length))  # the shape carries the length
     losses.extend(np.asarray(values, np.float64).tolist())
+    if on_steps is not None:
+      on_steps(length)
     if not np.all(np.isfinite(values)):
       diverged = True
       break
@@ -256,8 +264,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
   results: dict[str, dict[str, Any]] = {}
   jobs = [(model, lr) for model in args.models for lr in args.lrs]
-  bar = _common.progress(jobs, total=len(jobs), desc="runs", enabled=not args.no_progress)
-  for model_name, lr in bar:
+  bar = _common.progress(None, total=len(jobs) * args.steps, desc="steps", enabled=not args.no_progress)
+  for model_name, lr in jobs:
+    bar.set_description(f"{MODEL_LABELS[model_name]}, lr {lr:g}")  # the run in progress, its steps counted
     model = MLP(width=args.width, batch_norm=model_name == "batchnorm")
     variables = jax.jit(model.init)(jax.random.key(args.seed), x)
     loss = make_loss(model, variables, x, targets)
@@ -269,11 +278,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       every=args.every,
       lanczos_iters=args.lanczos_iters,
       seed=args.seed,
+      on_steps=bar.update,
     )
+    bar.update(args.steps - len(run["losses"]))  # the steps a diverged run did not take
     run["threshold"] = float(stability_threshold(lr))
     run["summary"] = summarize(run, run["threshold"])
     run["num_params"] = sum(int(p.size) for p in jax.tree.leaves(variables["params"]))
     results[f"{model_name} lr={lr:g}"] = run
+  bar.close()
 
   for name, run in results.items():
     model_name = name.split()[0]

@@ -224,9 +224,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
   rows, layer_norms = [], {}
   configs = [(d, v) for d in sorted(args.depths) for v in VARIANTS]
-  for depth, variant in _common.progress(
-    configs, total=len(configs), desc="depth x network", enabled=not args.no_progress
-  ):
+  bar = _common.progress(configs, total=len(configs), desc="depth x network", enabled=not args.no_progress)
+  for depth, variant in bar:
+    bar.set_description(f"depth {depth}, {variant}")  # the run in progress
     params, bn_state = init_model(jax.random.key(args.seed), depth=depth, width=args.width, in_features=x.shape[1])
     final = {}
     for rule, (_, hyper) in rules.items():  # one compiled loop: the hyperparameters are traced

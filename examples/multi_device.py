@@ -26,7 +26,7 @@ step slices each device's own shard, so each device gets rows laid out such that
 devices together are the k-th micro-batch of the single-device run (see :func:`device_major_order`);
 the numbers then agree exactly up to float rounding.
 
-    python examples/multi_device.py                        # 8 virtual CPU devices, ~15 s on 2 cores
+    python examples/multi_device.py                        # 8 virtual CPU devices, 27-60 s on 2 CPU cores (idle to shared)
     python examples/multi_device.py --devices 4 --steps 10 --micro-batch-size 500
 
 Matrix products run at full float32 precision (``jax.default_matmul_precision("highest")``): on GPUs
@@ -265,6 +265,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     "--micro-batch-size", type=int, default=1000, help="global rows per micro-batch (0: the whole batch at once)"
   )
   parser.add_argument("--bn-rows", type=int, default=512, help="rows of the batch-norm comparison")
+  parser.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
   args = parser.parse_args(argv)
   if args.steps < 1:
     parser.error(f"--steps must be >= 1, got {args.steps}")
@@ -294,13 +295,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     f"examples, {args.steps} steps, " + ("whole batch at once" if micro is None else f"micro-batches of {micro} rows")
   )
 
+  # Each style compiles its own programs (seconds each on a CPU): the bar names the one in progress.
+  bar = _common.progress(None, total=1 + len(STYLES), desc="styles", enabled=not args.no_progress)
   with jax.default_matmul_precision("highest"):
+    bar.set_description("one device (the reference)")
     bn_inputs = batch_norm_case(args.bn_rows)
     bn_ref = run_batch_norm("one device", devices, mesh, bn_inputs)
     variables = MLP().init(jax.random.key(0), data["x"][:2], train=False)  # the same start for every style
     losses_ref, state_ref = run_steps("one device", devices, mesh, data, variables, steps=args.steps, micro=micro)
+    bar.update()
     diffs: dict[str, dict[str, float]] = {}
     for style in STYLES:
+      bar.set_description(style)
       y, dx, bn_state = run_batch_norm(style, devices, mesh, bn_inputs)
       losses, state = run_steps(style, devices, mesh, data, variables, steps=args.steps, micro=micro)
       diffs[style] = dict(
@@ -317,6 +323,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           strict=True,
         )
       )
+      bar.update()
+  bar.close()
 
   scales = [_scale(bn_ref[0]), _scale(bn_ref[1]), _scale(bn_ref[2]), _scale(losses_ref)]
   scales += [_scale(state_ref.params), _scale(state_ref.batch_stats)]

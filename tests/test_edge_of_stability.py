@@ -30,10 +30,12 @@ def eos():
 TINY = ["--lrs", "0.3", "--steps", "30", "--every", "10", "--train-examples", "200", "--width", "8", "--no-progress"]
 
 
-def test_tiny_run_writes_outputs_and_measures_the_exact_sharpness(eos, tmp_path):
+def test_tiny_run_writes_outputs_and_measures_the_exact_sharpness(eos, tmp_path, capsys):
   printed = io.StringIO()
   with contextlib.redirect_stdout(printed):
-    result = eos.main([*TINY, "--models", "batchnorm", "--out", str(tmp_path)])
+    result = eos.main([*TINY[:-1], "--models", "batchnorm", "--out", str(tmp_path)])  # with the progress bar
+  bar = capsys.readouterr().err
+  assert "tanh MLP + jaxbn batch norm, lr 0.3" in bar and "30/30" in bar  # names the run, counts its steps
   text = printed.getvalue()
   (png,) = result["plots"]
   data = pathlib.Path(png).read_bytes()
