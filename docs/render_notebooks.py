@@ -29,6 +29,14 @@ NAMES = ("quickstart", "full_batch_training", "multi_device")
 ENV = {"XLA_FLAGS": "", "PYTHONPATH": str(ROOT), "JAXBN_NOTEBOOK_SMOKE": "0", "PYTHONHASHSEED": "0"}
 
 
+def hide_install_cell(nb: nbformat.NotebookNode) -> None:
+  """The site folds the install cell away (a click shows it): a reader of the site has jaxbn already."""
+  first = next(cell for cell in nb.cells if cell.cell_type == "code")
+  tags = first.metadata.setdefault("tags", [])
+  if "hide-input" not in tags:
+    tags.append("hide-input")
+
+
 def render(name: str, kernels: pathlib.Path) -> float:
   nb = nbformat.read(SOURCE / f"{name}.ipynb", as_version=4)
   km = KernelManager(kernel_name="jaxbn-docs", kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernels)]))
@@ -38,6 +46,7 @@ def render(name: str, kernels: pathlib.Path) -> float:
   client.execute(env={**env, **ENV})
   elapsed = time.perf_counter() - start
   nb.metadata.pop("widgets", None)
+  hide_install_cell(nb)
   TARGET.mkdir(exist_ok=True)
   nbformat.write(nb, TARGET / f"{name}.ipynb")
   return elapsed
