@@ -13,7 +13,7 @@ with and without batch norm (``jaxbn.linen.BatchNorm``, normalizing with the sta
 batch, so that the objective is the same at every step).
 
     python examples/edge_of_stability.py                 # 70-100 s on 2 shared CPU cores (76 s measured)
-    python examples/edge_of_stability.py --quick         # seconds: lr 0.3, 600 steps, plain MLP only
+    python examples/edge_of_stability.py --quick         # 5-10 s: lr 0.3, 600 steps, plain MLP only
     python examples/edge_of_stability.py --lrs 0.4 0.2 --steps 2000 --every 20 --models plain
 
 Every ``--every`` steps the sharpness of the full-batch loss is computed with
