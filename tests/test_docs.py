@@ -11,6 +11,7 @@ cells of notebooks/.
 
 import html.parser
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -36,6 +37,14 @@ def test_stored_notebook_has_the_cells_of_the_notebook(name):
   code = [cell for cell in stored.cells if cell.cell_type == "code"]
   assert sum(bool(cell.outputs) for cell in code) >= len(code) // 2, "stored without outputs"
   assert not [out for cell in code for out in cell.outputs if out.output_type == "error"]
+
+
+def test_readme_links_resolve():
+  # The README is the landing page: each of its links into the repository (docs/ pages, notebooks/) exists.
+  readme = (ROOT / "README.md").read_text()
+  targets = [t for t in re.findall(r"\]\(([^)#\s]+)[^)]*\)", readme) if "://" not in t]
+  assert "docs/getting_started.md" in targets
+  assert not [t for t in targets if not (ROOT / t).exists()]
 
 
 class _Page(html.parser.HTMLParser):

@@ -78,6 +78,8 @@ def test_notebook_shape(name):
     if cell.cell_type == "code":
       assert cell.outputs == [] and cell.execution_count is None
   code = _code(nb)
+  # The fast path for the platform: full_batch_step's default loop="auto" (host loop on CPU), never forced.
+  assert not any("loop=" in source for source in code), name
   assert 'IN_COLAB = "google.colab" in sys.modules' in code[0]
   assert f'\nJAXBN_SOURCE = "{badges.source()}"\n' in code[0]  # the one place a user edits
   detect = code[1]
