@@ -34,11 +34,13 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -46,7 +48,7 @@ from jaxbn import _checks
 from jaxbn.functional import BatchNormState
 from jaxbn.stats import Stats, gather_rows, group_weights, merge_stacked
 
-__all__ = ["batch_map", "sync_state"]
+__all__ = ["batch_map", "global_batch", "sync_state"]
 
 
 def sync_state(
@@ -303,3 +305,123 @@ def _reshard(leaf: Any, mesh: Any, spec: P) -> Any:
   ):
     return leaf
   return jax.sharding.reshard(leaf, NamedSharding(mesh, spec) if isinstance(mesh, jax.sharding.Mesh) else spec)
+
+
+def global_batch(local_data: Any, mesh: jax.sharding.Mesh, *, mesh_axes: str | Sequence[Hashable] | None = None) -> Any:
+  """The batch of several processes as global arrays, each process giving only the rows it loaded itself.
+
+  Every process calls it with its own rows (a pytree of arrays with a leading row axis) and gets the
+  same pytree of ``jax.Array``: the rows of all processes, split along the leading axis over
+  ``mesh_axes``, this process's devices holding this process's rows, so no row crosses the network.
+  The result goes into ``jax.jit`` code, e.g. :func:`jaxbn.training.full_batch_step`, as one
+  batch. It is ``jax.make_array_from_process_local_data`` per leaf, after one small all-gather of
+  the processes' row counts (with several processes): a process that holds no rows, or another
+  number than the others, stops every process with the same ``ValueError``, where it would
+  otherwise leave the others waiting in the first collective of the step. Every process must call
+  it, in the same order as its other multi-process calls.
+
+  The global row order follows the mesh's devices: with ``jax.make_mesh`` over ``jax.devices()``
+  (devices ordered by process) process ``p``'s rows follow those of processes ``0 .. p-1``. Where
+  processes share the same devices' positions along ``mesh_axes`` (replicas over another mesh
+  axis), they must give identical rows. With one process the rows are the whole batch.
+
+  Args:
+    local_data: this process's rows: a pytree of arrays (NumPy or JAX) sharing their leading
+      dimension, the same number of rows in every process and a multiple of the number of
+      positions its devices take along ``mesh_axes``.
+    mesh: a ``jax.sharding.Mesh`` over the devices of all processes (``jax.make_mesh``).
+    mesh_axes: the mesh axis (or axes, major first) the rows are split over; default: every axis.
+
+  Returns:
+    The global batch: ``local_data``'s structure, each leaf a ``jax.Array`` of ``R`` rows in all
+    sharded as ``NamedSharding(mesh, P(mesh_axes))``.
+
+  Raises:
+    TypeError: ``mesh`` is not a ``jax.sharding.Mesh``.
+    ValueError: a ``mesh_axes`` entry that is not a mesh axis; ``local_data`` empty, or leaves
+      without a shared leading dimension; and, in every process alike, a process with no device in
+      ``mesh``, a process with no rows, processes with different numbers of rows, or rows that the
+      process's devices cannot split evenly.
+
+  Examples:
+    >>> import jax, numpy as np, jaxbn.parallel
+    >>> mesh = jax.make_mesh((8,), ("batch",))
+    >>> rows = {"x": np.ones((16, 3), np.float32), "y": np.arange(16)}  # this process's rows
+    >>> batch = jaxbn.parallel.global_batch(rows, mesh)
+    >>> batch["x"].shape, batch["x"].sharding.spec  # 16 rows in each of jax.process_count() processes
+    ((16, 3), P('batch',))
+  """
+  fn = "jaxbn.parallel.global_batch"
+  if not isinstance(mesh, jax.sharding.Mesh):
+    raise TypeError(
+      f"{fn}: mesh must be a jax.sharding.Mesh over the devices of all processes (jax.make_mesh(...)), "
+      f"got {type(mesh).__name__}."
+    )
+  names = tuple(mesh.axis_names)
+  axes = names if mesh_axes is None else (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+  if not axes or len(set(axes)) != len(axes) or any(a not in names for a in axes):
+    raise ValueError(f"{fn}: mesh_axes must be distinct axes of the mesh {names}, got {mesh_axes!r}.")
+  leaves, tree = jax.tree.flatten(local_data)
+  sizes = {int(np.shape(leaf)[0]) if np.ndim(leaf) else -1 for leaf in leaves}
+  if not leaves or len(sizes) != 1 or -1 in sizes:
+    raise ValueError(
+      f"{fn}: local_data must be a non-empty pytree of arrays sharing their leading (row) dimension, got "
+      f"leading sizes {sorted(sizes)} (-1: a scalar)."
+    )
+  rows = sizes.pop()
+  positions = _process_positions(mesh, axes)
+  counts = _per_process(np.array([rows, positions], np.int64))
+  _check_counts(fn, counts, axes)
+  blocks = math.prod(mesh.shape[a] for a in axes)
+  sharding = NamedSharding(mesh, P(_entry(axes)))
+  total = rows // positions * blocks
+  return tree.unflatten(
+    [jax.make_array_from_process_local_data(sharding, leaf, (total, *np.shape(leaf)[1:])) for leaf in leaves]
+  )
+
+
+def _process_positions(mesh: jax.sharding.Mesh, axes: tuple[Hashable, ...]) -> int:
+  """How many distinct positions along ``axes`` this process's devices take in ``mesh`` (0 for none)."""
+  picked = [mesh.axis_names.index(a) for a in axes]
+  index = np.argwhere(np.vectorize(lambda d: d.process_index == jax.process_index())(mesh.devices))
+  return len({tuple(i[picked]) for i in index})
+
+
+def _per_process(values: np.ndarray) -> np.ndarray:
+  """``values`` of every process, stacked in process order (one all-gather where there are several)."""
+  if jax.process_count() == 1:
+    return values[None]
+  from jax.experimental import multihost_utils
+
+  return np.asarray(multihost_utils.process_allgather(values))
+
+
+def _check_counts(fn: str, counts: np.ndarray, axes: tuple[Hashable, ...]) -> None:
+  """Refuses, in every process alike, per-process ``(rows, positions)`` that make no global batch."""
+  rows, positions = counts[:, 0], counts[:, 1]
+  per_process = f"rows per process: {rows.tolist()}"
+  if not positions.all():
+    absent = np.flatnonzero(positions == 0).tolist()
+    raise ValueError(
+      f"{fn}: process(es) {absent} have no device in the mesh; build the mesh over the devices of every "
+      "process, e.g. jax.make_mesh(shape, names) (which takes jax.devices()) after jax.distributed.initialize()."
+    )
+  if not rows.all():
+    empty = np.flatnonzero(rows == 0).tolist()
+    raise ValueError(
+      f"{fn}: process(es) {empty} hold no rows ({per_process}). Every process must load its own share "
+      f"of the data set, e.g. rows p * k .. (p + 1) * k - 1 for process p of P, with k = n // P."
+    )
+  uneven = np.flatnonzero(rows % positions).tolist()
+  if uneven:
+    p = uneven[0]
+    raise ValueError(
+      f"{fn}: process {p} holds {rows[p]} rows, which its devices' {positions[p]} positions along mesh axes "
+      f"{axes} cannot split evenly: give each process a multiple of {positions[p]} rows."
+    )
+  if len(set((rows // positions).tolist())) != 1:
+    raise ValueError(
+      f"{fn}: the processes hold different numbers of rows ({per_process}); a global array gives every "
+      "device the same number, so each of the P processes must hold the same number: load k = n // P rows "
+      "in each (dropping at most P - 1 of the n rows)."
+    )

@@ -2,16 +2,17 @@
 
 Run as ``python tests/_multihost_step_worker.py PROCESS_ID NUM_PROCESSES PORT OUT_DIR``: the process
 sets up ``jax.distributed`` over gloo on 127.0.0.1 with 4 CPU devices of its own, builds the global
-data from its own rows only, runs :func:`run_all` on the global mesh of all processes' devices and
-saves what it holds in ``OUT_DIR/process{PROCESS_ID}.npz``. The test runs the same :func:`run_all`
+data from its own rows only (``jaxbn.parallel.global_batch``), runs :func:`run_all` on the global
+mesh of all processes' devices, records what ``global_batch`` says to rows it must refuse
+(:func:`refusals`) and saves what it holds in ``OUT_DIR/process{PROCESS_ID}.npz``. The test runs the same :func:`run_all`
 in one process with 8 devices and compares. Importing this module has no side effects.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import sys
+import traceback
 
 import numpy as np
 
@@ -25,32 +26,53 @@ CASES = (("auto", "ghost"), ("scan", "ghost"), ("auto", "exact"), ("scan", "exac
 
 def rows(start: int, stop: int) -> dict[str, np.ndarray]:
   """Rows ``start .. stop - 1`` of the data set, each drawn from its own seed: no process needs another's."""
-  x = np.stack([np.random.default_rng([0, r]).normal(size=FEATURES) * 2 + 1 for r in range(start, stop)])
-  return {"x": x.astype(np.float32), "y": (np.arange(start, stop) * 7 % CLASSES).astype(np.int32)}
+  x = [np.random.default_rng([0, r]).normal(size=FEATURES) * 2 + 1 for r in range(start, stop)]
+  return {
+    "x": np.array(x, np.float32).reshape(-1, FEATURES),
+    "y": (np.arange(start, stop) * 7 % CLASSES).astype(np.int32),
+  }
 
 
 def global_data(mesh, bad: bool = False):
-  """The data set as arrays sharded over ``mesh``'s ``"batch"`` axis, each process giving only its own rows.
+  """The data set as arrays sharded over ``mesh``, each process loading only its own rows.
 
   With ``bad``, row :data:`INF_ROW` holds an inf, so the loss is not finite.
   """
   import jax
-  from jax.sharding import NamedSharding
-  from jax.sharding import PartitionSpec as P
 
-  sharding = NamedSharding(mesh, P("batch"))
-  start, stop = _process_rows(sharding)
-  local = rows(start, stop)
-  if bad and start <= INF_ROW < stop:
+  import jaxbn
+
+  k = ROWS // jax.process_count()
+  start = jax.process_index() * k
+  local = rows(start, start + k)
+  if bad and start <= INF_ROW < start + k:
     local["x"][INF_ROW - start, 1] = np.inf
-  return {k: jax.make_array_from_process_local_data(sharding, v, (ROWS, *v.shape[1:])) for k, v in local.items()}
+  return jaxbn.parallel.global_batch(local, mesh)
 
 
-def _process_rows(sharding) -> tuple[int, int]:
-  """The rows ``[start, stop)`` of the data set that this process's devices hold under ``sharding``."""
-  blocks = sorted(index[0].indices(ROWS)[:2] for index in sharding.addressable_devices_indices_map((ROWS,)).values())
-  assert all(a[1] == b[0] for a, b in itertools.pairwise(blocks)), f"this process's rows are not contiguous: {blocks}"
-  return blocks[0][0], blocks[-1][1]
+def refusals(mesh) -> dict[str, np.ndarray]:
+  """What ``jaxbn.parallel.global_batch`` says, in this process, to rows no global batch can be made of.
+
+  The second process holds no rows; it holds fewer than the first; it has no device in the mesh.
+  """
+  import jax
+
+  import jaxbn
+
+  second = jax.process_index() == 1
+  cases = {
+    "no_rows": (rows(0, 0 if second else 20), mesh),
+    "fewer_rows": (rows(0, 16 if second else 20), mesh),
+    "no_device": (rows(0, 4), jax.sharding.Mesh([d for d in mesh.devices.flat if d.process_index == 0], ("batch",))),
+  }
+  said = {}
+  for name, (local, where) in cases.items():
+    try:
+      jaxbn.parallel.global_batch(local, where)
+      said[f"refused/{name}"] = np.array("")
+    except ValueError as err:
+      said[f"refused/{name}"] = np.array(str(err))
+  return said
 
 
 def build(mesh, loop: str, bn_mode: str):
@@ -149,9 +171,17 @@ def main(argv: list[str]) -> None:
   initialize(process_id, num_processes, port)
   mesh = jax.make_mesh((jax.device_count(),), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
   results = run_all(mesh, os.path.join(out_dir, "checkpoints"))
+  results.update(refusals(mesh))
   np.savez(os.path.join(out_dir, f"process{process_id}.npz"), **results)
   jax.distributed.shutdown()
 
 
 if __name__ == "__main__":
-  main(sys.argv)
+  try:
+    main(sys.argv)
+  except BaseException:
+    # Exit at once: a clean exit would wait in jax.distributed's shutdown for the other process, which
+    # waits in its next collective for this one, until the test's deadline.
+    traceback.print_exc()
+    sys.stdout.flush()
+    os._exit(1)

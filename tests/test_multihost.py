@@ -149,7 +149,9 @@ def test_full_batch_step_with_each_process_holding_its_own_rows(tmp_path):
   rows per device, put 3 at a time into micro-batches of 24, so the second micro-batch holds a remainder.
   Per case: a step, a step with an inf in a row only the second process holds (the guard must skip
   it in both processes and change nothing), a checkpoint saved by both processes and restored, and
-  two more steps: 3 applied steps.
+  two more steps: 3 applied steps. Each process builds the data from its own rows with
+  ``jaxbn.parallel.global_batch``, which must refuse, in both processes alike, a process with no
+  rows, with fewer rows than the other, or with no device in the mesh.
 
   Bitwise: the two processes (the same replicated program), the counters and the key, the skipped
   step, the restore, and the running statistics after the first step (all-gathered and merged in
@@ -163,6 +165,14 @@ def test_full_batch_step_with_each_process_holding_its_own_rows(tmp_path):
     tmp_path, STEP_WORKER, ".", meanwhile=lambda: step_worker.run_all(auto, str(tmp_path / "single"))
   )
   processes = [_load(folder / f"process{i}.npz") for i in range(2)]
+  # Rows no global batch can be made of: every process stops with the same clear error (none waits).
+  for case, says in (
+    ("no_rows", "process(es) [1] hold no rows (rows per process: [20, 0])"),
+    ("fewer_rows", "the processes hold different numbers of rows (rows per process: [20, 16])"),
+    ("no_device", "process(es) [1] have no device in the mesh"),
+  ):
+    for i, process in enumerate(processes):
+      assert says in str(process.pop(f"refused/{case}")), (case, i)
   assert processes[0].keys() == processes[1].keys() == single.keys()
   for key, want in single.items():
     np.testing.assert_array_equal(processes[1][key], processes[0][key], err_msg=f"process 1 vs process 0: {key}")

@@ -715,3 +715,37 @@ def test_axis_index_of_nested_axes_matches_device_order():
   np.testing.assert_array_equal(
     f(jax.device_put(jnp.zeros(D, jnp.int32), NamedSharding(mesh, P(("group", "member"))))), np.arange(D)
   )
+
+
+def test_global_batch_one_process_is_the_rows_sharded_over_the_axes():
+  rows = {"x": np.arange(48.0, dtype=np.float32).reshape(16, 3), "y": np.arange(16)}
+  mesh = _mesh(AxisType.Auto, (4, 2), ("data", "model"))
+  for axes, spec in ((None, P(("data", "model"))), ("data", P("data")), (("model", "data"), P(("model", "data")))):
+    batch = jaxbn.parallel.global_batch(rows, mesh, mesh_axes=axes)
+    assert batch["x"].sharding == NamedSharding(mesh, spec), axes
+    np.testing.assert_array_equal(batch["x"], rows["x"])
+    np.testing.assert_array_equal(batch["y"], rows["y"])
+  # Two processes of these sizes are checked by tests/test_multihost.py.
+
+
+def test_global_batch_errors():
+  mesh = _mesh(AxisType.Auto)
+  fn = "jaxbn.parallel.global_batch"
+  with pytest.raises(TypeError, match=rf"{fn}: mesh must be a jax.sharding.Mesh .* got AbstractMesh"):
+    jaxbn.parallel.global_batch({"x": np.ones((8, 2))}, mesh.abstract_mesh)
+  for axes in ("q", (), ("d", "d")):
+    with pytest.raises(ValueError, match=rf"{fn}: mesh_axes must be distinct axes of the mesh \('d',\)"):
+      jaxbn.parallel.global_batch({"x": np.ones((8, 2))}, mesh, mesh_axes=axes)
+  for data, sizes in (
+    ({}, r"\[\]"),
+    ({"x": np.ones((8, 2)), "y": np.ones(4)}, r"\[4, 8\]"),
+    ([1.0], r"\[-1\] \(-1: a scalar\)"),
+  ):
+    with pytest.raises(ValueError, match=rf"{fn}: local_data must be a non-empty pytree .* leading sizes {sizes}"):
+      jaxbn.parallel.global_batch(data, mesh)
+  with pytest.raises(ValueError, match=rf"{fn}: process\(es\) \[0\] hold no rows \(rows per process: \[0\]\)"):
+    jaxbn.parallel.global_batch({"x": np.ones((0, 2))}, mesh)
+  with pytest.raises(
+    ValueError, match=rf"{fn}: process 0 holds 12 rows, which its devices' 8 positions .* multiple of 8"
+  ):
+    jaxbn.parallel.global_batch({"x": np.ones((12, 2))}, mesh)
