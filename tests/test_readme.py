@@ -1,7 +1,9 @@
 """The Python examples of the README and of the documentation pages (docs/*.md) run as written.
 
-The blocks of one page run in order in one namespace, as a reader pastes them; a page whose blocks need
-a peer library (torch, haiku, equinox: the `peers` extra) skips without it, naming it.
+Each block runs on its own, in a fresh namespace, so that xdist spreads the long ones over its workers;
+on the pages in GROUPED a block may go on from the one before (the side-by-side pairs), so there each
+group of consecutive blocks runs in order in one namespace. Blocks that need a peer library (torch, haiku, equinox: the `peers` extra) skip
+without it, naming it.
 """
 
 import pathlib
@@ -21,6 +23,12 @@ def _blocks(page: pathlib.Path) -> list[str]:
 
 
 PAGES_WITH_CODE = [page for page in PAGES if _blocks(page)]
+GROUPED = {"docs/coming_from.md": 2}  # each library's block, then jaxbn's on the same data
+CASES = [
+  (page, range(start, start + GROUPED.get(page.relative_to(ROOT).as_posix(), 1)))
+  for page in PAGES_WITH_CODE
+  for start in range(0, len(_blocks(page)), GROUPED.get(page.relative_to(ROOT).as_posix(), 1))
+]
 
 
 def test_the_pages_that_held_the_readme_examples_still_have_them():
@@ -31,12 +39,16 @@ def test_the_pages_that_held_the_readme_examples_still_have_them():
     assert page in names, page
 
 
-@pytest.mark.parametrize("page", PAGES_WITH_CODE, ids=lambda p: p.relative_to(ROOT).as_posix())
-def test_page_python_blocks_run(page):
-  blocks = _blocks(page)
+@pytest.mark.parametrize(
+  ("page", "indices"),
+  CASES,
+  ids=[f"{p.relative_to(ROOT).as_posix()}[{i[0]}{'' if len(i) == 1 else f'-{i[-1]}'}]" for p, i in CASES],
+)
+def test_page_python_blocks_run(page, indices):
+  blocks = [_blocks(page)[index] for index in indices]
   for peer in PEERS:
     if any(re.search(rf"^import {peer}\b", block, flags=re.M) for block in blocks):
       pytest.importorskip(peer, reason=f"{page.name} compares with {peer} (pip install -e '.[peers]')")
   namespace = {}
-  for index, block in enumerate(blocks):
+  for index, block in zip(indices, blocks):
     exec(compile(block, f"{page.relative_to(ROOT)}[python block {index}]", "exec"), namespace)
