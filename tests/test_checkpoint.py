@@ -51,3 +51,30 @@ def test_restore_in_a_new_process_continues_bitwise(tmp_path):
   assert len(resumed.files) == len(leaves)
   for i, leaf in enumerate(leaves):
     np.testing.assert_array_equal(resumed[f"arr_{i}"], np.asarray(leaf))
+
+
+def test_a_bucket_url_reaches_orbax_as_given(monkeypatch):
+  """Hosts without a shared disk (TPU VMs) checkpoint into a bucket: a URL must not become a local path."""
+  import orbax.checkpoint as ocp
+  from etils import epath
+
+  seen = []
+
+  class Recorder:
+    def save(self, directory, state):
+      seen.append(directory)
+
+    def wait_until_finished(self):
+      pass
+
+    def restore(self, directory, target):
+      seen.append(directory)
+      return target
+
+  monkeypatch.setattr(ocp, "StandardCheckpointer", Recorder)
+  monkeypatch.setattr(type(epath.Path("gs://bucket/run")), "is_dir", lambda self: True)
+  state = build()[1]
+  jaxbn.training.save_checkpoint("gs://bucket/run/step_3", state)
+  jaxbn.training.restore_checkpoint("gs://bucket/run/step_3", state)
+  jaxbn.training.save_checkpoint("run/step_3", state)
+  assert seen == ["gs://bucket/run/step_3", "gs://bucket/run/step_3", os.path.abspath("run/step_3")]

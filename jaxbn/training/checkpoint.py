@@ -20,9 +20,15 @@ def _orbax() -> Any:
   return ocp
 
 
-def _check_path(fn: str, path: Any) -> None:
+def _location(fn: str, path: Any) -> str:
+  """``path`` as Orbax takes it: a local path made absolute, a URL (``gs://bucket/dir``) as given."""
   if not isinstance(path, (str, os.PathLike)):
     raise TypeError(f"{fn}: path must be a str or os.PathLike directory path, got {type(path).__name__}.")
+  text = os.fspath(path)
+  if not isinstance(text, str):
+    raise TypeError(f"{fn}: path must be a str or os.PathLike directory path, got bytes {text!r}.")
+  # abspath would turn "gs://b/c" into "<cwd>/gs:/b/c"; hosts without a shared disk (TPU VMs) use buckets.
+  return text if "://" in text else os.path.abspath(text)
 
 
 def save_checkpoint(path: str, state: TrainState) -> None:
@@ -30,8 +36,12 @@ def save_checkpoint(path: str, state: TrainState) -> None:
 
   ``path`` must not exist yet; the call returns once the checkpoint is on disk.
 
+  With several processes (``jax.distributed``), every process calls it with the same ``path``, on
+  a file system every host reaches (a shared disk, or a bucket: ``gs://bucket/run/step_100``), and
+  Orbax writes each array once.
+
   Args:
-    path: a directory path that does not exist yet.
+    path: a directory path that does not exist yet: local, or a URL Orbax writes to (``gs://...``).
     state: the state to save.
 
   Raises:
@@ -39,13 +49,13 @@ def save_checkpoint(path: str, state: TrainState) -> None:
     TypeError: ``path`` is not a path, or ``state`` not a ``TrainState``.
   """
   fn = "jaxbn.training.save_checkpoint"
-  _check_path(fn, path)
+  location = _location(fn, path)
   if not isinstance(state, TrainState):
     raise TypeError(f"{fn}: state must be a jaxbn.training.TrainState, got {type(state).__name__}.")
   ocp = _orbax()
 
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.abspath(path), state)
+  checkpointer.save(location, state)
   checkpointer.wait_until_finished()
 
 
@@ -53,7 +63,7 @@ def restore_checkpoint(path: str, like: TrainState) -> TrainState:
   """Restores a ``TrainState`` saved by :func:`save_checkpoint`.
 
   Args:
-    path: the checkpoint's directory.
+    path: the checkpoint's directory (local, or a URL such as ``gs://...``).
     like: a state with the same structure, shapes and dtypes (e.g. a fresh ``TrainState.create``);
       its values are not used, its shardings are.
 
@@ -65,11 +75,12 @@ def restore_checkpoint(path: str, like: TrainState) -> TrainState:
     ValueError: no checkpoint directory at ``path``.
   """
   fn = "jaxbn.training.restore_checkpoint"
-  _check_path(fn, path)
-  if not os.path.isdir(path):
-    raise ValueError(f"{fn}: path {os.fspath(path)!r} holds no checkpoint (no such directory).")
+  location = _location(fn, path)
   ocp = _orbax()
+  from etils import epath  # Orbax's own path library: local directories and buckets alike
 
+  if not epath.Path(location).is_dir():
+    raise ValueError(f"{fn}: path {location!r} holds no checkpoint (no such directory).")
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-  restored = ocp.StandardCheckpointer().restore(os.path.abspath(path), target)
+  restored = ocp.StandardCheckpointer().restore(location, target)
   return jax.tree.unflatten(jax.tree.structure(like), jax.tree.leaves(restored))
