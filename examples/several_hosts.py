@@ -106,7 +106,8 @@ def run_process(args: argparse.Namespace) -> None:
     jax.distributed.initialize()  # TPU pod slices, SLURM, Open MPI, ...: JAX finds the job's layout
   else:
     jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
-  me = f"[process {jax.process_index()} of {jax.process_count()}, {jax.local_device_count()} of {jax.device_count()} devices]"
+  me = f"[process {jax.process_index()} of {jax.process_count()}, "
+  me += f"{jax.local_device_count()} of {jax.device_count()} devices]"
   checkpoint = None if args.out is None else os.path.join(os.path.abspath(args.out), "checkpoint")
   losses, state = train(args.steps, args.micro_batch_size, checkpoint)
   print(me, "loss per step:", " ".join(f"{v:.4f}" for v in losses), flush=True)

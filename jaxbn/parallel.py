@@ -409,19 +409,19 @@ def _check_counts(fn: str, counts: np.ndarray, axes: tuple[Hashable, ...]) -> No
   if not rows.all():
     empty = np.flatnonzero(rows == 0).tolist()
     raise ValueError(
-      f"{fn}: process(es) {empty} hold no rows ({per_process}). Every process must load its own share "
-      f"of the data set, e.g. rows p * k .. (p + 1) * k - 1 for process p of P, with k = n // P."
+      f"{fn}: process(es) {empty} passed no rows in local_data ({per_process}). Every process must load "
+      "its own share of the data set, e.g. rows p * k .. (p + 1) * k - 1 for process p of P, with k = n // P."
     )
   uneven = np.flatnonzero(rows % positions).tolist()
   if uneven:
     p = uneven[0]
     raise ValueError(
-      f"{fn}: process {p} holds {rows[p]} rows, which its devices' {positions[p]} positions along mesh axes "
-      f"{axes} cannot split evenly: give each process a multiple of {positions[p]} rows."
+      f"{fn}: process {p} passed {rows[p]} rows in local_data, which its devices' {positions[p]} positions "
+      f"along mesh axes {axes} cannot split evenly: give each process a multiple of {positions[p]} rows."
     )
   if len(set((rows // positions).tolist())) != 1:
     raise ValueError(
-      f"{fn}: the processes hold different numbers of rows ({per_process}); a global array gives every "
-      "device the same number, so each of the P processes must hold the same number: load k = n // P rows "
-      "in each (dropping at most P - 1 of the n rows)."
+      f"{fn}: the processes passed different numbers of rows in local_data ({per_process}); a global array "
+      "gives every device the same number, so each of the P processes must hold the same number: load "
+      "k = n // P rows in each (dropping at most P - 1 of the n rows)."
     )

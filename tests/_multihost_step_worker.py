@@ -4,8 +4,8 @@ Run as ``python tests/_multihost_step_worker.py PROCESS_ID NUM_PROCESSES PORT OU
 sets up ``jax.distributed`` over gloo on 127.0.0.1 with 4 CPU devices of its own, builds the global
 data from its own rows only (``jaxbn.parallel.global_batch``), runs :func:`run_all` on the global
 mesh of all processes' devices, records what ``global_batch`` says to rows it must refuse
-(:func:`refusals`) and saves what it holds in ``OUT_DIR/process{PROCESS_ID}.npz``. The test runs the same :func:`run_all`
-in one process with 8 devices and compares. Importing this module has no side effects.
+(:func:`refusals`) and saves what it holds in ``OUT_DIR/process{PROCESS_ID}.npz``. The test runs
+the same :func:`run_all` in one process with 8 devices and compares. Importing this module has no side effects.
 """
 
 from __future__ import annotations

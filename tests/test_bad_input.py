@@ -212,6 +212,12 @@ def _batch_map(mesh="default", **kw):
   return jaxbn.batch_map(lambda v: v * 2, mesh, **kw)(_x((8, 3)))
 
 
+def _global_batch(local_data=None, mesh="default", **kw):
+  local_data = {"x": np.ones((16, 3), np.float32)} if local_data is None else local_data
+  mesh = jax.make_mesh((8,), ("d",)) if mesh == "default" else mesh
+  return jaxbn.parallel.global_batch(local_data, mesh, **kw)
+
+
 def _vmap_bn(**kw):
   return jax.vmap(lambda v: jaxbn.batch_norm(v, _state(), training=True, **kw), axis_name="b")(_x((2, 8, 3)))
 
@@ -429,6 +435,18 @@ ROWS = [
   kw("jaxbn.batch_map", _batch_map, what="too many entries", in_axes=(0, 0)),
   Row("jaxbn.batch_map", "out_axes", "float", lambda: jaxbn.batch_map(lambda v: v, out_axes=0.5)),
   unknown("jaxbn.batch_map", functools.partial(jaxbn.batch_map, lambda v: v)),
+  kw("jaxbn.parallel.global_batch", _global_batch, TypeError, what="string", mesh="abc"),
+  kw("jaxbn.parallel.global_batch", _global_batch, what="unknown axis", mesh_axes="nope"),
+  kw("jaxbn.parallel.global_batch", _global_batch, what="empty", local_data={}),
+  kw(
+    "jaxbn.parallel.global_batch",
+    _global_batch,
+    what="other leading sizes",
+    local_data={"x": np.ones((8, 3)), "y": np.ones(4)},
+  ),
+  kw("jaxbn.parallel.global_batch", _global_batch, what="no rows", local_data={"x": np.ones((0, 3))}),
+  kw("jaxbn.parallel.global_batch", _global_batch, what="uneven over devices", local_data={"x": np.ones((12, 3))}),
+  unknown("jaxbn.parallel.global_batch", functools.partial(jaxbn.parallel.global_batch, {}, None)),
   kw("jaxbn.sync_state", _sync, TypeError, what="array", state=jnp.ones(3)),
   Row("jaxbn.sync_state", "state.var", "other shape", lambda: _sync(state=_state()._replace(var=jnp.ones(4)))),
   Row(

@@ -170,8 +170,8 @@ def test_full_batch_step_with_each_process_holding_its_own_rows(tmp_path):
   processes = [_load(folder / f"process{i}.npz") for i in range(2)]
   # Rows no global batch can be made of: every process stops with the same clear error (none waits).
   for case, says in (
-    ("no_rows", "process(es) [1] hold no rows (rows per process: [20, 0])"),
-    ("fewer_rows", "the processes hold different numbers of rows (rows per process: [20, 16])"),
+    ("no_rows", "process(es) [1] passed no rows in local_data (rows per process: [20, 0])"),
+    ("fewer_rows", "the processes passed different numbers of rows in local_data (rows per process: [20, 16])"),
     ("no_device", "process(es) [1] have no device in the mesh"),
   ):
     for i, process in enumerate(processes):

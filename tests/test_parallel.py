@@ -743,9 +743,11 @@ def test_global_batch_errors():
   ):
     with pytest.raises(ValueError, match=rf"{fn}: local_data must be a non-empty pytree .* leading sizes {sizes}"):
       jaxbn.parallel.global_batch(data, mesh)
-  with pytest.raises(ValueError, match=rf"{fn}: process\(es\) \[0\] hold no rows \(rows per process: \[0\]\)"):
+  with pytest.raises(
+    ValueError, match=rf"{fn}: process\(es\) \[0\] passed no rows in local_data \(rows per process: \[0\]\)"
+  ):
     jaxbn.parallel.global_batch({"x": np.ones((0, 2))}, mesh)
   with pytest.raises(
-    ValueError, match=rf"{fn}: process 0 holds 12 rows, which its devices' 8 positions .* multiple of 8"
+    ValueError, match=rf"{fn}: process 0 passed 12 rows in local_data, which its devices' 8 positions .* multiple of 8"
   ):
     jaxbn.parallel.global_batch({"x": np.ones((12, 2))}, mesh)
