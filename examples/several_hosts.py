@@ -11,7 +11,7 @@ Without arguments the script shows it on one machine: it starts itself twice on 
 processes x 4 virtual CPU devices, collectives over gloo), then trains the same steps in one process
 with 8 devices and prints whether both processes agree with it::
 
-    python examples/several_hosts.py            # under 40 s on 2 shared CPU cores
+    python examples/several_hosts.py            # 30-60 s on 2 CPU cores (idle to shared)
 
 On a cluster, start the same command on every host, telling each its place in the job, or let JAX
 find it (TPU pod slices, SLURM, Open MPI; see docs/several_hosts.md)::
