@@ -80,9 +80,7 @@ nitpick_ignore_regex = [
   ("py:.*", r"(Array|ArrayLike|DTypeLike|PRNGKey|PyTree|Any|Callable|Sequence|Mapping|Iterable|Iterator|Hashable)"),
   ("py:.*", r"(int|float|bool|str|bytes|None|tuple|list|dict|object|type|callable|optional|Ellipsis|NoneType)"),
 ]
-# Targets the docstrings of jaxbn/training/step.py name but the reference does not document (an internal
-# module); the docstring should say ``jaxbn.training.data_parallel`` instead. Exactly these, nothing wider.
-nitpick_ignore: list[tuple[str, str]] = [("py:mod", "jaxbn.training.data_parallel")]
+nitpick_ignore: list[tuple[str, str]] = []
 
 # The public modules the reference covers, with the page that lists them.
 API_PAGES = {

@@ -6,6 +6,11 @@ While a hook is installed, every training-mode call of a jaxbn module (``jaxbn.l
 a ``Stats`` replaces them (differentiably: gradients flow into its ``mean`` and ``m2``) and feeds
 the running update. :mod:`jaxbn.training` uses it for batch norm with statistics over a whole
 dataset that is processed in micro-batches.
+
+A second context names the mesh axes that a training loop split the batch over when it runs the
+loss per device (inside ``jax.shard_map``): training-mode batch norms without an ``axis_name`` of
+their own reduce their statistics over those axes (:func:`batch_axes`), so that they see the same
+batch as under ``jax.jit`` on the global arrays.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from jaxbn.stats import Stats
 StatsHook = Callable[[jax.Array, tuple[int, ...], Any], Stats | None]
 
 _HOOK: contextvars.ContextVar[StatsHook | None] = contextvars.ContextVar("jaxbn_stats_hook", default=None)
+_AXES: contextvars.ContextVar[Any] = contextvars.ContextVar("jaxbn_batch_axes", default=None)
 
 
 def current() -> StatsHook | None:
@@ -37,3 +43,18 @@ def stats_hook(hook: StatsHook) -> Iterator[StatsHook]:
     yield hook
   finally:
     _HOOK.reset(token)
+
+
+def batch_axes() -> Any:
+  """The mesh axes a training loop split the batch over (the default ``axis_name`` of batch norms), or None."""
+  return _AXES.get()
+
+
+@contextlib.contextmanager
+def split_batch(axes: Any) -> Iterator[Any]:
+  """Within the block, training-mode batch norms without an ``axis_name`` reduce their statistics over ``axes``."""
+  token = _AXES.set(axes)
+  try:
+    yield axes
+  finally:
+    _AXES.reset(token)

@@ -441,15 +441,15 @@ def train(opts: BatchNormOptions, call: Call) -> tuple[jax.Array, BatchNormState
   """
   fn, x, axes, mask = opts.fn, call.x, call.axes, call.mask
   out = x.dtype if opts.dtype is None else opts.dtype
+  # A training loop that runs the loss per device names the axes the batch is split over.
+  axis_name = opts.axis_name if opts.axis_name is not None else _hooks.batch_axes()
   hook = _hooks.current()
   # A training loop may supply the statistics (jaxbn.training's bn_mode="exact": over the whole dataset).
   given = None if hook is None else hook(x, axes, mask)
 
   def plain(stats=None):
     if stats is None:
-      stats = compute_stats(
-        x, axes, mask=mask, axis_name=opts.axis_name, axis_index_groups=opts.axis_index_groups, fn=fn
-      )
+      stats = compute_stats(x, axes, mask=mask, axis_name=axis_name, axis_index_groups=opts.axis_index_groups, fn=fn)
     cdt = _checks.stats_dtype(x.dtype)
     inv = inv_std(stats.var.astype(cdt), stats.count, opts.epsilon)
     return scale_shift(x, stats.mean.astype(cdt), inv, call.scale, call.bias, axes, out), stats
@@ -469,7 +469,7 @@ def train(opts: BatchNormOptions, call: Call) -> tuple[jax.Array, BatchNormState
         mask=mask,
         epsilon=opts.epsilon,
         feature_axes=axes,
-        axis_name=opts.axis_name,
+        axis_name=axis_name,
         axis_index_groups=opts.axis_index_groups,
         out_dtype=out,
         fn=fn,

@@ -1,6 +1,7 @@
 """jaxbn.training: exact accumulated full-batch gradients, batch-norm state, guard, devices, tracing."""
 
 import re
+import warnings
 from functools import partial
 
 import flax
@@ -179,10 +180,14 @@ def test_no_retracing_and_donated_state():
   )  # still the jitted step's own
 
 
-@pytest.mark.parametrize("loop", ["scan", "host"])
-def test_sharded_data_on_eight_devices_equals_one_device(loop):
+@pytest.mark.parametrize(
+  ("loop", "norm"),
+  [("scan", jaxbn.linen.BatchNorm), ("host", jaxbn.linen.BatchNorm), ("host", nn.BatchNorm)],
+  ids=["scan-jaxbn", "host-jaxbn", "host-flax"],
+)
+def test_sharded_data_on_eight_devices_equals_one_device(loop, norm):
   data = _data(n=32)
-  _, variables, opt, step = _setup(jaxbn.linen.BatchNorm, micro_batch_size=8, donate=False, loop=loop)
+  _, variables, opt, step = _setup(norm, micro_batch_size=8, donate=False, loop=loop)
   state = TrainState.create(variables["params"], variables["batch_stats"], opt)
   mesh = jax.make_mesh((8,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
   sharded = jax.device_put(data, NamedSharding(mesh, P("batch")))
@@ -190,7 +195,17 @@ def test_sharded_data_on_eight_devices_equals_one_device(loop):
   # rows {4d + i}. One device reproduces the step on the rows in that order.
   order = np.array([4 * d + i for i in range(4) for d in range(8)])
   want, want_metrics = step(state, jax.tree.map(lambda a: a[order], data))
-  got, got_metrics = step(state, sharded)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    got, got_metrics = step(state, sharded)
+  # jaxbn's batch norms let each device sweep its own rows (one gradient all-reduce per step, counted in
+  # tests/test_communication.py); flax's would see one device's rows, so the step says it cannot.
+  said = [str(w.message) for w in caught if "once per micro-batch" in str(w.message)]
+  if norm is nn.BatchNorm:
+    assert len(said) == 1 and "all-reduces the gradient once per micro-batch (4 per step)" in said[0], said
+    assert "flax.linen.BatchNorm" in said[0], said
+  else:
+    assert not said, said
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(got_metrics.loss, want_metrics.loss, rtol=1e-6)
@@ -452,13 +467,22 @@ def test_pmap_style_step_on_eight_devices_equals_one_device():
   np.testing.assert_allclose(metrics.loss[0], want_metrics.loss, rtol=1e-5)
 
 
-def test_explicit_mesh_data_gets_a_clear_error():
+def test_explicit_mesh_data_runs_per_device_or_gets_a_clear_error():
   data = _data(n=32)
+  sharded = jax.device_put(data, NamedSharding(jax.make_mesh((8,), ("batch",)), P("batch")))
+  order = np.array([4 * d + i for i in range(4) for d in range(8)])  # as in the Auto-mesh test above
+  # jaxbn's batch norm: each device sweeps its own rows inside shard_map, which Explicit axes allow.
   _, variables, opt, step = _setup(jaxbn.linen.BatchNorm, micro_batch_size=8, donate=False)
   state = TrainState.create(variables["params"], variables["batch_stats"], opt)
-  sharded = jax.device_put(data, NamedSharding(jax.make_mesh((8,), ("batch",)), P("batch")))
-  with pytest.raises(ValueError, match=r"(?s)jaxbn.training.full_batch_step: .*Explicit mesh axes.*AxisType.Auto"):
-    step(state, sharded)
+  want, _ = step(state, jax.tree.map(lambda a: a[order], data))
+  for a, b in zip(jax.tree.leaves(step(state, sharded)[0]), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # flax's: the global-array program, which XLA cannot partition over Explicit axes (a matmul with the batch).
+  _, variables, opt, step = _setup(nn.BatchNorm, micro_batch_size=8, donate=False)
+  state = TrainState.create(variables["params"], variables["batch_stats"], opt)
+  with pytest.warns(UserWarning, match="once per micro-batch"):
+    with pytest.raises(ValueError, match=r"(?s)jaxbn.training.full_batch_step: .*Explicit mesh axes.*AxisType.Auto"):
+      step(state, sharded)
 
 
 @pytest.mark.parametrize("micro", [4, 5])
@@ -625,3 +649,14 @@ def test_linen_loss_returns_a_loss():
   loss_fn.update_batch_stats(variables["batch_stats"], aux.stats)
   with pytest.raises(ValueError, match=r"linen_loss: update_batch_stats got statistics for the batch norm at Other/BN"):
     loss_fn.update_batch_stats(variables["batch_stats"], {("Other", "BN"): aux.stats[("BatchNorm_0",)]})
+
+
+def test_data_with_no_rows_is_refused():
+  # A process whose rows were left out of a global batch sees such data; it must not divide by zero.
+  loss_fn = lambda p, bs, b, m: (jnp.mean((b["x"] @ p["w"]) ** 2), LossAux())
+  opt = optax.sgd(0.1)
+  state = TrainState.create({"w": jnp.zeros(3)}, {}, opt)
+  for loop in ("scan", "host"):
+    step = full_batch_step(loss_fn, opt, micro_batch_size=4, loop=loop)
+    with pytest.raises(ValueError, match=r"full_batch_step: data has no rows .*jaxbn.parallel.global_batch"):
+      step(state, {"x": np.zeros((0, 3), np.float32)})

@@ -143,7 +143,7 @@ def exact_gradient(
   """Loss, gradient, full-data statistics and metrics of batch norm over the WHOLE dataset (see the module)."""
   sw = _Sweeps(batches, batches.sizes(data)[3])
   base = (params, batch_stats, data, key)
-  num_layers = batches.memo("exact probe", lambda: _probe(sw, base), params, batch_stats, data, key)
+  num_layers = batches.memo("exact probe", lambda *base: _probe(sw, base), *base)
   diff, counts = _statistics_sweeps(sw, base, num_layers)
   loss, grads, stats, metrics, adjoint = _loss_sweep(sw, base, diff, counts)
   grads = _adjoint_sweeps(sw, base, diff, counts, adjoint, grads)
@@ -153,18 +153,48 @@ def exact_gradient(
 def _probe(sw: _Sweeps, base: Base) -> int:
   """The number of batch-norm calls, from one traced forward pass; refuses a loss the exact mode cannot serve."""
   fn = sw.batches.fn
-  probe = _ExactHook([], record_shapes=True)
-  batch0, mask0, _ = sw.micro(base, jnp.int32(0))
-  aux_shape = jax.eval_shape(lambda p, b, m: sw.run(probe, base, p, b, m)[1], base[0], batch0, mask0)
-  if probe.calls == 0 and aux_shape.stats is not None:
+  calls, has_stats, problem = _inspect(sw, base)
+  if calls == 0 and has_stats > 0:
     raise ValueError(
       f"{fn}: bn_mode='exact' needs the model's batch norms to be jaxbn's (jaxbn.linen.BatchNorm or "
       "jaxbn.nnx.BatchNorm, in training mode); the loss function reports batch statistics but no jaxbn "
       "batch norm was called."
     )
+  if problem is not None:
+    raise ValueError(
+      f"{fn}: bn_mode='exact' differentiates the loss with batch-norm statistics over the whole dataset, but "
+      f"{problem}. Consider one of the following options:\n"
+      "  1. use jaxbn's batch norms (jaxbn.batch_norm, jaxbn.linen.BatchNorm, jaxbn.nnx.BatchNorm) for every "
+      "batch norm of the model;\n"
+      "  2. use bn_mode='ghost', which normalizes each micro-batch with its own statistics."
+    )
+  return calls
+
+
+def rows_mixed(batches: MicroBatches, params: Any, batch_stats: Any, data: Any, key: Any = None) -> str | None:
+  """Why the loss is not a function of each row on its own once jaxbn's batch norms have their statistics
+  given, or None when it is (what ``bn_mode="exact"`` requires, and what lets a step run the loss on
+  each device's rows alone); ``batches`` without an ``axis_name``."""
+  try:
+    calls, has_stats, problem = _inspect(_Sweeps(batches, 1), (params, batch_stats, data, key))
+  except (ValueError, TypeError) as err:  # a layer that refuses given statistics names itself
+    return str(err).split(";")[0]
+  if has_stats != calls:
+    return f"the loss reports {has_stats} batch statistics where {calls} jaxbn batch norms ran"
+  return problem
+
+
+def _inspect(sw: _Sweeps, base: Base) -> tuple[int, int, str | None]:
+  """One traced forward pass with a hook on the batch norms: how many jaxbn batch norms run, how many
+  statistics the loss reports, and what mixes rows once those batch norms have their statistics given
+  (None: nothing)."""
+  probe = _ExactHook([], record_shapes=True)
+  batch0, mask0, _ = sw.micro(base, jnp.int32(0))
+  aux_shape = jax.eval_shape(lambda p, b, m: sw.run(probe, base, p, b, m)[1], base[0], batch0, mask0)
   run = lambda hook, p, b, m: sw.run(hook, base, p, b, m)
-  _check_rows_separate(fn, run, base[0], batch0, mask0, probe.shapes, sw.batches.loss.takes_key)
-  return probe.calls
+  problem = _rows_problem(run, base[0], batch0, mask0, probe.shapes, sw.batches.loss.takes_key)
+  reported = jax.tree.leaves(aux_shape.stats, is_leaf=lambda s: isinstance(s, _stats.Stats))
+  return probe.calls, len(reported), problem
 
 
 def _merged(consts: Any, terms: Any, stacked: _stats.Stats) -> tuple[Any, Any, Any]:
@@ -267,11 +297,11 @@ def _adjoint_sweep(
   return sw.batches.loop.sweep(f"adjoint {layer}", sw.k, body, consts, init, finish)
 
 
-def _check_rows_separate(fn, run, params, batch, mask, shapes, takes_key):
-  """Refuses a loss that still mixes rows once every jaxbn batch norm has whole-data statistics.
+def _rows_problem(run, params, batch, mask, shapes, takes_key) -> str | None:
+  """What still mixes rows once every jaxbn batch norm has statistics given (None: nothing).
 
   Such a loss holds a batch norm that is not jaxbn's (or another operation over the batch), which
-  would normalize each micro-batch by itself: the result would not be the exact objective.
+  would normalize each micro-batch (or each device's rows) by itself.
   """
   fixed = [
     _stats.Stats(
@@ -289,23 +319,15 @@ def _check_rows_separate(fn, run, params, batch, mask, shapes, takes_key):
     rows, mask = jax.tree.map(lambda a: jax.ShapeDtypeStruct((2, *np.shape(a)[1:]), a.dtype), (rows, mask))
   found = _rows.mixing_of_rows(loss, (params, rows, key, mask), (False, True, False, True))
   if found is None:
-    return
+    return None
   kind, where = found
   if kind == "mixes":
-    problem = (
+    return (
       f"with every jaxbn batch norm given those statistics, the loss still mixes the rows of a micro-batch at "
       f"{where}: a batch norm that is not jaxbn's (flax.nnx.BatchNorm, haiku.BatchNorm, equinox.nn.BatchNorm, a "
       "hand-written one) or another operation over the batch, which would see one micro-batch at a time"
     )
-  else:
-    problem = (
-      f"the step cannot prove that the loss treats each row on its own once every jaxbn batch norm has "
-      f"those statistics: the rows pass through {where}, which its check does not follow"
-    )
-  raise ValueError(
-    f"{fn}: bn_mode='exact' differentiates the loss with batch-norm statistics over the whole dataset, but "
-    f"{problem}. Consider one of the following options:\n"
-    "  1. use jaxbn's batch norms (jaxbn.batch_norm, jaxbn.linen.BatchNorm, jaxbn.nnx.BatchNorm) for every "
-    "batch norm of the model;\n"
-    "  2. use bn_mode='ghost', which normalizes each micro-batch with its own statistics."
+  return (
+    f"the step cannot prove that the loss treats each row on its own once every jaxbn batch norm has "
+    f"those statistics: the rows pass through {where}, which its check does not follow"
   )

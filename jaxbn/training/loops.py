@@ -31,6 +31,7 @@ an array it closed over would be frozen at its first value. :class:`HostLoop` re
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -40,7 +41,9 @@ import numpy as np
 from jax import lax
 from jax.core import Tracer
 from jax.custom_derivatives import SymbolicZero
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxbn import _hooks
 
 Body = Callable[[Any, jax.Array], tuple[Any, Any]]
 """``body(consts, i) -> (terms, outputs)`` for micro-batch ``i``."""
@@ -97,9 +100,23 @@ class ScanLoop:
     terms, outputs = lax.scan(step, None if init is None else init(), jnp.arange(k))
     return finish(consts, terms, outputs)
 
+  def memo(self, label: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``: a trace-time computation runs once per compilation of the step anyway."""
+    del label
+    return fn(*args)
+
+  def local_rows(self, data: Any, n: int) -> int:
+    """The rows of ``data`` (``n``) a sweep reads: all of them."""
+    del data
+    return n
+
 
 class HostLoop:
   """Sweeps as compiled programs called per micro-batch from Python (see the module).
+
+  With ``devices = (mesh, axes)``, every program runs per device, inside ``jax.shard_map`` over the
+  mesh ``axes`` (see :meth:`per_device`): the sweeps then read one device's rows and keep each
+  device's sums apart, and their programs are named with `` per device`` appended.
 
   Attributes:
     programs: the compiled programs by label: a sweep's label with ``first``, ``next`` or ``last``
@@ -109,11 +126,79 @@ class HostLoop:
     memos: what the step works out from the loss's trace (e.g. its batch-norm calls), per input types.
   """
 
-  def __init__(self) -> None:
-    self.programs: dict[str, Any] = {}
-    self.calls: dict[str, tuple[Any, int]] = {}
-    self.memos: dict[Any, Any] = {}  # trace-time results by input types (MicroBatches.memo)
+  def __init__(self, devices: tuple[Any, tuple[str, ...]] | None = None, parent: HostLoop | None = None) -> None:
+    self.programs: dict[str, Any] = {} if parent is None else parent.programs
+    self.calls: dict[str, tuple[Any, int]] = {} if parent is None else parent.calls
+    self.memos: dict[Any, Any] = {}  # trace-time results by input types (memo)
+    self.devices = devices
+    self.rows: frozenset[int] = frozenset()  # ids of the arrays whose rows are split over the devices
     self._compiled: dict[Any, Any] = {}
+    self._children: dict[Any, HostLoop] = {}
+
+  def per_device(self, mesh: Any, axes: tuple[str, ...]) -> HostLoop:
+    """The loop whose programs run per device over ``mesh``'s ``axes`` (one per mesh and axes, sharing
+    this loop's ``programs`` and ``calls``).
+
+    Between its programs, a per-device value travels as a global array with a new leading axis, one
+    entry per device, split over ``axes``; the data travels as the caller's arrays, whose rows
+    are split over ``axes`` (``rows``, their ids, set by the caller for each evaluation); a NumPy
+    scalar (the micro-batch index) is the same on every device.
+    """
+    key = (mesh, axes)
+    if key not in self._children:
+      self._children[key] = HostLoop((mesh, axes), parent=self)
+    return self._children[key]
+
+  def local_rows(self, data: Any, n: int) -> int:
+    """The rows of ``data`` (``n``) a sweep reads: one device's share where ``data`` is the caller's arrays
+    split over the devices, as seen from Python before the per-device programs run."""
+    if self.devices is None or not any(id(a) in self.rows for a in jax.tree.leaves(data)):
+      return n
+    mesh, axes = self.devices
+    return n // math.prod(mesh.shape[a] for a in axes)
+
+  def call(self, name: str, fn: Callable[..., Any], args: Any, **jit_options: Any) -> Any:
+    """``fn(args)`` as the compiled program ``name`` (compiled at its first call, with ``jit_options``)."""
+    program = self._compiled.get(name)
+    if program is None:
+      program = self._compiled[name] = self.programs[name] = jax.jit(_named(fn, name), **jit_options)
+    if name not in self.calls:
+      self.calls[name] = ((types_of(args),), 1)
+    return program(args)
+
+  def memo(self, label: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, remembered per ``label`` and the types and shardings of ``args``; per device, evaluated
+    abstractly inside ``jax.shard_map`` (``fn`` must then return no arrays)."""
+    types = tuple((np.shape(a), a.dtype, getattr(a, "sharding", None)) for a in jax.tree.leaves(args))
+    key = (label, jax.tree.structure(args), types)
+    if key not in self.memos:
+      if self.devices is None:
+        self.memos[key] = fn(*args)
+      else:
+        found = []
+        jax.eval_shape(self._spmd(lambda *local: found.append(fn(*local)), args), *args)
+        self.memos[key] = found[0]
+    return self.memos[key]
+
+  def _spmd(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Callable[..., Any]:
+    """``fn`` run per device inside ``jax.shard_map``, for arguments laid out as ``args`` (see :meth:`per_device`);
+    its results come back with a leading device axis."""
+    assert self.devices is not None
+    mesh, axes = self.devices
+    split = PartitionSpec(axes)
+    leaves, tree = jax.tree.flatten(args)
+    kinds = [
+      "rows" if id(a) in self.rows else "same" if isinstance(a, (np.ndarray, np.generic)) else "each" for a in leaves
+    ]
+    in_specs = tree.unflatten([PartitionSpec() if k == "same" else split for k in kinds])
+
+    def local(*global_args: Any) -> Any:
+      flat = [a[0] if k == "each" else a for a, k in zip(tree.flatten_up_to(global_args), kinds, strict=True)]
+      with _hooks.split_batch(axes):
+        out = fn(*tree.unflatten(flat))
+      return jax.tree.map(lambda a: jnp.expand_dims(a, 0), out)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=tuple(in_specs), out_specs=split, axis_names=frozenset(axes))
 
   def sweep(
     self,
@@ -135,33 +220,35 @@ class HostLoop:
     run.defjvp(functools.partial(self._run_jvp, label, k, body, finish), symbolic_zeros=True)
     return run(consts)
 
-  def _program(self, label: str, k: int, body: Body, finish: Finish, i: int, active: Any = None) -> Any:
-    """The compiled program for micro-batch ``i`` of ``k`` (first, next, last or only); with ``active``,
-    its JVP along the consts' leaves marked there."""
+  def _program(self, label: str, k: int, body: Body, finish: Finish, i: int, args: Any, active: Any = None) -> Any:
+    """The compiled program for micro-batch ``i`` of ``k`` (first, next, last or only) taking ``args``; with
+    ``active``, its JVP along the consts' leaves marked there."""
     part = "only" if k == 1 else "first" if i == 0 else "last" if i == k - 1 else "next"
     name = f"{label} {part}" + ("" if active is None else f" jvp {sum(active[1])}")
+    name += "" if self.devices is None else " per device"
     key = (name, k, active)
     program = self._compiled.get(key)
     if program is None:
       _refuse_closed_over_arrays(label, body, finish)
       fn = functools.partial(_call, body, finish, k, i == 0, i == k - 1)
       carried = 0 < i < k - 1  # the running sum and stacked outputs pass through in place; the last ends them
-      if active is None:
-        program = jax.jit(_named(fn, name), donate_argnums=(1,) if carried else ())
-      else:
-        program = jax.jit(
-          _named(functools.partial(_call_jvp, fn, active), name), donate_argnums=(2, 3) if carried else ()
-        )
+      if active is not None:
+        fn = functools.partial(_call_jvp, fn, active)
+      if self.devices is not None:
+        fn = self._spmd(fn, args)
+      donated = ((2, 3) if active is not None else (1,)) if carried else ()
+      program = jax.jit(_named(fn, name), donate_argnums=donated)
       self._compiled[key] = self.programs[name] = program
     return program, name
 
   def _run(self, label: str, k: int, body: Body, finish: Finish, consts: Any) -> Any:
     carry = None
     for i in range(k):
-      program, name = self._program(label, k, body, finish, i)
+      args = (consts, carry, np.int32(i))
+      program, name = self._program(label, k, body, finish, i, args)
       if name not in self.calls:
-        self.calls[name] = (types_of((consts, carry, np.int32(i))), max(k - 2, 1) if name.endswith("next") else 1)
-      carry = program(consts, carry, np.int32(i))
+        self.calls[name] = (types_of(args), k - 2 if 0 < i < k - 1 else 1)  # "next" runs k - 2 times
+      carry = program(*args)
     return carry
 
   def _run_jvp(self, label: str, k: int, body: Body, finish: Finish, primals: Any, tangents: Any) -> tuple[Any, Any]:
@@ -174,8 +261,9 @@ class HostLoop:
     moving = [t for t, a in zip(t_leaves, active, strict=True) if a]
     carry = t_carry = None
     for i in range(k):
-      program, _ = self._program(label, k, body, finish, i, (tree, active))
-      carry, t_carry = program(leaves, moving, carry, t_carry, np.int32(i))
+      args = (leaves, moving, carry, t_carry, np.int32(i))
+      program, _ = self._program(label, k, body, finish, i, args, (tree, active))
+      carry, t_carry = program(*args)
     return carry, t_carry
 
 

@@ -15,6 +15,7 @@ from jax import lax
 
 from jaxbn import _checks, diagnostics
 from jaxbn._trees import global_norm
+from jaxbn.training import data_parallel
 from jaxbn.training._args import (
   check_bn_mode,
   check_optimizer,
@@ -26,7 +27,7 @@ from jaxbn.training.exact import objective_gradient
 from jaxbn.training.loops import HostLoop, resolve_loop, types_of
 from jaxbn.training.loss import Loss, as_loss
 from jaxbn.training.state import LossFn, StepMetrics, TrainState, UpdateStatsFn
-from jaxbn.training.sweep import SCAN, GradientFn, MicroBatches, device_gradient, weight_dtype
+from jaxbn.training.sweep import SCAN, MicroBatches, device_gradient, weight_dtype
 
 Step = Callable[[TrainState, Any], tuple[TrainState, StepMetrics]]
 
@@ -64,11 +65,16 @@ def full_batch_step(
       sharded over ``d`` devices under ``jax.jit``, the rows are split into ``g = gcd(n, d)``
       blocks (one per device when ``d`` divides ``n``) and each block puts
       ``micro_batch_size // g`` (at least 1) of its own rows into every micro-batch, so data never
-      moves between devices and every device works on every micro-batch (one gradient all-reduce
-      per micro-batch); one device reproduces the step with the rows in that order. With
-      ``g = 1`` the micro-batches are contiguous and XLA gathers them. ``d`` comes from the data's
-      type: its sharding on Explicit meshes, all Auto-axis devices of the mesh on Auto meshes
-      (whose types do not say how data is laid out, so replicated data is split the same way).
+      moves between devices and every device works on every micro-batch; one device reproduces
+      the step with the rows in that order. With ``g = 1`` the micro-batches are contiguous and
+      XLA gathers them. ``d`` comes from the data's type: its sharding on Explicit meshes, all
+      Auto-axis devices of the mesh on Auto meshes (whose types do not say how data is laid out,
+      so replicated data is split the same way). With ``g = d`` and a loss that treats rows on
+      their own apart from jaxbn's batch norms (checked as for ``bn_mode="exact"``), each device
+      sweeps its own rows inside ``jax.shard_map`` and its partial gradient crosses devices once
+      per step (``jaxbn.training.data_parallel``); otherwise (flax's ``BatchNorm``, say) the
+      gradient is all-reduced once per micro-batch, and the step warns so. A loss that draws
+      random numbers then draws them per device.
     update_batch_stats: ``update_batch_stats(batch_stats, merged_stats) -> batch_stats`` folds
       the step's merged statistics into the running ones; required when ``LossAux.stats`` is given.
       Defaults to ``loss_fn.update_batch_stats``, which the ``Loss`` of :func:`linen_loss` and
@@ -172,11 +178,11 @@ def full_batch_step(
 
   update = _GuardedUpdate(fn, optimizer, loss.update_batch_stats, guard=guard, layer_norms=layer_norms)
   host = HostLoop() if loop == "host" else None
-  gradient = objective_gradient(MicroBatches(fn, loss, micro_batch_size, axis_name, host or SCAN), bn_mode)
+  batches = MicroBatches(fn, loss, micro_batch_size, axis_name, host or SCAN)
   sharpness = None if sharpness_every is None else (sharpness_every, sharpness_iters)
   if host is not None:
-    return _host_step(fn, gradient, update, host, sharpness=sharpness, donate=donate)
-  step = _scan_step(fn, gradient, update, axis_name=axis_name, sharpness=sharpness)
+    return _host_step(fn, batches, bn_mode, update, host, sharpness=sharpness, donate=donate)
+  step = _scan_step(fn, batches, bn_mode, update, sharpness=sharpness)
   if not jit:
     step.loop = "scan"  # type: ignore[attr-defined]
     return step
@@ -250,47 +256,59 @@ class _GuardedUpdate:
 
 def _scan_step(
   fn: str,
-  gradient: GradientFn,
+  batches: MicroBatches,
+  bn_mode: str,
   update: _GuardedUpdate,
   *,
-  axis_name: Any = None,
   sharpness: tuple[int, int] | None = None,
 ) -> Step:
   """``step(state, data)`` with every micro-batch in one program (a ``lax.scan``), not yet compiled.
 
-  Under ``axis_name``, the devices' gradients, losses and metrics are summed before the update;
-  with ``sharpness = (every, iters)``, the metrics get the top Hessian eigenvalue on every
+  Under ``batches.axis_name`` (pmap-style code), the devices' gradients, losses and metrics are
+  summed before the update. Under ``jax.jit`` with the rows split over devices, the same per-device
+  program runs inside ``jax.shard_map`` where :func:`jaxbn.training.data_parallel.plan` allows it.
+  With ``sharpness = (every, iters)``, the metrics get the top Hessian eigenvalue on every
   ``every``-th applied step.
   """
 
-  def step(state: TrainState, data: Any) -> tuple[TrainState, StepMetrics]:
-    loss, grads, stats, extra = device_gradient(
-      gradient, state.params, state.batch_stats, data, state.step_key(), axis_name
-    )
+  def device_part(batches: MicroBatches, params: Any, batch_stats: Any, key: Any, count: Any, data: Any) -> Any:
+    axis_name = batches.axis_name
+    gradient = objective_gradient(batches, bn_mode)
+    loss, grads, stats, extra = device_gradient(gradient, params, batch_stats, data, key, axis_name)
     if axis_name is not None:
       # Each device's contributions are weighted by its share of all rows: their sum is the full-batch value.
       loss = lax.psum(loss, axis_name)
       if extra is not None:
         extra = lax.psum(extra, axis_name)
-    new_state, metrics = update(state, grads, loss, stats, extra)
+    value = None
     if sharpness is not None:
       every, iters = sharpness
       value = lax.cond(
-        state.step % every == 0,
-        lambda: top_eigenpair(
-          gradient, state.params, state.batch_stats, data, axis_name, key=state.step_key(), num_iters=iters
-        )[0],
-        lambda: jnp.full((), jnp.nan, weight_dtype(state.params)),
+        count % every == 0,
+        lambda: top_eigenpair(gradient, params, batch_stats, data, axis_name, key=key, num_iters=iters)[0],
+        lambda: jnp.full((), jnp.nan, weight_dtype(params)),
       )
-      metrics = metrics._replace(sharpness=value)
-    return new_state, metrics
+    return loss, grads, stats, extra, value
+
+  def step(state: TrainState, data: Any) -> tuple[TrainState, StepMetrics]:
+    replicated = (state.params, state.batch_stats, state.step_key(), state.step)
+    plan = None
+    if batches.axis_name is None:
+      plan = data_parallel.plan(batches, bn_mode, state.params, state.batch_stats, data, state.step_key())
+    if plan is None:
+      loss, grads, stats, extra, value = device_part(batches, *replicated, data)
+    else:
+      loss, grads, stats, extra, value = plan.run(functools.partial(device_part, plan.batches), replicated, data)
+    new_state, metrics = update(state, grads, loss, stats, extra)
+    return new_state, metrics if value is None else metrics._replace(sharpness=value)
 
   return _partition_errors_explained(fn, step)
 
 
 def _host_step(
   fn: str,
-  gradient: GradientFn,
+  batches: MicroBatches,
+  bn_mode: str,
   update: _GuardedUpdate,
   loop: HostLoop,
   *,
@@ -308,6 +326,8 @@ def _host_step(
   finish = jax.jit(update, donate_argnums=(0,) if donate else (1,))
 
   def host_step(state: TrainState, data: Any) -> tuple[TrainState, StepMetrics]:
+    gradient = data_parallel.host_gradient(batches, bn_mode, state.params, state.batch_stats, data, state.step_key())
+    gradient = gradient or objective_gradient(batches, bn_mode)
     loss, grads, stats, extra = gradient(state.params, state.batch_stats, data, state.step_key())
     value = None
     if sharpness is not None:
@@ -343,9 +363,11 @@ def _partition_errors_explained(fn: str, step: Step) -> Step:
         "(jax.make_mesh's default): an operation of the loss contracts over the sharded batch axis "
         "(a matmul with the batch, as in the backward pass of Flax's Dense and Conv layers). "
         "Consider one of the following options:\n"
-        "  1. shard the data over a mesh with Auto axes: jax.make_mesh(shape, names, "
+        "  1. use jaxbn's batch norms (jaxbn.linen.BatchNorm, jaxbn.nnx.BatchNorm, jaxbn.batch_norm): the step "
+        "then runs the loss on each device's rows (see the warning it gave, if any, for what stops it);\n"
+        "  2. shard the data over a mesh with Auto axes: jax.make_mesh(shape, names, "
         "axis_types=(jax.sharding.AxisType.Auto,) * len(names));\n"
-        "  2. run the step per device: full_batch_step(..., axis_name=name, jit=False) inside "
+        "  3. run the step per device: full_batch_step(..., axis_name=name, jit=False) inside "
         "jax.shard_map or jax.pmap, with the batch norms' axis_name set to the same name."
       ) from err
 

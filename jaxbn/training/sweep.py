@@ -18,7 +18,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from jaxbn import _checks
@@ -61,7 +60,7 @@ class MicroBatches:
 
   def sizes(self, data: Any) -> tuple[int, int, int, int]:
     """``(n, g, m, k)``: rows, data shards, rows per shard in each micro-batch, micro-batches."""
-    n = num_rows(self.fn, data)
+    n = self.loop.local_rows(data, num_rows(self.fn, data))
     g = 1 if self.axis_name is not None else math.gcd(n, data_shards(data))
     per = n // g
     m = per if self.micro_batch_size is None else min(max(self.micro_batch_size // g, 1), per)
@@ -141,18 +140,10 @@ class MicroBatches:
     grads = jax.tree.map(lambda g, p: weighted(w, g, accumulator_dtype(p)), grads, params)
     return (grads, weighted(w, loss, weight_dtype(params))), (aux, w)
 
-  def memo(self, label: str, fn: Callable[[], Any], *args: Any) -> Any:
-    """``fn()``, remembered per ``label`` and the types of ``args`` where the loop runs from Python.
-
-    Inside a compiled step a trace-time computation runs once per compilation anyway.
-    """
-    cache = getattr(self.loop, "memos", None)
-    if cache is None:
-      return fn()
-    key = (label, jax.tree.structure(args), tuple((np.shape(a), a.dtype) for a in jax.tree.leaves(args)))
-    if key not in cache:
-      cache[key] = fn()
-    return cache[key]
+  def memo(self, label: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, worked out once per ``label`` and argument types where the loop runs from Python
+    (:meth:`jaxbn.training.loops.HostLoop.memo`); inside a compiled step, once per compilation anyway."""
+    return self.loop.memo(label, fn, *args)
 
 
 def _ghost_result(consts: Any, terms: Any, outputs: Any) -> tuple[jax.Array, Any, Any, Any]:

@@ -188,6 +188,14 @@ MUTANTS = (
     "lax.dynamic_update_index_in_dim(s, o, 0, 0)",
     ("tests/test_training.py::test_host_loop_equals_scan[4]",),
   ),
+  Mutant(
+    "per-device batch statistics",  # sweeping each device's rows, batch norms normalize with that device's rows only
+    "jaxbn/functional.py",
+    "train",
+    "axis_name = opts.axis_name if opts.axis_name is not None else _hooks.batch_axes()",
+    "axis_name = opts.axis_name",
+    ("tests/test_training.py::test_sharded_data_on_eight_devices_equals_one_device[host-jaxbn]",),
+  ),
 )
 
 
