@@ -22,11 +22,8 @@ import _multihost_step_worker as step_worker
 import _multihost_worker as worker
 import jax
 import numpy as np
-import optax
 import pytest
 from _deadlines import scaled
-
-import jaxbn
 
 pytestmark = pytest.mark.slow  # subprocesses or whole scripts: CI runs them; -m 'not slow' skips them
 
@@ -191,21 +188,3 @@ def test_full_batch_step_with_each_process_holding_its_own_rows(tmp_path):
     assert not np.isfinite(case["metrics.loss"][1]) and np.all(np.isfinite(case["metrics.loss"][[0, 2, 3]]))
     assert (int(case["state.step"]), int(case["state.skipped"])) == (3, 1)
     assert case["metrics.loss"][3] < case["metrics.loss"][0], (loop, bn_mode)  # the steps trained
-
-
-@pytest.mark.xfail(
-  strict=True,
-  raises=ZeroDivisionError,
-  reason="jaxbn/training/_args.py num_rows accepts data with 0 rows, and MicroBatches.sizes then divides by "
-  "zero: the step should refuse it with a ValueError (a process whose rows were left out of "
-  "jax.make_array_from_process_local_data's inferred global shape sees such a batch)",
-)
-def test_full_batch_step_refuses_data_with_no_rows():
-  def loss_fn(params, batch_stats, batch, mask):
-    return jax.numpy.mean((batch["x"] @ params["w"]) ** 2), jaxbn.training.LossAux()
-
-  opt = optax.sgd(0.1)
-  step = jaxbn.training.full_batch_step(loss_fn, opt, micro_batch_size=4)
-  state = jaxbn.training.TrainState.create({"w": jax.numpy.zeros(3)}, {}, opt)
-  with pytest.raises(ValueError, match=r"full_batch_step: .*no rows"):
-    step(state, {"x": np.zeros((0, 3), np.float32)})

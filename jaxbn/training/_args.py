@@ -52,4 +52,11 @@ def num_rows(fn: str, data: Any) -> int:
     raise ValueError(
       f"{fn}: every leaf of data must have the same leading (example) dimension, got sizes {sorted(sizes)}."
     )
-  return sizes.pop()
+  n = sizes.pop()
+  if n == 0:
+    raise ValueError(
+      f"{fn}: data has no rows (every leaf's leading dimension is 0); a full-batch step needs at least one. "
+      "With several processes, build the global batch with jaxbn.parallel.global_batch, which names a process "
+      "that holds no rows."
+    )
+  return n
