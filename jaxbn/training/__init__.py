@@ -51,8 +51,10 @@ from jaxbn.training.state import LossAux as LossAux
 from jaxbn.training.state import StepMetrics as StepMetrics
 from jaxbn.training.state import TrainState as TrainState
 from jaxbn.training.step import full_batch_step as full_batch_step
+from jaxbn.training.stream import HostData as HostData
 
 __all__ = [
+  "HostData",
   "Loss",
   "LossAux",
   "StepMetrics",

@@ -13,6 +13,7 @@ from jaxbn.training.exact import objective_gradient
 from jaxbn.training.loops import HostLoop, resolve_loop
 from jaxbn.training.loss import Loss, as_loss
 from jaxbn.training.state import LossFn, TrainState
+from jaxbn.training.stream import HostData
 from jaxbn.training.sweep import SCAN, GradientFn, MicroBatches, device_gradient
 
 
@@ -102,6 +103,13 @@ def sharpness(
   gradient = objective_gradient(batches, bn_mode)
 
   def run(state: TrainState, data: Any, init: Any = None) -> tuple[jax.Array, Any]:
+    if isinstance(data, HostData):
+      if not host:
+        raise ValueError(
+          f"{fn}: data is a jaxbn.training.HostData, which only the host loop can stream: use loop='host' or "
+          "'auto' (with jit=True and no axis_name), or pass arrays already on the devices."
+        )
+      data = batches.stream(data)
     return top_eigenpair(
       gradient,
       state.params,

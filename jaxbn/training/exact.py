@@ -31,12 +31,16 @@ import numpy as np
 from jaxbn import _checks, _hooks, _rows
 from jaxbn import stats as _stats
 from jaxbn._sharding import trace_state
+from jaxbn.training.loops import Folded
 from jaxbn.training.state import LossAux
 from jaxbn.training.sweep import (
   GradientFn,
   MicroBatches,
   accumulator_dtype,
+  merged_part,
+  reduced_aux,
   sum_over_devices,
+  summed_part,
   weight_dtype,
   weighted,
   weighted_metrics,
@@ -218,7 +222,10 @@ def _statistics_sweeps(sw: _Sweeps, base: Base, num_layers: int) -> tuple[list[A
       sw.run(hook, base, base[0], batch, mask)
       return None, hook.out
 
-    mean, var, count = sw.batches.loop.sweep(f"statistics {layer}", sw.k, body, (base, (diff, counts)), None, _merged)
+    consts = (base, (diff, counts))
+    mean, var, count = sw.batches.loop.sweep(
+      f"statistics {layer}", sw.k, body, consts, None, Folded(_merged, merged_part)
+    )
     diff.append((mean, var))
     counts.append(count)
   return diff, counts
@@ -252,8 +259,13 @@ def _loss_sweep(sw: _Sweeps, base: Base, diff: list[Any], counts: list[Any]) -> 
     stats = None if aux.stats is None else jax.tree.map(lambda a: a[0], aux.stats)
     return jnp.dot(weights, losses), grads, stats, weighted_metrics(aux, weights), adjoint
 
+  def reduce(outputs):
+    weights, losses, g_diff, aux = outputs
+    one = jnp.ones((1,), weights.dtype)
+    return one, jnp.dot(weights, losses)[None], summed_part(g_diff), reduced_aux(aux, weights, first_stats=True)
+
   init = lambda: zeros_like_grads(base[0])
-  return sw.batches.loop.sweep("loss", sw.k, body, (base, diff, counts), init, finish)
+  return sw.batches.loop.sweep("loss", sw.k, body, (base, diff, counts), init, Folded(finish, reduce))
 
 
 def _adjoint_sweeps(sw: _Sweeps, base: Base, diff: list[Any], counts: list[Any], adjoint: list[Any], grads: Any) -> Any:
@@ -294,7 +306,7 @@ def _adjoint_sweep(
   cotangent = (t_mean, t_var, diff[layer][0], counts[layer])
   consts = (base, diff[:layer], counts, cotangent, (grads, adjoint[:layer]))
   init = lambda: zeros_like_grads(base[0])
-  return sw.batches.loop.sweep(f"adjoint {layer}", sw.k, body, consts, init, finish)
+  return sw.batches.loop.sweep(f"adjoint {layer}", sw.k, body, consts, init, Folded(finish, summed_part))
 
 
 def _rows_problem(run, params, batch, mask, shapes, takes_key) -> str | None:

@@ -11,7 +11,11 @@ a loop decides how a sweep executes:
   one compiled program (traceable into ``jax.pmap``/``jax.shard_map``).
 * :class:`HostLoop` (``loop="host"``): compiled programs called once per micro-batch from Python,
   the running sum and the stacked outputs donated from call to call; the first micro-batch's program
-  starts them, the last one's ends with ``finish``, so nothing but the calls runs from Python.
+  starts them, the last one's ends with ``finish``, so nothing but the calls runs from Python. With a
+  :class:`Folded` finish the outputs are reduced as they come (the statistics merged, the rest summed),
+  so what a program carries does not grow with the number of micro-batches. Streamed data
+  (:mod:`jaxbn.training.stream`) reaches the program for micro-batch ``i`` as its rows, the next
+  micro-batch read from the host while that program runs.
   ``jax.jvp`` through a sweep (Hessian-vector products for the sharpness) calls compiled JVPs of the
   same programs, traced in forward mode so that jaxbn's batch norms take their twice-differentiable
   path there.
@@ -30,6 +34,7 @@ an array it closed over would be frozen at its first value. :class:`HostLoop` re
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -44,6 +49,7 @@ from jax.custom_derivatives import SymbolicZero
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxbn import _hooks
+from jaxbn.training.stream import Rows, fed, is_stream, prefetch
 
 Body = Callable[[Any, jax.Array], tuple[Any, Any]]
 """``body(consts, i) -> (terms, outputs)`` for micro-batch ``i``."""
@@ -52,6 +58,20 @@ Finish = Callable[[Any, Any, Any], Any]
 """``finish(consts, terms, outputs)``: the sweep's result from the summed terms and the stacked outputs."""
 
 LOOPS = ("auto", "scan", "host")
+
+
+@dataclasses.dataclass(frozen=True)
+class Folded:
+  """A sweep's ``finish`` whose outputs may be reduced as they come: ``reduce(stacked)`` turns outputs stacked
+  along a leading axis of parts into one part (a leading axis of 1) that ``finish`` reads as it reads all of
+  them. :class:`HostLoop` then carries one part from program to program, whatever the number of
+  micro-batches; :class:`ScanLoop` stacks them all."""
+
+  finish: Finish
+  reduce: Callable[[Any], Any]
+
+  def __call__(self, consts: Any, terms: Any, outputs: Any) -> Any:
+    return self.finish(consts, terms, outputs)
 
 
 def resolve_loop(fn: str, loop: Any, *, traced: bool) -> str:
@@ -168,7 +188,9 @@ class HostLoop:
 
   def memo(self, label: str, fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)``, remembered per ``label`` and the types and shardings of ``args``; per device, evaluated
-    abstractly inside ``jax.shard_map`` (``fn`` must then return no arrays)."""
+    abstractly inside ``jax.shard_map`` (``fn`` must then return no arrays). Streamed data reaches ``fn`` as
+    the types of one micro-batch."""
+    args = fed(args, None)
     types = tuple((np.shape(a), a.dtype, getattr(a, "sharding", None)) for a in jax.tree.leaves(args))
     key = (label, jax.tree.structure(args), types)
     if key not in self.memos:
@@ -187,9 +209,8 @@ class HostLoop:
     mesh, axes = self.devices
     split = PartitionSpec(axes)
     leaves, tree = jax.tree.flatten(args)
-    kinds = [
-      "rows" if id(a) in self.rows else "same" if isinstance(a, (np.ndarray, np.generic)) else "each" for a in leaves
-    ]
+    rows = self.rows | {id(a) for r in _rows_in(args) for a in jax.tree.leaves(r)}
+    kinds = ["rows" if id(a) in rows else "same" if isinstance(a, (np.ndarray, np.generic)) else "each" for a in leaves]
     in_specs = tree.unflatten([PartitionSpec() if k == "same" else split for k in kinds])
 
     def local(*global_args: Any) -> Any:
@@ -226,10 +247,13 @@ class HostLoop:
     part = "only" if k == 1 else "first" if i == 0 else "last" if i == k - 1 else "next"
     name = f"{label} {part}" + ("" if active is None else f" jvp {sum(active[1])}")
     name += "" if self.devices is None else " per device"
-    key = (name, k, active)
+    # Per device, the program's shard_map specs follow the arguments' structure (in-memory or streamed data).
+    key = (name, k, active, None if self.devices is None else jax.tree.structure(args))
     program = self._compiled.get(key)
     if program is None:
-      _refuse_closed_over_arrays(label, body, finish)
+      _refuse_closed_over_arrays(
+        label, body, *((finish.finish, finish.reduce) if isinstance(finish, Folded) else (finish,))
+      )
       fn = functools.partial(_call, body, finish, k, i == 0, i == k - 1)
       carried = 0 < i < k - 1  # the running sum and stacked outputs pass through in place; the last ends them
       if active is not None:
@@ -244,39 +268,49 @@ class HostLoop:
   def _run(self, label: str, k: int, body: Body, finish: Finish, consts: Any) -> Any:
     carry = None
     for i in range(k):
-      args = (consts, carry, np.int32(i))
+      # Streamed data: micro-batch i's rows, put on the devices while micro-batch i - 1's program ran.
+      args = (fed(consts, i), carry, np.int32(i))
       program, name = self._program(label, k, body, finish, i, args)
       if name not in self.calls:
         self.calls[name] = (types_of(args), k - 2 if 0 < i < k - 1 else 1)  # "next" runs k - 2 times
       carry = program(*args)
+      prefetch(consts, i, carry)  # streamed data: the next micro-batch, read while this program runs
     return carry
 
   def _run_jvp(self, label: str, k: int, body: Body, finish: Finish, primals: Any, tangents: Any) -> tuple[Any, Any]:
     """The sweep and its tangent through compiled JVPs of the programs, differentiating only the consts'
     leaves whose tangent is not a symbolic zero (the data, the counts and the key stay constant)."""
     (consts,), (t_consts,) = primals, tangents
-    leaves, tree = jax.tree.flatten(consts)
+    leaves, tree = jax.tree.flatten(consts, is_leaf=is_stream)
     t_leaves = tree.flatten_up_to(t_consts)
-    active = tuple(not isinstance(t, SymbolicZero) for t in t_leaves)
+    active = tuple(not isinstance(t, SymbolicZero) and not is_stream(t) for t in t_leaves)
     moving = [t for t, a in zip(t_leaves, active, strict=True) if a]
     carry = t_carry = None
     for i in range(k):
-      args = (leaves, moving, carry, t_carry, np.int32(i))
+      args = (fed(leaves, i), moving, carry, t_carry, np.int32(i))
       program, _ = self._program(label, k, body, finish, i, args, (tree, active))
       carry, t_carry = program(*args)
+      prefetch(leaves, i, (carry, t_carry))
     return carry, t_carry
 
 
 def _call(body: Body, finish: Finish, k: int, first: bool, last: bool, consts: Any, carry: Any, i: Any) -> Any:
-  """Micro-batch ``i``: its terms added to the running sum and its outputs written into the stacked ones;
-  the first one starts both, the last one returns ``finish`` of them."""
+  """Micro-batch ``i``: its terms added to the running sum and its outputs written into the stacked ones (or,
+  for a :class:`Folded` finish, reduced with them into one part); the first one starts both, the last one
+  returns ``finish`` of them."""
   terms, outputs = body(consts, i)
-  if first:
+  folded = isinstance(finish, Folded)
+  if first and folded:
+    stacked = finish.reduce(jax.tree.map(lambda o: jnp.expand_dims(o, 0), outputs))  # the carry's types from here on
+  elif first:
     stacked = jax.tree.map(lambda o: jnp.zeros((k, *jnp.shape(o)), o.dtype).at[0].set(o), outputs)
   else:
     total, stacked = carry
     terms = None if terms is None else jax.tree.map(jnp.add, total, terms)
-    stacked = jax.tree.map(lambda s, o: lax.dynamic_update_index_in_dim(s, o, i, 0), stacked, outputs)
+    if folded:
+      stacked = finish.reduce(jax.tree.map(lambda s, o: jnp.concatenate([s, o[None]]), stacked, outputs))
+    else:
+      stacked = jax.tree.map(lambda s, o: lax.dynamic_update_index_in_dim(s, o, i, 0), stacked, outputs)
   return finish(consts, terms, stacked) if last else (terms, stacked)
 
 
@@ -293,6 +327,11 @@ def _call_jvp(fn: Any, active: Any, leaves: list[Any], moving: list[Any], carry:
   if carry is None:
     return jax.jvp(lambda p: f(p, None), (primals,), (moving,))
   return jax.jvp(f, (primals, carry), (moving, t_carry))
+
+
+def _rows_in(tree: Any) -> list[Rows]:
+  """The streamed micro-batches among ``tree``'s nodes (their rows are split over the devices)."""
+  return [r for r in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, Rows)) if isinstance(r, Rows)]
 
 
 def _named(fn: Callable[..., Any], name: str) -> Callable[..., Any]:

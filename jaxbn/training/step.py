@@ -27,6 +27,7 @@ from jaxbn.training.exact import objective_gradient
 from jaxbn.training.loops import HostLoop, resolve_loop, types_of
 from jaxbn.training.loss import Loss, as_loss
 from jaxbn.training.state import LossFn, StepMetrics, TrainState, UpdateStatsFn
+from jaxbn.training.stream import HostData
 from jaxbn.training.sweep import SCAN, MicroBatches, device_gradient, weight_dtype
 
 Step = Callable[[TrainState, Any], tuple[TrainState, StepMetrics]]
@@ -91,7 +92,8 @@ def full_batch_step(
       convolutions inside loops several times slower (jax-ml/jax#12868), unless ``axis_name`` is
       given or ``jit=False``; ``"scan"`` elsewhere. The same numbers up to float rounding
       (measured by ``benchmarks/full_batch.py``, results in ``benchmarks/RESULTS.md``); every
-      option works with both. The step's ``loop`` attribute says which one it runs.
+      option works with both. The step's ``loop`` attribute says which one it runs (for in-memory
+      data: a :class:`jaxbn.training.HostData` always streams on the host loop).
     bn_mode: what batch norm means under micro-batching. ``"ghost"`` (default): each micro-batch
       is normalized with its own statistics (ghost batches of the partition above, Hoffer et al.
       2017), one forward and backward sweep over the data. ``"exact"``: every layer normalizes with
@@ -120,10 +122,17 @@ def full_batch_step(
       multi-device path needs none of this: ``jax.jit`` with ``data`` sharded over a mesh.
 
   Returns:
-    ``step(state, data) -> (new_state, StepMetrics)``.
+    ``step(state, data) -> (new_state, StepMetrics)``. ``data`` is a pytree of arrays with a leading
+    row axis in device memory, or a :class:`jaxbn.training.HostData`: a data set on the host or on
+    disk (NumPy arrays, memory-mapped ``.npy`` files, a sliceable source such as a Grain data source)
+    that the step streams to the devices one micro-batch at a time, the next one's transfer
+    overlapping the current one's compute, with the same numbers as the same rows in device memory
+    (ghost and exact mode, the sharpness too). Streaming needs the host loop: ``loop="auto"`` takes
+    it for a ``HostData`` on every backend.
 
   Raises:
-    ValueError: bad ``micro_batch_size``, ``sharpness_every``, ``bn_mode``, ``loop`` or ``data``;
+    ValueError: bad ``micro_batch_size``, ``sharpness_every``, ``bn_mode``, ``loop`` or ``data``
+      (a ``HostData`` with ``loop="scan"``, ``axis_name`` or ``jit=False``);
       under ``bn_mode="exact"``, a loss that mixes rows other than through jaxbn's batch norms
       (at the first call); a state consumed by an earlier call (``donate=True``);
       ``loop="host"`` with ``axis_name`` or ``jit=False``;
@@ -174,7 +183,7 @@ def full_batch_step(
       f"{fn}: loop='host' runs compiled pieces from Python, so it cannot be traced into pmap or "
       "shard_map: use loop='scan' (or 'auto') with axis_name=... and jit=False there."
     )
-  loop = resolve_loop(fn, loop, traced=traced)
+  requested, loop = loop, resolve_loop(fn, loop, traced=traced)
 
   update = _GuardedUpdate(fn, optimizer, loss.update_batch_stats, guard=guard, layer_norms=layer_norms)
   host = HostLoop() if loop == "host" else None
@@ -183,10 +192,15 @@ def full_batch_step(
   if host is not None:
     return _host_step(fn, batches, bn_mode, update, host, sharpness=sharpness, donate=donate)
   step = _scan_step(fn, batches, bn_mode, update, sharpness=sharpness)
-  if not jit:
-    step.loop = "scan"  # type: ignore[attr-defined]
-    return step
-  step = _DonationChecked(fn, jax.jit(step, donate_argnums=(0,) if donate else ()))
+  if jit:
+    step = _DonationChecked(fn, jax.jit(step, donate_argnums=(0,) if donate else ()))
+
+  def streamed() -> Step:  # host data streams on the host loop, whatever the backend
+    host = HostLoop()
+    on_host = dataclasses.replace(batches, loop=host)
+    return _host_step(fn, on_host, bn_mode, update, host, sharpness=sharpness, donate=donate)
+
+  step = _HostDataRouted(fn, step, streamed if requested == "auto" and not traced else None, requested)
   step.loop = "scan"
   return step
 
@@ -326,6 +340,8 @@ def _host_step(
   finish = jax.jit(update, donate_argnums=(0,) if donate else (1,))
 
   def host_step(state: TrainState, data: Any) -> tuple[TrainState, StepMetrics]:
+    if isinstance(data, HostData):
+      data = batches.stream(data)
     gradient = data_parallel.host_gradient(batches, bn_mode, state.params, state.batch_stats, data, state.step_key())
     gradient = gradient or objective_gradient(batches, bn_mode)
     loss, grads, stats, extra = gradient(state.params, state.batch_stats, data, state.step_key())
@@ -372,6 +388,40 @@ def _partition_errors_explained(fn: str, step: Step) -> Step:
       ) from err
 
   return checked_step
+
+
+class _HostDataRouted:
+  """The scanned ``step``, sending a :class:`HostData` (which only the host loop can stream) to the host-loop
+  step ``streamed()`` builds at its first use (``loop="auto"``), or refusing it (``streamed`` None).
+
+  Everything else (``lower``, ``trace``, attributes) is ``step``'s own.
+  """
+
+  loop: str
+
+  def __init__(self, fn: str, step: Callable[..., Any], streamed: Callable[[], Step] | None, requested: str) -> None:
+    functools.update_wrapper(self, step)  # first: it copies step's attributes, whose names may be these
+    self._fn, self._step, self._streamed, self._requested = fn, step, streamed, requested
+    self._host: Step | None = None
+
+  def __call__(self, state: TrainState, data: Any, *args: Any) -> Any:
+    if not isinstance(data, HostData):
+      return self._step(state, data, *args)
+    if self._streamed is None:
+      how = "loop='scan'" if self._requested == "scan" else "axis_name=... or jit=False"
+      raise ValueError(
+        f"{self._fn}: data is a jaxbn.training.HostData, which only the host loop can stream (it puts each "
+        f"micro-batch on the devices from Python), and this step was built with {how}. Consider one of the "
+        "following options:\n"
+        "  1. build the step with loop='host' or loop='auto' (and jit=True, no axis_name);\n"
+        "  2. pass arrays already on the devices instead: jax.device_put(source, sharding)."
+      )
+    if self._host is None:
+      self._host = self._streamed()
+    return self._host(state, data, *args)
+
+  def __getattr__(self, name: str) -> Any:
+    return getattr(self._step, name)
 
 
 class _DonationChecked:

@@ -24,9 +24,10 @@ from jaxbn import _checks
 from jaxbn import stats as _stats
 from jaxbn._sharding import data_shards, varying, varying_like, varying_over
 from jaxbn.training._args import num_rows
-from jaxbn.training.loops import HostLoop, ScanLoop
+from jaxbn.training.loops import Folded, HostLoop, ScanLoop
 from jaxbn.training.loss import Loss
 from jaxbn.training.state import LossAux
+from jaxbn.training.stream import HostData, Rows, Stream
 
 SCAN = ScanLoop()
 
@@ -59,18 +60,33 @@ class MicroBatches:
   loop: ScanLoop | HostLoop = SCAN
 
   def sizes(self, data: Any) -> tuple[int, int, int, int]:
-    """``(n, g, m, k)``: rows, data shards, rows per shard in each micro-batch, micro-batches."""
-    n = self.loop.local_rows(data, num_rows(self.fn, data))
-    g = 1 if self.axis_name is not None else math.gcd(n, data_shards(data))
+    """``(n, g, m, k)``: rows, data shards, rows per shard in each micro-batch, micro-batches.
+
+    Streamed data (:mod:`jaxbn.training.stream`) states its rows and blocks; under ``axis_name`` (the
+    per-device programs) one block is this device's rows.
+    """
+    if isinstance(data, (HostData, Stream, Rows)):
+      n, g = data.rows, data.blocks
+      if self.axis_name is not None:
+        n, g = n // g, 1
+    else:
+      n = self.loop.local_rows(data, num_rows(self.fn, data))
+      g = 1 if self.axis_name is not None else math.gcd(n, data_shards(data))
     per = n // g
     m = per if self.micro_batch_size is None else min(max(self.micro_batch_size // g, 1), per)
     return n, g, m, math.ceil(per / m)
+
+  def stream(self, data: HostData) -> Stream:
+    """``data`` as this step's sweeps read it (its micro-batch layout fixed)."""
+    *_, m, k = self.sizes(data)
+    return Stream(data, m, k)
 
   def slice(self, data: Any, i: jax.Array, key: Any = None, dtype: Any = jnp.float32) -> tuple[Any, Any, jax.Array]:
     """Micro-batch ``i``: its rows, its row mask (None when all are valid) and its share of all rows.
 
     The share is in ``dtype``. For a loss that takes a key, the rows come packed with the
-    micro-batch's key, ``(rows, key)``, as :meth:`apply` expects them.
+    micro-batch's key, ``(rows, key)``, as :meth:`apply` expects them. Streamed data arrives as
+    micro-batch ``i``'s rows already cut (:class:`jaxbn.training.stream.Rows`).
     """
     n, g, m, _ = self.sizes(data)
     per = n // g
@@ -90,7 +106,7 @@ class MicroBatches:
       blocks = a.reshape(g, per, *a.shape[1:])
       return lax.dynamic_slice_in_dim(blocks, start, m, axis=1).reshape(g * m, *a.shape[1:])
 
-    batch = jax.tree.map(cut, data)
+    batch = data.batch if isinstance(data, Rows) else jax.tree.map(cut, data)
     if self.loss.takes_key:
       batch = (batch, self._key(key, i))
     return batch, mask, w
@@ -131,7 +147,7 @@ class MicroBatches:
     # Under jax.shard_map the accumulated loss varies over the data's axes: so must the loop's initial value.
     init = lambda: (zeros_like_grads(params), varying_like(jnp.zeros((), weight_dtype(params)), *jax.tree.leaves(data)))
     consts = (params, batch_stats, data, key)
-    return self.loop.sweep("ghost", k, self._ghost_terms, consts, init, _ghost_result)
+    return self.loop.sweep("ghost", k, self._ghost_terms, consts, init, Folded(_ghost_result, _ghost_reduce))
 
   def _ghost_terms(self, consts: Any, i: jax.Array) -> tuple[Any, Any]:
     """Micro-batch ``i``'s weighted gradient and loss (the sweep's terms), its aux and weight (outputs)."""
@@ -154,6 +170,34 @@ def _ghost_result(consts: Any, terms: Any, outputs: Any) -> tuple[jax.Array, Any
   if aux.stats is not None:
     stats = jax.tree.map(_stats.merge_stacked, aux.stats, is_leaf=lambda s: isinstance(s, _stats.Stats))
   return loss, grads, stats, weighted_metrics(aux, weights)
+
+
+def _ghost_reduce(outputs: Any) -> Any:
+  """The ghost sweep's outputs of several micro-batches as one part: statistics merged, metrics weighted."""
+  aux, weights = outputs
+  return reduced_aux(aux, weights, first_stats=False), jnp.ones((1,), weights.dtype)
+
+
+def reduced_aux(aux: LossAux, weights: jax.Array, *, first_stats: bool) -> LossAux:
+  """Stacked micro-batches' ``aux`` as one part (a leading axis of 1): their statistics merged exactly (or, with
+  ``first_stats``, the first one's: the same in every micro-batch), their metrics summed with ``weights``."""
+  stats = aux.stats
+  if stats is not None and first_stats:
+    stats = jax.tree.map(lambda a: a[:1], stats)
+  elif stats is not None:
+    stats = jax.tree.map(merged_part, stats, is_leaf=lambda s: isinstance(s, _stats.Stats))
+  metrics = weighted_metrics(aux, weights)
+  return aux._replace(stats=stats, metrics=None if metrics is None else jax.tree.map(lambda v: v[None], metrics))
+
+
+def merged_part(stacked: _stats.Stats) -> _stats.Stats:
+  """Statistics stacked along a leading axis of parts, merged exactly into one part (a leading axis of 1)."""
+  return jax.tree.map(lambda a: a[None], _stats.merge_stacked(stacked))
+
+
+def summed_part(stacked: Any) -> Any:
+  """Values stacked along a leading axis of parts, summed into one part."""
+  return jax.tree.map(lambda a: jnp.sum(a, 0, keepdims=True), stacked)
 
 
 def weight_dtype(params: Any) -> jnp.dtype:
