@@ -75,6 +75,7 @@ Usage::
   python benchmarks/full_batch.py            # full CPU run with --rss --buffers, about 6 minutes on 2 cores
   python benchmarks/full_batch.py --quick    # smoke run, about 30 s of CPU time
   python benchmarks/full_batch.py --diagnose # add the variants that explain jaxbn's time
+  python benchmarks/full_batch.py --streaming [streaming.py options]  # data on disk, streamed: benchmarks/streaming.py
 
 Results go to ``benchmarks/results/full_batch[_quick].{json,md}``.
 
@@ -1004,6 +1005,9 @@ def markdown(result: dict[str, Any]) -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--quick", action="store_true", help="smaller data and fewer repeats (smoke run, < 20 s)")
+  p.add_argument(
+    "--streaming", action="store_true", help="run benchmarks/streaming.py instead (data on disk, streamed)"
+  )
   p.add_argument("--diagnose", action="store_true", help=f"add the diagnostic variants {', '.join(DIAGNOSTICS)}")
   p.add_argument("--contenders", type=lambda s: tuple(s.split(",")), help="comma-separated subset (baseline kept)")
   p.add_argument("--examples", type=int, help="dataset size (4000)")
@@ -1032,6 +1036,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   argv = list(sys.argv[1:] if argv is None else argv)
+  if "--streaming" in argv:  # a data set on disk through the streamed step: its own script and options
+    import streaming
+
+    return streaming.main([a for a in argv if a != "--streaming"])
   args = parse_args(argv)
   if args.child_sync:  # before the backend starts
     jax.config.update("jax_cpu_enable_async_dispatch", False)
