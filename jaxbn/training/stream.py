@@ -46,7 +46,7 @@ class HostData:
       dimension (``np.memmap`` and ``np.load(path, mmap_mode="r")`` arrays read only the rows a
       micro-batch needs), or any object with ``len(source)`` rows whose ``source[start:stop]``
       returns those rows as a pytree of arrays (e.g. a Grain data source that supports slices).
-      With several processes: this process's own rows, as for :func:`jaxbn.parallel.global_batch`;
+      With several processes: this process's own rows, as for ``jaxbn.parallel.global_batch``;
       every process builds its ``HostData`` at the same point (one small all-gather checks that
       they hold the same number of rows).
     sharding: where the micro-batches go: None (the default device), a ``jax.Device``, or a
