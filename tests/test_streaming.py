@@ -1,6 +1,8 @@
 """Data on the host or on disk (``jaxbn.training.HostData``): streamed steps equal the in-memory ones, their
 programs see one micro-batch whatever the data set's size, and bad sources are refused by name."""
 
+import pathlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -192,3 +194,21 @@ def test_a_source_that_miscounts_its_rows_is_named(setup):
   step = full_batch_step(loss_fn, opt, micro_batch_size=MICRO, loop="host", donate=False)
   with pytest.raises(ValueError, match=r"source\[0:48\] returned .* leading sizes \[1\]; expected 48 rows"):
     step(state, HostData(Short(_rows(ROWS))))
+
+
+@pytest.mark.slow
+def test_two_processes_stream_their_own_rows(tmp_path):
+  # 2 processes x 4 CPU devices, each HostData holding and reading only its process's rows, against the
+  # whole data set in the device memory of 1 process x 8 devices.
+  import _multihost_stream_worker as worker
+  from test_multihost import _run_workers
+
+  script = pathlib.Path(__file__).with_name("_multihost_stream_worker.py")
+  folder, _ = _run_workers(tmp_path, script=script, out="stream.npz")
+  with np.load(folder / "stream.npz") as saved:
+    got = dict(saved)
+  mesh = jax.make_mesh((8,), ("batch",))
+  want = worker.run(mesh, jax.device_put(worker.rows(0, worker.ROWS), NamedSharding(mesh, P("batch"))))
+  assert got.keys() == want.keys()
+  for key, value in want.items():
+    np.testing.assert_allclose(got[key], value, rtol=1e-6, atol=1e-7, err_msg=key)
