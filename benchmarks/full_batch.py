@@ -76,6 +76,7 @@ Usage::
   python benchmarks/full_batch.py --quick    # smoke run, about 30 s of CPU time
   python benchmarks/full_batch.py --diagnose # add the variants that explain jaxbn's time
   python benchmarks/full_batch.py --streaming [streaming.py options]  # data on disk, streamed: benchmarks/streaming.py
+  python benchmarks/full_batch.py --communication [--quick]  # bytes per step on 8 devices: benchmarks/communication.py
 
 Results go to ``benchmarks/results/full_batch[_quick].{json,md}``.
 
@@ -1008,6 +1009,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument(
     "--streaming", action="store_true", help="run benchmarks/streaming.py instead (data on disk, streamed)"
   )
+  p.add_argument(
+    "--communication",
+    action="store_true",
+    help="run benchmarks/communication.py instead (bytes per step on 8 devices, M = 1, 4, 16)",
+  )
   p.add_argument("--diagnose", action="store_true", help=f"add the diagnostic variants {', '.join(DIAGNOSTICS)}")
   p.add_argument("--contenders", type=lambda s: tuple(s.split(",")), help="comma-separated subset (baseline kept)")
   p.add_argument("--examples", type=int, help="dataset size (4000)")
@@ -1040,6 +1046,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import streaming
 
     return streaming.main([a for a in argv if a != "--streaming"])
+  if "--communication" in argv:  # bytes moved between 8 devices per step: its own process (8 virtual devices)
+    script = pathlib.Path(__file__).with_name("communication.py")
+    rest = [a for a in argv if a != "--communication"]
+    raise SystemExit(subprocess.call([sys.executable, str(script), *rest]))
   args = parse_args(argv)
   if args.child_sync:  # before the backend starts
     jax.config.update("jax_cpu_enable_async_dispatch", False)

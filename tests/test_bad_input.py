@@ -27,6 +27,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 import jaxbn
 from jaxbn import diagnostics, inference, parallel, training, transforms
@@ -216,6 +217,10 @@ def _global_batch(local_data=None, mesh="default", **kw):
   local_data = {"x": np.ones((16, 3), np.float32)} if local_data is None else local_data
   mesh = jax.make_mesh((8,), ("d",)) if mesh == "default" else mesh
   return jaxbn.parallel.global_batch(local_data, mesh, **kw)
+
+
+def _host_data(**kw):
+  return training.HostData(**{"source": {"x": np.ones((4, 3), np.float32)}, **kw})
 
 
 def _vmap_bn(**kw):
@@ -447,6 +452,19 @@ ROWS = [
   kw("jaxbn.parallel.global_batch", _global_batch, what="no rows", local_data={"x": np.ones((0, 3))}),
   kw("jaxbn.parallel.global_batch", _global_batch, what="uneven over devices", local_data={"x": np.ones((12, 3))}),
   unknown("jaxbn.parallel.global_batch", functools.partial(jaxbn.parallel.global_batch, {}, None)),
+  kw("jaxbn.training.HostData", _host_data, TypeError, source="abc"),
+  kw("jaxbn.training.HostData", _host_data, TypeError, what="JAX array", source={"x": jnp.ones((4, 3))}),
+  kw("jaxbn.training.HostData", _host_data, what="no rows", source={"x": np.ones((0, 3))}),
+  kw("jaxbn.training.HostData", _host_data, what="scalar leaf", source={"x": np.ones((4, 3)), "y": np.array(1.0)}),
+  kw("jaxbn.training.HostData", _host_data, what="other leading sizes", source={"x": np.ones((4, 3)), "y": np.ones(5)}),
+  kw("jaxbn.training.HostData", _host_data, TypeError, sharding="abc"),
+  kw(
+    "jaxbn.training.HostData",
+    _host_data,
+    what="uneven over devices",
+    sharding=NamedSharding(jax.make_mesh((8,), ("d",)), PartitionSpec("d")),
+  ),
+  unknown("jaxbn.training.HostData", functools.partial(training.HostData, {"x": np.ones((4, 3))})),
   kw("jaxbn.sync_state", _sync, TypeError, what="array", state=jnp.ones(3)),
   Row("jaxbn.sync_state", "state.var", "other shape", lambda: _sync(state=_state()._replace(var=jnp.ones(4)))),
   Row(

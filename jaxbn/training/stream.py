@@ -276,7 +276,8 @@ def _is_sliceable(source: Any) -> bool:
       "jaxbn.training.HostData: source holds JAX arrays, which are already on a device; pass them to the step "
       "directly (as data), or give HostData their NumPy arrays (np.asarray) to stream them."
     )
-  if len(leaves) == 1 and hasattr(source, "__len__") and hasattr(source, "__getitem__"):
+  text = isinstance(source, (str, bytes))  # sliceable, but rows of characters are no data set
+  if len(leaves) == 1 and hasattr(source, "__len__") and hasattr(source, "__getitem__") and not text:
     return True
   raise TypeError(
     "jaxbn.training.HostData: source must be a pytree of NumPy arrays sharing their leading (row) dimension "
