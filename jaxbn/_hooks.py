@@ -36,13 +36,17 @@ def current() -> StatsHook | None:
 
 
 @contextlib.contextmanager
-def stats_hook(hook: StatsHook) -> Iterator[StatsHook]:
-  """Installs ``hook`` for the training-mode batch-norm calls traced within the block."""
-  token = _HOOK.set(hook)
+def _set(var: contextvars.ContextVar[Any], value: Any) -> Iterator[Any]:
+  token = var.set(value)
   try:
-    yield hook
+    yield value
   finally:
-    _HOOK.reset(token)
+    var.reset(token)
+
+
+def stats_hook(hook: StatsHook) -> contextlib.AbstractContextManager[StatsHook]:
+  """Installs ``hook`` for the training-mode batch-norm calls traced within the block."""
+  return _set(_HOOK, hook)
 
 
 def batch_axes() -> Any:
@@ -50,11 +54,6 @@ def batch_axes() -> Any:
   return _AXES.get()
 
 
-@contextlib.contextmanager
-def split_batch(axes: Any) -> Iterator[Any]:
+def split_batch(axes: Any) -> contextlib.AbstractContextManager[Any]:
   """Within the block, training-mode batch norms without an ``axis_name`` reduce their statistics over ``axes``."""
-  token = _AXES.set(axes)
-  try:
-    yield axes
-  finally:
-    _AXES.reset(token)
+  return _set(_AXES, axes)

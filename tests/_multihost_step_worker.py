@@ -11,8 +11,6 @@ the same :func:`run_all` in one process with 8 devices and compares. Importing t
 from __future__ import annotations
 
 import os
-import sys
-import traceback
 
 import numpy as np
 
@@ -177,11 +175,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  try:
-    main(sys.argv)
-  except BaseException:
-    # Exit at once: a clean exit would wait in jax.distributed's shutdown for the other process, which
-    # waits in its next collective for this one, until the test's deadline.
-    traceback.print_exc()
-    sys.stdout.flush()
-    os._exit(1)
+  from _multihost_worker import run_exiting_on_error
+
+  run_exiting_on_error(main)

@@ -9,10 +9,6 @@ with 8 devices on the whole data set in device memory and compares. Importing it
 
 from __future__ import annotations
 
-import os
-import sys
-import traceback
-
 import numpy as np
 
 ROWS, MICRO_BATCH_SIZE = 48, 16  # 6 rows per device, 2 of them per micro-batch: 3 micro-batches
@@ -74,9 +70,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  try:
-    main(sys.argv)
-  except BaseException:
-    traceback.print_exc()
-    sys.stdout.flush()
-    os._exit(1)
+  from _multihost_worker import run_exiting_on_error
+
+  run_exiting_on_error(main)

@@ -187,5 +187,21 @@ def main(argv: list[str]) -> None:
   jax.distributed.shutdown()
 
 
+def run_exiting_on_error(main) -> None:
+  """``main(sys.argv)``; on any error, the traceback and an immediate exit.
+
+  A clean exit would wait in jax.distributed's shutdown for the other process, which waits in its
+  next collective for this one, until the test's deadline.
+  """
+  import traceback
+
+  try:
+    main(sys.argv)
+  except BaseException:
+    traceback.print_exc()
+    sys.stdout.flush()
+    os._exit(1)
+
+
 if __name__ == "__main__":
   main(sys.argv)
