@@ -119,11 +119,14 @@ class CNN(nn.Module):
 
   Input: sequences of shape (batch, length); batch norm normalizes over the batch and length axes
   (features last). The convolutions have no bias: the batch-norm bias that follows plays its role.
+  With ``batch_norm=False`` (``examples/full_batch_vs_sgd.py``'s comparison) the batch norms are
+  left out and the convolutions get a bias instead; the model then has no ``batch_stats``.
   """
 
   channels: int = 32
   num_classes: int = 10
   bn_momentum: float = 0.0
+  batch_norm: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -131,9 +134,14 @@ class CNN(nn.Module):
     h = x[..., None]  # (batch, length, 1 channel)
     for width, stride in CONVS:
       conv = nn.Conv(
-        self.channels, (width,), strides=(stride,), use_bias=False, kernel_init=nn.initializers.he_normal()
+        self.channels,
+        (width,),
+        strides=(stride,),
+        use_bias=not self.batch_norm,
+        kernel_init=nn.initializers.he_normal(),
       )
-      h = nn.relu(norm()(conv(h)))
+      h = conv(h)
+      h = nn.relu(norm()(h) if self.batch_norm else h)
     return nn.Dense(self.num_classes)(h.reshape(h.shape[0], -1))
 
 
