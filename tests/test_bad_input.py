@@ -687,6 +687,10 @@ ROWS = [
   kw(STEP, _step, what="unknown", bn_mode="x"),
   kw(STEP, _step, what="unknown", loop="x"),
   kw(STEP, _step, sharpness_every=0),
+  kw(STEP, _step, what="negative", gradient_penalty=-1.0),
+  kw(STEP, _step, what="NaN", gradient_penalty=float("nan")),
+  Row(STEP, "penalty_block_size", "zero", lambda: _step(gradient_penalty=0.1, penalty_block_size=0)),
+  Row(STEP, "penalty_method", "unknown", lambda: _step(gradient_penalty=0.1, penalty_method="x")),
   Row(
     STEP,
     "sharpness_iters",

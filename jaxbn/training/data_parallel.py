@@ -98,8 +98,9 @@ def plan(batches: MicroBatches, bn_mode: str, params: Any, batch_stats: Any, dat
         )
       return None
   size = batches.micro_batch_size
+  penalty = None if batches.penalty is None else batches.penalty.per_device(d)
   per_device = dataclasses.replace(
-    batches, micro_batch_size=None if size is None else max(size // d, 1), axis_name=axes
+    batches, micro_batch_size=None if size is None else max(size // d, 1), axis_name=axes, penalty=penalty
   )
   return Plan(mesh, axes, per_device)
 

@@ -119,6 +119,9 @@ class StepMetrics(NamedTuple):
     sharpness: with ``sharpness_every=k``, the top Hessian eigenvalue of the full-batch objective at
       the step's starting parameters on steps where ``state.step % k == 0``, NaN on the others;
       compare it with :func:`jaxbn.stability_threshold`.
+    gradient_penalty: with ``gradient_penalty=alpha`` in the step, the penalty's value
+      ``(alpha / 4) * sum_k (n_k / N) ||grad L_k||^2`` at the step's starting parameters (``loss`` is the
+      mean loss without it); None otherwise.
   """
 
   loss: jax.Array
@@ -129,6 +132,7 @@ class StepMetrics(NamedTuple):
   layer_grad_norms: Any = None
   layer_param_norms: Any = None
   sharpness: Any = None
+  gradient_penalty: Any = None
 
 
 LossFn = Callable[..., tuple[jax.Array, LossAux]]

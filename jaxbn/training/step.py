@@ -26,6 +26,7 @@ from jaxbn.training.curvature import top_eigenpair
 from jaxbn.training.exact import objective_gradient
 from jaxbn.training.loops import HostLoop, resolve_loop, types_of
 from jaxbn.training.loss import Loss, as_loss
+from jaxbn.training.penalty import GradientPenalty
 from jaxbn.training.state import LossFn, StepMetrics, TrainState, UpdateStatsFn
 from jaxbn.training.stream import HostData
 from jaxbn.training.sweep import SCAN, MicroBatches, device_gradient, weight_dtype
@@ -48,6 +49,9 @@ def full_batch_step(
   layer_norms: bool = False,
   sharpness_every: int | None = None,
   sharpness_iters: int = 20,
+  gradient_penalty: float = 0.0,
+  penalty_block_size: int | None = None,
+  penalty_method: str = "hvp",
 ) -> Step:
   """A compiled step that applies one update with the exact mean gradient over all of ``data``.
 
@@ -115,11 +119,26 @@ def full_batch_step(
       metrics (with ``loop="host"``, Lanczos runs from Python before the update, each product a sweep
       of compiled per-micro-batch JVPs).
     sharpness_iters: Lanczos iterations (Hessian-vector products) per sharpness estimate.
-    axis_name: for pmap-style code (``jax.pmap(step, axis_name=...)`` with ``jit=False``, or
-      ``jax.shard_map``): ``data`` is this device's shard, and the loss, gradient and metrics are
-      reduced over the named axis so every device applies the same full-batch update. Batch norms
-      that should use global statistics need the same ``axis_name`` themselves. The primary
-      multi-device path needs none of this: ``jax.jit`` with ``data`` sharded over a mesh.
+    gradient_penalty: ``alpha >= 0``; above 0 the step minimizes the mean loss plus
+      ``(alpha / 4) * sum_k (n_k / N) * ||grad L_k||^2``, SGD's implicit regularizer (Smith et al.
+      2021) made explicit as in Geiping et al. (2022), where ``L_k`` is the mean loss of block ``k``
+      (``n_k`` consecutive rows of the ``N``, the loss called on them alone, its batch norms using the
+      block's statistics as SGD's batches would) (:mod:`jaxbn.training.penalty`). The step follows that
+      objective's gradient, its sharpness (``sharpness_every``) is that objective's, ``StepMetrics.loss``
+      stays the mean loss and ``StepMetrics.gradient_penalty`` holds the penalty's value (the guard
+      checks it too). Ghost batch norm only (``bn_mode="ghost"``). ``0.0`` (default) is the plain step.
+    penalty_block_size: rows per block (over all devices, like ``micro_batch_size``); None for the
+      micro-batch size (every micro-batch one block). It must divide ``micro_batch_size``; with
+      ``micro_batch_size=None`` any size works (the last block holds the rest).
+    penalty_method: how ``H_k g_k``, the Hessian of ``L_k`` times its gradient, is computed:
+      ``"hvp"`` (default) exactly, by forward-mode differentiation of the block's gradient (per block a
+      gradient and a Hessian-vector product), or ``"finite_difference"`` (Geiping et al.'s form,
+      ``(grad L_k(theta + eps g_k) - g_k) / eps``: a second gradient per block instead of the product,
+      cheaper in time and memory, about half the digits right; see :mod:`jaxbn.training.penalty`). A
+      block that is the whole micro-batch reuses the micro-batch's gradient, so blocks equal to the
+      micro-batches cost least. ``benchmarks/gradient_penalty.py`` measures both against the plain step
+      (results in ``benchmarks/RESULTS.md``). With the rows split over devices, each block's gradient is
+      all-reduced once (the mean loss's only once per step).
 
   Returns:
     ``step(state, data) -> (new_state, StepMetrics)``. ``data`` is a pytree of arrays with a leading
@@ -131,7 +150,9 @@ def full_batch_step(
     it for a ``HostData`` on every backend.
 
   Raises:
-    ValueError: bad ``micro_batch_size``, ``sharpness_every``, ``bn_mode``, ``loop`` or ``data``
+    ValueError: bad ``micro_batch_size``, ``sharpness_every``, ``bn_mode``, ``loop``, ``gradient_penalty``
+      (negative, not finite, or with ``bn_mode="exact"``), ``penalty_block_size`` (not a positive int, or not
+      dividing ``micro_batch_size``), ``penalty_method`` or ``data``
       (a ``HostData`` with ``loop="scan"``, ``axis_name`` or ``jit=False``);
       under ``bn_mode="exact"``, a loss that mixes rows other than through jaxbn's batch norms
       (at the first call); a state consumed by an earlier call (``donate=True``);
@@ -177,6 +198,9 @@ def full_batch_step(
   check_bn_mode(fn, bn_mode)
   micro_batch_size = positive_int_or_none(fn, "micro_batch_size", micro_batch_size)
   sharpness_every = positive_int_or_none(fn, "sharpness_every", sharpness_every)
+  penalty = GradientPenalty.from_args(
+    fn, gradient_penalty, penalty_block_size, penalty_method, micro_batch_size, bn_mode
+  )
   traced = axis_name is not None or not jit
   if loop == "host" and traced:
     raise ValueError(
@@ -187,7 +211,7 @@ def full_batch_step(
 
   update = _GuardedUpdate(fn, optimizer, loss.update_batch_stats, guard=guard, layer_norms=layer_norms)
   host = HostLoop() if loop == "host" else None
-  batches = MicroBatches(fn, loss, micro_batch_size, axis_name, host or SCAN)
+  batches = MicroBatches(fn, loss, micro_batch_size, axis_name, host or SCAN, penalty)
   sharpness = None if sharpness_every is None else (sharpness_every, sharpness_iters)
   if host is not None:
     return _host_step(fn, batches, bn_mode, update, host, sharpness=sharpness, donate=donate)
@@ -222,9 +246,12 @@ class _GuardedUpdate:
   def __call__(
     self, state: TrainState, grads: Any, loss: jax.Array, stats: Any, extra: Any
   ) -> tuple[TrainState, StepMetrics]:
+    loss, penalty = loss if isinstance(loss, tuple) else (loss, None)  # (mean loss, penalty) with a gradient penalty
     grad_norm = global_norm(grads)  # of the float32 sums: a float16 gradient's norm can overflow float16
     grads = jax.tree.map(lambda g, p: g.astype(jnp.result_type(p)), grads, state.params)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if penalty is not None:
+      finite &= jnp.isfinite(penalty)
     batch_stats = state.batch_stats
     if stats is not None:
       # Statistics that overflowed (e.g. one huge row) would make the running ones inf for good.
@@ -251,7 +278,7 @@ class _GuardedUpdate:
       state.skipped + (~applied).astype(jnp.int32),
       state.key,
     )
-    metrics = StepMetrics(loss, grad_norm, update_norm, ~applied, extra)
+    metrics = StepMetrics(loss, grad_norm, update_norm, ~applied, extra, gradient_penalty=penalty)
     if self.layer_norms:
       metrics = metrics._replace(
         layer_grad_norms=diagnostics.norms_by_layer(grads), layer_param_norms=diagnostics.norms_by_layer(params)

@@ -26,6 +26,7 @@ from jaxbn._sharding import data_shards, varying, varying_like, varying_over
 from jaxbn.training._args import num_rows
 from jaxbn.training.loops import Folded, HostLoop, ScanLoop
 from jaxbn.training.loss import Loss
+from jaxbn.training.penalty import GradientPenalty
 from jaxbn.training.state import LossAux
 from jaxbn.training.stream import HostData, Rows, Stream
 
@@ -51,6 +52,8 @@ class MicroBatches:
     micro_batch_size: rows per micro-batch (over all devices under ``jax.jit``); None for all rows.
     axis_name: the devices' axis name in pmap-style code, or None.
     loop: how sweeps over the micro-batches run (:mod:`jaxbn.training.loops`).
+    penalty: the gradient penalty added to the ghost-batch objective
+      (:class:`jaxbn.training.penalty.GradientPenalty`), or None.
   """
 
   fn: str
@@ -58,6 +61,7 @@ class MicroBatches:
   micro_batch_size: int | None = None
   axis_name: Any = None
   loop: ScanLoop | HostLoop = SCAN
+  penalty: GradientPenalty | None = None
 
   def sizes(self, data: Any) -> tuple[int, int, int, int]:
     """``(n, g, m, k)``: rows, data shards, rows per shard in each micro-batch, micro-batches.
@@ -130,31 +134,36 @@ class MicroBatches:
       return self.loss(params, batch_stats, rows, mask, key)
     return self.loss(params, batch_stats, batch, mask)
 
-  def terms(self, params: Any, batch_stats: Any, data: Any, i: jax.Array, key: Any = None) -> tuple[Any, ...]:
-    """Loss, aux, gradient and weight (share of all rows) of micro-batch ``i``."""
-    batch, mask, w = self.slice(data, i, key, weight_dtype(params))
-    (loss, aux), grads = jax.value_and_grad(self.apply, has_aux=True)(params, batch_stats, batch, mask)
-    return loss, aux, grads, w
-
-  def gradient(self, params: Any, batch_stats: Any, data: Any, key: Any = None) -> tuple[jax.Array, Any, Any, Any]:
+  def gradient(self, params: Any, batch_stats: Any, data: Any, key: Any = None) -> tuple[Any, Any, Any, Any]:
     """The ghost-batch objective: mean loss, gradient, merged statistics and metrics over every micro-batch.
 
     Each micro-batch's batch norms use its own statistics. The gradient accumulates in float32 or
     wider (this device's share under ``axis_name``); the statistics are the exact merge of every
     micro-batch's, for one running update; the metrics are averaged with the micro-batches' shares.
+    With a :attr:`penalty`, the gradient is the penalized objective's and the loss is the pair
+    ``(mean loss, penalty)``.
     """
     *_, k = self.sizes(data)
     # Under jax.shard_map the accumulated loss varies over the data's axes: so must the loop's initial value.
-    init = lambda: (zeros_like_grads(params), varying_like(jnp.zeros((), weight_dtype(params)), *jax.tree.leaves(data)))
+    zero = lambda: varying_like(jnp.zeros((), weight_dtype(params)), *jax.tree.leaves(data))
+    init = lambda: (zeros_like_grads(params), zero()) + (() if self.penalty is None else (zero(),))
     consts = (params, batch_stats, data, key)
     return self.loop.sweep("ghost", k, self._ghost_terms, consts, init, Folded(_ghost_result, _ghost_reduce))
 
   def _ghost_terms(self, consts: Any, i: jax.Array) -> tuple[Any, Any]:
-    """Micro-batch ``i``'s weighted gradient and loss (the sweep's terms), its aux and weight (outputs)."""
+    """Micro-batch ``i``'s weighted gradient and loss (and penalty: the sweep's terms), its aux and weight (outputs)."""
     params, batch_stats, data, key = consts
-    loss, aux, grads, w = self.terms(params, batch_stats, data, i, key)
-    grads = jax.tree.map(lambda g, p: weighted(w, g, accumulator_dtype(p)), grads, params)
-    return (grads, weighted(w, loss, weight_dtype(params))), (aux, w)
+    batch, mask, w = self.slice(data, i, key, weight_dtype(params))
+    (loss, aux), grads = jax.value_and_grad(self.apply, has_aux=True)(params, batch_stats, batch, mask)
+    terms = (
+      jax.tree.map(lambda g, p: weighted(w, g, accumulator_dtype(p)), grads, params),
+      weighted(w, loss, weight_dtype(params)),
+    )
+    if self.penalty is not None:
+      penalty_grads, value = self.penalty.terms(self, params, batch_stats, data, batch, mask, grads)
+      summed = jax.tree.map(jnp.add, terms[0], penalty_grads)
+      terms = (summed, terms[1], varying_like(value, *jax.tree.leaves(data)))
+    return terms, (aux, w)
 
   def memo(self, label: str, fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)``, worked out once per ``label`` and argument types where the loop runs from Python
@@ -162,14 +171,14 @@ class MicroBatches:
     return self.loop.memo(label, fn, *args)
 
 
-def _ghost_result(consts: Any, terms: Any, outputs: Any) -> tuple[jax.Array, Any, Any, Any]:
+def _ghost_result(consts: Any, terms: Any, outputs: Any) -> tuple[Any, Any, Any, Any]:
   """The ghost sweep's ``(loss, grads, stats, metrics)``: the merged statistics, the weighted metrics."""
   del consts
-  (grads, loss), (aux, weights) = terms, outputs
+  (grads, loss, *penalty), (aux, weights) = terms, outputs
   stats = None
   if aux.stats is not None:
     stats = jax.tree.map(_stats.merge_stacked, aux.stats, is_leaf=lambda s: isinstance(s, _stats.Stats))
-  return loss, grads, stats, weighted_metrics(aux, weights)
+  return (loss, *penalty) if penalty else loss, grads, stats, weighted_metrics(aux, weights)
 
 
 def _ghost_reduce(outputs: Any) -> Any:
