@@ -196,6 +196,14 @@ MUTANTS = (
     "axis_name = opts.axis_name",
     ("tests/test_training.py::test_sharded_data_on_eight_devices_equals_one_device[host-jaxbn]",),
   ),
+  Mutant(
+    "gradient penalty's block weight",  # each block's Hessian-vector product weighted by this device's rows only
+    "jaxbn/training/penalty.py",
+    "GradientPenalty.terms",
+    "coef = jnp.where(keep, dtype.type(self.alpha / 2) * everywhere / total, 0)",
+    "coef = jnp.where(keep, dtype.type(self.alpha / 2) * count_j / total, 0)",
+    ("tests/test_gradient_penalty.py::test_eight_devices_equal_the_written_out_objective[per-device-scan]",),
+  ),
 )
 
 
