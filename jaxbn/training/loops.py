@@ -10,10 +10,12 @@ a loop decides how a sweep executes:
 * :class:`ScanLoop` (``loop="scan"``): a ``lax.scan`` inside the caller's trace, so the whole step is
   one compiled program (traceable into ``jax.pmap``/``jax.shard_map``).
 * :class:`HostLoop` (``loop="host"``): compiled programs called once per micro-batch from Python,
-  the running sum and the stacked outputs donated from call to call; the first micro-batch's program
-  starts them, the last one's ends with ``finish``, so nothing but the calls runs from Python. With a
-  :class:`Folded` finish the outputs are reduced as they come (the statistics merged, the rest summed),
-  so what a program carries does not grow with the number of micro-batches. Streamed data
+  the running sum and the reduced outputs donated from call to call; the first micro-batch's program
+  starts them, one program serves every later micro-batch, and a small one ends the sweep with
+  ``finish``, so nothing but the calls runs from Python and the body is compiled twice whatever the
+  number of micro-batches (once for a single micro-batch). Its ``finish`` is :class:`Folded`: the
+  outputs are reduced as they come (the statistics merged, the rest summed), so what a program
+  carries does not grow with the number of micro-batches. Streamed data
   (:mod:`jaxbn.training.stream`) reaches the program for micro-batch ``i`` as its rows, the next
   micro-batch read from the host while that program runs.
   ``jax.jvp`` through a sweep (Hessian-vector products for the sharpness) calls compiled JVPs of the
@@ -139,8 +141,8 @@ class HostLoop:
   device's sums apart, and their programs are named with `` per device`` appended.
 
   Attributes:
-    programs: the compiled programs by label: a sweep's label with ``first``, ``next`` or ``last``
-      (the micro-batch it runs for; ``only`` for a single one), `` jvp`` appended for its forward-mode
+    programs: the compiled programs by label: a sweep's label with ``first`` or ``next`` (the
+      micro-batch it runs for), ``finish`` (ending the sweep), or ``only`` for a single micro-batch, `` jvp`` appended for its forward-mode
       derivative; and the step's ``update``.
     calls: per program, the argument types of its first call and its calls per sweep.
     memos: what the step works out from the loss's trace (e.g. its batch-norm calls), per input types.
@@ -232,30 +234,33 @@ class HostLoop:
   ) -> Any:
     """``finish(consts, terms, outputs)`` of ``body``'s summed terms and stacked outputs over micro-batches ``0..k-1``.
 
-    ``init`` is not needed: the first micro-batch's terms start the sum.
+    ``init`` is not needed: the first micro-batch's terms start the sum. ``finish`` must be :class:`Folded`.
     """
     del init
+    if not isinstance(finish, Folded):
+      raise TypeError(f"sweep {label!r}: the host loop reduces outputs as they come, so finish must be Folded.")
     if not any(isinstance(leaf, Tracer) for leaf in jax.tree.leaves(consts)):
       return self._run(label, k, body, finish, consts)
     run = jax.custom_jvp(functools.partial(self._run, label, k, body, finish))
     run.defjvp(functools.partial(self._run_jvp, label, k, body, finish), symbolic_zeros=True)
     return run(consts)
 
-  def _program(self, label: str, k: int, body: Body, finish: Finish, i: int, args: Any, active: Any = None) -> Any:
-    """The compiled program for micro-batch ``i`` of ``k`` (first, next, last or only) taking ``args``; with
+  def _program(self, label: str, body: Body, finish: Folded, part: str, args: Any, active: Any = None) -> Any:
+    """The compiled program ``part`` of a sweep taking ``args``: ``"only"`` (the single micro-batch, then
+    ``finish``), ``"first"`` (starts the sums), ``"next"`` (every later micro-batch), ``"finish"``; with
     ``active``, its JVP along the consts' leaves marked there."""
-    part = "only" if k == 1 else "first" if i == 0 else "last" if i == k - 1 else "next"
     name = f"{label} {part}" + ("" if active is None else f" jvp {sum(active[1])}")
     name += "" if self.devices is None else " per device"
     # Per device, the program's shard_map specs follow the arguments' structure (in-memory or streamed data).
-    key = (name, k, active, None if self.devices is None else jax.tree.structure(args))
+    key = (name, active, None if self.devices is None else jax.tree.structure(args))
     program = self._compiled.get(key)
     if program is None:
-      _refuse_closed_over_arrays(
-        label, body, *((finish.finish, finish.reduce) if isinstance(finish, Folded) else (finish,))
-      )
-      fn = functools.partial(_call, body, finish, k, i == 0, i == k - 1)
-      carried = 0 < i < k - 1  # the running sum and stacked outputs pass through in place; the last ends them
+      _refuse_closed_over_arrays(label, body, finish.finish, finish.reduce)
+      if part == "finish":
+        fn = functools.partial(_finish, finish)
+      else:
+        fn = functools.partial(_call, body, finish, part in ("first", "only"), part == "only")
+      carried = part == "next"  # the running sums pass through in place ("finish" makes other shapes of them)
       if active is not None:
         fn = functools.partial(_call_jvp, fn, active)
       if self.devices is not None:
@@ -265,19 +270,24 @@ class HostLoop:
       self._compiled[key] = self.programs[name] = program
     return program, name
 
-  def _run(self, label: str, k: int, body: Body, finish: Finish, consts: Any) -> Any:
-    carry = None
-    for i in range(k):
-      # Streamed data: micro-batch i's rows, put on the devices while micro-batch i - 1's program ran.
-      args = (fed(consts, i), carry, np.int32(i))
-      program, name = self._program(label, k, body, finish, i, args)
+  def _run(self, label: str, k: int, body: Body, finish: Folded, consts: Any) -> Any:
+    """One compiled program per micro-batch: the body is compiled twice at most ("first" and "next", or
+    "only"), whatever ``k``; a small "finish" program ends a sweep of several."""
+    carry = current = None
+    for i, part in _parts(k):
+      # Streamed data: micro-batch i's rows, put on the devices while micro-batch i - 1's program ran (the
+      # finish takes the last micro-batch's again: it reads only the types of the data).
+      current = fed(consts, i) if part != "finish" else current
+      args = (current, carry, np.int32(i))
+      program, name = self._program(label, body, finish, part, args)
       if name not in self.calls:
-        self.calls[name] = (types_of(args), k - 2 if 0 < i < k - 1 else 1)  # "next" runs k - 2 times
+        self.calls[name] = (types_of(args), k - 1 if part == "next" else 1)  # "next" runs k - 1 times
       carry = program(*args)
-      prefetch(consts, i, carry)  # streamed data: the next micro-batch, read while this program runs
+      if part != "finish":
+        prefetch(consts, i, carry)  # streamed data: the next micro-batch, read while this program runs
     return carry
 
-  def _run_jvp(self, label: str, k: int, body: Body, finish: Finish, primals: Any, tangents: Any) -> tuple[Any, Any]:
+  def _run_jvp(self, label: str, k: int, body: Body, finish: Folded, primals: Any, tangents: Any) -> tuple[Any, Any]:
     """The sweep and its tangent through compiled JVPs of the programs, differentiating only the consts'
     leaves whose tangent is not a symbolic zero (the data, the counts and the key stay constant)."""
     (consts,), (t_consts,) = primals, tangents
@@ -285,33 +295,42 @@ class HostLoop:
     t_leaves = tree.flatten_up_to(t_consts)
     active = tuple(not isinstance(t, SymbolicZero) and not is_stream(t) for t in t_leaves)
     moving = [t for t, a in zip(t_leaves, active, strict=True) if a]
-    carry = t_carry = None
-    for i in range(k):
-      args = (fed(leaves, i), moving, carry, t_carry, np.int32(i))
-      program, _ = self._program(label, k, body, finish, i, args, (tree, active))
+    carry = t_carry = current = None
+    for i, part in _parts(k):
+      current = fed(leaves, i) if part != "finish" else current
+      args = (current, moving, carry, t_carry, np.int32(i))
+      program, _ = self._program(label, body, finish, part, args, (tree, active))
       carry, t_carry = program(*args)
-      prefetch(leaves, i, (carry, t_carry))
+      if part != "finish":
+        prefetch(leaves, i, (carry, t_carry))
     return carry, t_carry
 
 
-def _call(body: Body, finish: Finish, k: int, first: bool, last: bool, consts: Any, carry: Any, i: Any) -> Any:
-  """Micro-batch ``i``: its terms added to the running sum and its outputs written into the stacked ones (or,
-  for a :class:`Folded` finish, reduced with them into one part); the first one starts both, the last one
-  returns ``finish`` of them."""
+def _parts(k: int) -> list[tuple[int, str]]:
+  """A sweep's programs in order: ``(micro-batch index, part)``, the finish last (its index unused)."""
+  if k == 1:
+    return [(0, "only")]
+  return [(0, "first"), *((i, "next") for i in range(1, k)), (k - 1, "finish")]
+
+
+def _call(body: Body, finish: Folded, first: bool, only: bool, consts: Any, carry: Any, i: Any) -> Any:
+  """Micro-batch ``i``: its terms added to the running sum and its outputs reduced with the part so far (the
+  first one starts both); a single micro-batch ends with ``finish`` of them."""
   terms, outputs = body(consts, i)
-  folded = isinstance(finish, Folded)
-  if first and folded:
-    stacked = finish.reduce(jax.tree.map(lambda o: jnp.expand_dims(o, 0), outputs))  # the carry's types from here on
-  elif first:
-    stacked = jax.tree.map(lambda o: jnp.zeros((k, *jnp.shape(o)), o.dtype).at[0].set(o), outputs)
-  else:
+  part = jax.tree.map(lambda o: jnp.expand_dims(o, 0), outputs)
+  if not first:
     total, stacked = carry
     terms = None if terms is None else jax.tree.map(jnp.add, total, terms)
-    if folded:
-      stacked = finish.reduce(jax.tree.map(lambda s, o: jnp.concatenate([s, o[None]]), stacked, outputs))
-    else:
-      stacked = jax.tree.map(lambda s, o: lax.dynamic_update_index_in_dim(s, o, i, 0), stacked, outputs)
-  return finish(consts, terms, stacked) if last else (terms, stacked)
+    part = jax.tree.map(lambda s, o: jnp.concatenate([s, o]), stacked, part)
+  part = finish.reduce(part)  # the carry's types from the first micro-batch on
+  return finish(consts, terms, part) if only else (terms, part)
+
+
+def _finish(finish: Folded, consts: Any, carry: Any, i: Any) -> Any:
+  """The sweep's result from the running sum and the reduced outputs."""
+  del i
+  terms, part = carry
+  return finish(consts, terms, part)
 
 
 def _call_jvp(fn: Any, active: Any, leaves: list[Any], moving: list[Any], carry: Any, t_carry: Any, i: Any) -> Any:
