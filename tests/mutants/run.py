@@ -184,8 +184,8 @@ MUTANTS = (
     "host loop's folded outputs",  # each micro-batch's outputs (statistics, weights) replace those before it
     "jaxbn/training/loops.py",
     "_call",
-    "jnp.concatenate([s, o[None]])",
-    "jnp.concatenate([o[None], o[None]])",
+    "jnp.concatenate([s, o])",
+    "jnp.concatenate([o, o])",
     ("tests/test_training.py::test_host_loop_equals_scan[4]",),
   ),
   Mutant(
