@@ -232,7 +232,8 @@ def test_a_penalized_step_that_overflows_changes_nothing():
 
 
 def test_a_penalized_step_trains_with_dropout_keys_and_float32():
-  """A loss that draws random numbers: each block draws its own; the penalized step still lowers the loss."""
+  """A loss that draws random numbers: each block draws its own; the penalized step still lowers the loss,
+  and reports per-layer norms."""
 
   class Dropped(nn.Module):
     @nn.compact
@@ -245,13 +246,18 @@ def test_a_penalized_step_trains_with_dropout_keys_and_float32():
   variables = model.init(jax.random.key(0), data["x"], train=False)
   opt = optax.sgd(0.1)
   loss_fn = linen_loss(model, xent, train=True, rng_streams=("dropout",))
-  step = full_batch_step(loss_fn, opt, micro_batch_size=12, gradient_penalty=0.5, penalty_block_size=4)
+  step = full_batch_step(
+    loss_fn, opt, micro_batch_size=12, gradient_penalty=0.5, penalty_block_size=4, layer_norms=True
+  )
   state = TrainState.create(variables["params"], variables["batch_stats"], opt, key=jax.random.key(2))
   losses = []
   for _ in range(20):
     state, metrics = step(state, data)
     losses.append(float(metrics.loss))
     assert np.isfinite(metrics.gradient_penalty) and metrics.gradient_penalty > 0
+    # The per-layer norms are those of the penalized gradient, whose global norm the metrics also hold.
+    layers = np.sqrt(sum(float(v) ** 2 for v in metrics.layer_grad_norms.values()))
+    np.testing.assert_allclose(layers, metrics.grad_norm, rtol=1e-5)
   assert losses[-1] < 0.8 * losses[0], losses
 
 

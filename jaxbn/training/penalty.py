@@ -24,6 +24,9 @@ statistics, as SGD's would with batches of that size. Its gradient is the mean l
   divided by it), so about half the digits of ``H_k g_k`` are right.
 
 A block that is a whole micro-batch reuses the gradient the micro-batch's loss term already took.
+Up to ``UNROLL`` blocks of a micro-batch each get their own code in the compiled program; more are
+vmapped, which keeps the program's size bounded but on the CPU turns each convolution's kernel
+gradient into a grouped convolution, about twice as slow.
 ``benchmarks/gradient_penalty.py`` measures both methods' time and memory against the plain step.
 
 Blocks are laid out inside each micro-batch: the block size must divide the micro-batch size
@@ -104,17 +107,16 @@ class GradientPenalty:
     return dataclasses.replace(self, block_size=None if size is None else max(size // devices, 1))
 
   def terms(
-    self, batches: Any, params: Any, batch_stats: Any, data: Any, batch: Any, mask: Any, grads: Any
+    self, batches: Any, params: Any, batch_stats: Any, data: Any, batch: Any, mask: Any, grads: Any, dtype: Any
   ) -> tuple[Any, jax.Array]:
     """The penalty's gradient and value over the blocks of one micro-batch (``batch``, ``mask`` from
-    ``batches.slice``; ``grads`` the micro-batch's own mean-loss gradient, reused when it is the only block).
+    ``batches.slice``; ``grads`` the micro-batch's own mean-loss gradient, reused when it is the only block;
+    ``dtype`` the one weights and values accumulate in, :func:`jaxbn.training.sweep.weight_dtype`).
 
     Both are this device's parts under ``batches.axis_name``: summed over the devices they are the
     micro-batch's contributions, ``(alpha / 2) * sum_k (n_k / N) H_k g_k`` and
     ``(alpha / 4) * sum_k (n_k / N) ||g_k||^2``.
     """
-    from jaxbn.training.sweep import accumulator_dtype, weight_dtype, weighted
-
     n, g, m, k = batches.sizes(data)
     b = m if self.block_size is None else min(max(self.block_size // g, 1), m)
     if k > 1 and m % b:
@@ -122,7 +124,6 @@ class GradientPenalty:
         f"{batches.fn}: penalty_block_size gives blocks of {b} rows per shard, which do not divide the "
         f"micro-batches' {m} rows per shard: choose a block size that divides the micro-batch size on every shard."
       )
-    dtype = weight_dtype(params)
     axis = batches.axis_name
     total = dtype.type(n) if axis is None else lax.psum(dtype.type(n), axis)
     rows, key = batch if batches.loss.takes_key else (batch, None)
@@ -171,8 +172,9 @@ class GradientPenalty:
       squared = sum(jnp.sum(jnp.square(x.astype(dtype))) for x in jax.tree.leaves(block_gradient))
       keep = everywhere > 0  # blocks past the last valid row (a short last micro-batch) add nothing
       coef = jnp.where(keep, dtype.type(self.alpha / 2) * everywhere / total, 0)
+      wide = lambda p: _checks.stats_dtype(jnp.result_type(p))  # as the sweep sums the micro-batches' gradients
       penalty_grads = jax.tree.map(
-        lambda h, p: jnp.where(keep, weighted(coef, h, accumulator_dtype(p)), 0), product, params
+        lambda h, p: jnp.where(keep, coef.astype(wide(p)) * h.astype(wide(p)), 0), product, params
       )
       value = jnp.where(keep, dtype.type(self.alpha / 4) * count_j / total * squared, 0)
       return penalty_grads, value

@@ -160,7 +160,8 @@ class MicroBatches:
       weighted(w, loss, weight_dtype(params)),
     )
     if self.penalty is not None:
-      penalty_grads, value = self.penalty.terms(self, params, batch_stats, data, batch, mask, grads)
+      dtype = weight_dtype(params)
+      penalty_grads, value = self.penalty.terms(self, params, batch_stats, data, batch, mask, grads, dtype)
       summed = jax.tree.map(jnp.add, terms[0], penalty_grads)
       terms = (summed, terms[1], varying_like(value, *jax.tree.leaves(data)))
     return terms, (aux, w)
