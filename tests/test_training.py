@@ -385,11 +385,6 @@ def test_nnx_batch_norms_inside_lifted_transforms_report_their_statistics():
 @pytest.mark.parametrize("norm", [nn.BatchNorm, jaxbn.linen.BatchNorm])
 def test_linen_batch_norms_inside_lifted_transforms_update_like_flax(lift, norm):
   # Flax's own training-mode apply on the whole dataset is the oracle for the running statistics.
-  # Eager nn.remat re-uses JAX's cached traces of the initializers; one traced by an earlier test
-  # under an 8-device Auto mesh types this test's single-device kernel with that mesh (JAX 0.10),
-  # and jaxbn's sharded statistics then constrain a single-device array. Fresh caches isolate it.
-  if lift == "remat":
-    jax.clear_caches()
 
   class Block(nn.Module):
     @nn.compact
