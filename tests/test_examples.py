@@ -3,6 +3,7 @@
 import contextlib
 import importlib.util
 import io
+import json
 import math
 import pathlib
 import subprocess
@@ -271,3 +272,82 @@ def test_gradient_explosion_update_rules(explosion, beta, clip):
   factor = min(damped, clip) / 5.0
   for k in grads:
     np.testing.assert_allclose(updates[k], -lr * factor * np.asarray(grads[k]), rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def versus():
+  return _load("full_batch_vs_sgd")
+
+
+TINY_VERSUS = ["--passes", "2", "--seeds", "0", "--train-examples", "400", "--channels", "8", "--sharpness-iters", "3"]
+
+
+def test_full_batch_vs_sgd_measures_every_arm(versus, tmp_path, capsys):
+  result = versus.main([*TINY_VERSUS, "--no-progress", "--out", str(tmp_path)])
+  printed = capsys.readouterr().out
+  _assert_pngs(result["plots"], tmp_path)
+  assert list(result["results"]) == list(versus.ARMS) == [r[0] for r in _table(printed, versus.ARMS)]
+  for name, (run,) in result["results"].items():
+    arm = versus.ARMS[name]
+    assert run["seed"] == 0 and run["passes"] == [1, 2] and len(run["curve"]) == 2
+    # 400 rows: 13 batches of 32 (the last holds 16) or 4 of 128 (the last 16) per pass, 1 full-batch step.
+    assert run["updates"] == 2 * {32: 13, 128: 4, None: 1}[arm.batch_size] and run["skipped"] == 0
+    assert 0.0 <= run["accuracy"] <= 1.0 and run["accuracy"] == run["curve"][-1]
+    assert 0.0 <= run["train_accuracy"] <= 1.0 and run["wall_time_s"] > 0
+    assert math.isfinite(run["sharpness"]) and run["sharpness"] > 0 and run["block_gradient_norm"] > 0
+    # Only the arms with a penalty report one, and it is positive.
+    assert (run["penalty"] is None) == (arm.penalty == 0), name
+    assert run["penalty"] is None or run["penalty"] > 0
+  assert versus.ARMS["recipe"].penalty > 0 and not versus.ARMS["recipe_no_bn"].batch_norm
+  # The Markdown and JSON results hold the same numbers as the printed table.
+  markdown = (tmp_path / "results.md").read_text()
+  for row in result["table"]:
+    assert "| " + " | ".join(row) + " |" in markdown
+  record = json.loads((tmp_path / "results.json").read_text())
+  assert record["arms"]["recipe"]["runs"][0]["accuracy"] == result["results"]["recipe"][0]["accuracy"]
+
+
+def _table(printed, arms):
+  """The printed table's rows, as (arm name, cells), in order."""
+  labels = {arm.label: name for name, arm in arms.items()}
+  rows = []
+  for line in printed.splitlines():
+    label = next((text for text in sorted(labels, key=len, reverse=True) if line.startswith(text + "  ")), None)
+    if label is not None:
+      rows.append((labels[label], line[len(label) :].split()))
+  return rows
+
+
+def test_full_batch_vs_sgd_block_gradient_norm_is_the_mean_over_blocks(versus):
+  # The study reads mean_k ||grad L_k||^2 off the step's gradient penalty (alpha = 4); by hand: each block
+  # of 32 rows (the last holds 16) a loss of its own, normalized with its own batch statistics.
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  import jaxbn.training
+
+  raw = versus._common.load_mnist1d()
+  data = {"x": jnp.asarray(raw["x"][:80]), "y": jnp.asarray(raw["y"][:80])}
+  model = versus.CNN(channels=4)
+  variables = model.init(jax.random.key(0), data["x"][:2], train=False)
+  loss_fn = jaxbn.training.linen_loss(model, optax.softmax_cross_entropy_with_integer_labels, train=True)
+  state = jaxbn.training.TrainState.create(variables["params"], variables["batch_stats"], optax.sgd(0.1))
+  blocks = [jax.tree.map(lambda a, s=s: a[s : s + 32], data) for s in range(0, 80, 32)]
+  grads = [jax.grad(lambda p, b=b: loss_fn(p, state.batch_stats, b, None)[0])(state.params) for b in blocks]
+  squared = [sum(float(jnp.sum(g**2)) for g in jax.tree.leaves(grad)) for grad in grads]
+  expected = (32 * squared[0] + 32 * squared[1] + 16 * squared[2]) / 80
+  assert versus.block_gradient_norm(loss_fn, state, data, 32) == pytest.approx(expected, rel=1e-4)
+
+
+def test_full_batch_vs_sgd_tune_scores_on_held_out_rows(versus, tmp_path, capsys):
+  args = ["--tune", "--arms", "gd", "--passes", "1", "--train-examples", "1000", "--channels", "8"]
+  result = versus.main([*args, "--no-progress", "--out", str(tmp_path)])
+  printed = capsys.readouterr().out
+  assert "1000 training rows" not in printed and "500 training rows, accuracy on 500 held-out training rows" in printed
+  runs = result["tune"]
+  assert [r["setting"]["lr"] for r in runs] == [point["lr"] for point in versus.GRID["gd"]]
+  assert all(r["seed"] == versus.TUNE_SEED and r["updates"] == 1 for r in runs)
+  best = max(runs, key=lambda r: r["accuracy"])
+  assert result["best"]["gd"]["lr"] == best["setting"]["lr"] and printed.count("<- best") == 1
+  assert (tmp_path / "tune.md").exists() and json.loads((tmp_path / "tune.json").read_text()) == runs
