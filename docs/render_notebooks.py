@@ -4,7 +4,7 @@ The documentation renders these stored copies without executing anything, so bui
 seconds; tests/test_docs.py checks that their cells are the notebooks' own. Rerun after editing a
 notebook (about 2 minutes on 2 CPU cores):
 
-    python docs/render_notebooks.py                 # all three
+    python docs/render_notebooks.py                 # all four
     python docs/render_notebooks.py quickstart      # one
 """
 
@@ -24,7 +24,7 @@ from nbclient import NotebookClient
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SOURCE, TARGET = ROOT / "notebooks", ROOT / "docs" / "notebooks"
-NAMES = ("quickstart", "full_batch_training", "multi_device")
+NAMES = ("quickstart", "full_batch_training", "multi_device", "full_batch_vs_sgd")
 # The multi-device notebook makes its own 8 CPU devices in a fresh kernel; the others run on one device.
 ENV = {"XLA_FLAGS": "", "PYTHONPATH": str(ROOT), "JAXBN_NOTEBOOK_SMOKE": "0", "PYTHONHASHSEED": "0"}
 

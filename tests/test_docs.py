@@ -23,7 +23,7 @@ from _deadlines import scaled
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-NOTEBOOKS = ("quickstart", "full_batch_training", "multi_device")
+NOTEBOOKS = ("quickstart", "full_batch_training", "multi_device", "full_batch_vs_sgd")
 BUILD_TIMEOUT_S = 300  # about 25 s on 2 idle cores
 
 

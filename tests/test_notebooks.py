@@ -23,7 +23,7 @@ from nbclient import NotebookClient
 pytestmark = pytest.mark.slow  # subprocesses or whole scripts: CI runs them; -m 'not slow' skips them
 
 NOTEBOOKS = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
-NAMES = ("quickstart", "full_batch_training", "multi_device")
+NAMES = ("quickstart", "full_batch_training", "multi_device", "full_batch_vs_sgd")
 CELL_TIMEOUT_S = 300  # generous for a loaded CI machine; each cell takes seconds at smoke sizes
 KERNEL = "jaxbn-test-python"
 sys.path.insert(0, str(NOTEBOOKS))
@@ -36,6 +36,7 @@ EXTRA_ENV = {
   "quickstart": {},
   "full_batch_training": {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
   "multi_device": {"XLA_FLAGS": ""},
+  "full_batch_vs_sgd": {},
 }
 # Printed lines that show which path each notebook took in the kernel.
 EXPECTED_OUTPUT = {
@@ -46,7 +47,16 @@ EXPECTED_OUTPUT = {
     "statistics of all 800 training examples",
   ],
   "multi_device": ["8 devices (cpu)", "jaxbn.batch_map: output, running statistics and gradients match"],
+  "full_batch_vs_sgd": [
+    "400 training rows, 3 passes per run, seeds (0,), penalty by 'finite_difference'",
+    "SGD, batch 32, seed 0: test accuracy",
+    "full batch + recipe, seed 0: test accuracy",
+    "every arm trained and measured; the penalty arm reports a positive gradient penalty",
+  ],
 }
+# Figures each notebook shows: full_batch_training the data and the loss/accuracy curves, full_batch_vs_sgd
+# test accuracy against passes.
+IMAGES = {"full_batch_training": 2, "full_batch_vs_sgd": 1}
 
 
 def _read(name: str) -> nbformat.NotebookNode:
@@ -197,6 +207,6 @@ def test_notebook_runs_end_to_end(name, kernel_spec_manager, tmp_path):
   for expected in EXPECTED_OUTPUT[name]:
     assert expected in text, (name, expected)
   assert nb.cells[-1].outputs[0].text.strip() == sys.executable
-  if name == "full_batch_training":  # the data and the loss/accuracy curves are plotted
+  if name in IMAGES:
     images = [out for out in outputs if out.output_type == "display_data" and "image/png" in out.data]
-    assert len(images) == 2
+    assert len(images) == IMAGES[name]
