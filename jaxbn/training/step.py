@@ -123,7 +123,7 @@ def full_batch_step(
       ``(alpha / 4) * sum_k (n_k / N) * ||grad L_k||^2``, SGD's implicit regularizer (Smith et al.
       2021) made explicit as in Geiping et al. (2022), where ``L_k`` is the mean loss of block ``k``
       (``n_k`` consecutive rows of the ``N``, the loss called on them alone, its batch norms using the
-      block's statistics as SGD's batches would) (:mod:`jaxbn.training.penalty`). The step follows that
+      block's statistics as SGD's batches would) (``jaxbn.training.penalty``). The step follows that
       objective's gradient, its sharpness (``sharpness_every``) is that objective's, ``StepMetrics.loss``
       stays the mean loss and ``StepMetrics.gradient_penalty`` holds the penalty's value (the guard
       checks it too). Ghost batch norm only (``bn_mode="ghost"``). ``0.0`` (default) is the plain step.
@@ -134,7 +134,7 @@ def full_batch_step(
       ``"hvp"`` (default) exactly, by forward-mode differentiation of the block's gradient (per block a
       gradient and a Hessian-vector product), or ``"finite_difference"`` (Geiping et al.'s form,
       ``(grad L_k(theta + eps g_k) - g_k) / eps``: a second gradient per block instead of the product,
-      cheaper in time and memory, about half the digits right; see :mod:`jaxbn.training.penalty`). A
+      cheaper in time and memory, about half the digits right; see ``jaxbn.training.penalty``). A
       block that is the whole micro-batch reuses the micro-batch's gradient, so blocks equal to the
       micro-batches cost least. ``benchmarks/gradient_penalty.py`` measures both against the plain step
       (results in ``benchmarks/RESULTS.md``). With the rows split over devices, each block's gradient is
