@@ -128,25 +128,7 @@ class GradientPenalty:
     total = dtype.type(n) if axis is None else lax.psum(dtype.type(n), axis)
     rows, key = batch if batches.loss.takes_key else (batch, None)
     blocks = -(-m // b)
-    if mask is None and m % b == 0:
-      cut = lambda a: a.reshape(g, blocks, b, *a.shape[1:]).swapaxes(0, 1).reshape(blocks, g * b, *a.shape[1:])
-      block_rows, block_masks = jax.tree.map(cut, rows), None
-      counts = jnp.full((blocks,), g * b, dtype)
-    else:
-      # Blocks start at the micro-batch's first valid row (rows already seen are masked at its start).
-      valid_rows = m if mask is None else jnp.sum(mask[:m])
-      offsets = (m - valid_rows) + b * jnp.arange(blocks)
-      starts = jnp.minimum(offsets, m - b)
-      positions = starts[:, None] + jnp.arange(b)[None, :]
-      valid = (positions >= offsets[:, None]) & (positions < offsets[:, None] + b)
-
-      def cut(a):
-        shards = a.reshape(g, m, *a.shape[1:])
-        pick = lambda s: lax.dynamic_slice_in_dim(shards, s, b, axis=1).reshape(g * b, *a.shape[1:])
-        return jax.vmap(pick)(starts)
-
-      block_rows, block_masks = jax.tree.map(cut, rows), jnp.tile(valid, (1, g))
-      counts = g * jnp.sum(valid, axis=1).astype(dtype)
+    block_rows, block_masks, counts = _blocks(rows, mask, g, m, b, dtype)
     # One block: the micro-batch itself (its valid rows), whose gradient (and draws) the sweep already has.
     block_grads = jax.tree.map(lambda x: x[None], grads) if blocks == 1 else None
 
@@ -172,10 +154,7 @@ class GradientPenalty:
       squared = sum(jnp.sum(jnp.square(x.astype(dtype))) for x in jax.tree.leaves(block_gradient))
       keep = everywhere > 0  # blocks past the last valid row (a short last micro-batch) add nothing
       coef = jnp.where(keep, dtype.type(self.alpha / 2) * everywhere / total, 0)
-      wide = lambda p: _checks.stats_dtype(jnp.result_type(p))  # as the sweep sums the micro-batches' gradients
-      penalty_grads = jax.tree.map(
-        lambda h, p: jnp.where(keep, coef.astype(wide(p)) * h.astype(wide(p)), 0), product, params
-      )
+      penalty_grads = jax.tree.map(lambda h: jnp.where(keep, coef * h, 0), product)  # the sweep casts the sums
       value = jnp.where(keep, dtype.type(self.alpha / 4) * count_j / total * squared, 0)
       return penalty_grads, value
 
@@ -188,6 +167,31 @@ class GradientPenalty:
     penalty_grads, values = jax.vmap(one_block)(*args)  # many blocks: one program of bounded size
     summed = lambda a: jnp.sum(a, axis=0)
     return jax.tree.map(summed, penalty_grads), summed(values)
+
+
+def _blocks(rows: Any, mask: Any, g: int, m: int, b: int, dtype: Any) -> tuple[Any, Any, jax.Array]:
+  """A micro-batch's ``g * m`` rows (``g`` shards of ``m``) as blocks of ``b`` rows per shard: the blocks' rows
+  (a leading block axis), their row masks (None when every row is valid) and their valid rows over all shards.
+
+  Blocks start at the micro-batch's first valid row (rows already seen are masked at its start), the last
+  one possibly shorter.
+  """
+  blocks = -(-m // b)
+  if mask is None and m % b == 0:
+    cut = lambda a: a.reshape(g, blocks, b, *a.shape[1:]).swapaxes(0, 1).reshape(blocks, g * b, *a.shape[1:])
+    return jax.tree.map(cut, rows), None, jnp.full((blocks,), g * b, dtype)
+  valid_rows = m if mask is None else jnp.sum(mask[:m])
+  offsets = (m - valid_rows) + b * jnp.arange(blocks)
+  starts = jnp.minimum(offsets, m - b)
+  positions = starts[:, None] + jnp.arange(b)[None, :]
+  valid = (positions >= offsets[:, None]) & (positions < offsets[:, None] + b)
+
+  def cut(a):
+    shards = a.reshape(g, m, *a.shape[1:])
+    pick = lambda s: lax.dynamic_slice_in_dim(shards, s, b, axis=1).reshape(g * b, *a.shape[1:])
+    return jax.vmap(pick)(starts)
+
+  return jax.tree.map(cut, rows), jnp.tile(valid, (1, g)), g * jnp.sum(valid, axis=1).astype(dtype)
 
 
 def _finite_difference_step(params: Any, direction: Any) -> jax.Array:

@@ -153,16 +153,13 @@ class MicroBatches:
   def _ghost_terms(self, consts: Any, i: jax.Array) -> tuple[Any, Any]:
     """Micro-batch ``i``'s weighted gradient and loss (and penalty: the sweep's terms), its aux and weight (outputs)."""
     params, batch_stats, data, key = consts
-    batch, mask, w = self.slice(data, i, key, weight_dtype(params))
+    dtype = weight_dtype(params)
+    batch, mask, w = self.slice(data, i, key, dtype)
     (loss, aux), grads = jax.value_and_grad(self.apply, has_aux=True)(params, batch_stats, batch, mask)
-    terms = (
-      jax.tree.map(lambda g, p: weighted(w, g, accumulator_dtype(p)), grads, params),
-      weighted(w, loss, weight_dtype(params)),
-    )
+    terms = (jax.tree.map(lambda g, p: weighted(w, g, accumulator_dtype(p)), grads, params), weighted(w, loss, dtype))
     if self.penalty is not None:
-      dtype = weight_dtype(params)
       penalty_grads, value = self.penalty.terms(self, params, batch_stats, data, batch, mask, grads, dtype)
-      summed = jax.tree.map(jnp.add, terms[0], penalty_grads)
+      summed = jax.tree.map(lambda a, h: a + h.astype(a.dtype), terms[0], penalty_grads)
       terms = (summed, terms[1], varying_like(value, *jax.tree.leaves(data)))
     return terms, (aux, w)
 
