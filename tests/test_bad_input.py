@@ -721,6 +721,9 @@ ROWS = [
   unknown(STEP, _step),
   kw(SHARP, _sharpness, micro_batch_size=0),
   kw(SHARP, _sharpness, what="unknown", bn_mode="x"),
+  kw(SHARP, _sharpness, what="negative", gradient_penalty=-1.0),
+  Row(SHARP, "penalty_block_size", "zero", lambda: _sharpness(gradient_penalty=0.1, penalty_block_size=0)),
+  Row(SHARP, "penalty_method", "unknown", lambda: _sharpness(gradient_penalty=0.1, penalty_method="x")),
   kw(
     SHARP,
     _sharpness,

@@ -1,7 +1,8 @@
 """full_batch_step(gradient_penalty=...): SGD's implicit regularizer, against jax.grad of the objective written out.
 
 The oracle is one flax pass per block and per micro-batch, in float64: the mean loss over the
-micro-batches (ghost batch norm) plus ``(alpha / 4) * sum_k (n_k / N) ||grad L_k||^2`` with ``L_k`` the
+micro-batches (ghost batch norm; under ``bn_mode="exact"`` one flax pass over all rows) plus
+``(alpha / 4) * sum_k (n_k / N) ||grad L_k||^2`` with ``L_k`` the
 mean loss of a flax pass over block ``k`` alone, differentiated by ``jax.grad`` (reverse over reverse),
 its Hessian by ``jax.hessian``. Nothing of jaxbn's is in it.
 """
@@ -67,9 +68,13 @@ def _layout(n, micro_batch_size, block_size, devices=1):
   return micro, blocks
 
 
-def _oracle(variables, data, micro, blocks, alpha=ALPHA):
-  """``params -> (objective, (mean loss, penalty))``, written out with flax's batch norm."""
+def _oracle(variables, data, micro, blocks, alpha=ALPHA, bn_mode="ghost"):
+  """``params -> (objective, (mean loss, penalty))``, written out with flax's batch norm: the mean loss of one
+  pass per micro-batch (``"ghost"``) or of one pass over all rows (``"exact"``); the blocks' losses are
+  always passes over the block alone."""
   n = sum(len(r) for r in micro)
+  if bn_mode == "exact":
+    micro = [np.concatenate(micro)]
 
   def block_loss(params, rows):
     out, _ = Net(nn.BatchNorm).apply(
@@ -105,23 +110,27 @@ def float64():
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-  "micro_batch_size, block_size, method, loop",
+  "micro_batch_size, block_size, method, loop, bn_mode",
   [
-    (None, 5, "hvp", "host"),  # one micro-batch, blocks of 5, the last one of 2
-    (8, 4, "hvp", "scan"),  # two blocks per micro-batch; the last micro-batch's 6 rows: blocks of 4 and 2
-    (8, None, "hvp", "host"),  # each micro-batch one block: its gradient reused
-    (None, None, "hvp", "scan"),  # one block of every row
-    (None, 2, "hvp", "scan"),  # 11 blocks: more than jaxbn.training.penalty.UNROLL, vmapped
-    (8, 4, "finite_difference", "host"),
-    (None, 5, "finite_difference", "scan"),
+    (None, 5, "hvp", "host", "ghost"),  # one micro-batch, blocks of 5, the last one of 2
+    (8, 4, "hvp", "scan", "ghost"),  # two blocks per micro-batch; the last micro-batch's 6 rows: blocks of 4 and 2
+    (8, None, "hvp", "host", "ghost"),  # each micro-batch one block: its gradient reused
+    (None, None, "hvp", "scan", "ghost"),  # one block of every row
+    (None, 2, "hvp", "scan", "ghost"),  # 11 blocks: more than jaxbn.training.penalty.UNROLL, vmapped
+    (8, 4, "finite_difference", "host", "ghost"),
+    (None, 5, "finite_difference", "scan", "ghost"),
+    # Exact: the mean loss normalizes with all rows' statistics, each block with its own.
+    (8, 4, "hvp", "host", "exact"),  # with the remainder
+    (8, None, "hvp", "scan", "exact"),  # blocks = micro-batches: their gradient is not the exact loss's
+    (None, 5, "finite_difference", "host", "exact"),
   ],
 )
 def test_gradient_and_penalty_equal_jax_grad_of_the_written_out_objective(
-  float64, micro_batch_size, block_size, method, loop
+  float64, micro_batch_size, block_size, method, loop, bn_mode
 ):
   n = 22
   data, variables = _data(n), _variables(n)
-  objective = _oracle(variables, data, *_layout(n, micro_batch_size, block_size))
+  objective = _oracle(variables, data, *_layout(n, micro_batch_size, block_size), bn_mode=bn_mode)
   (_, (loss, penalty)), grad = jax.jit(jax.value_and_grad(objective, has_aux=True))(variables["params"])
   step = full_batch_step(
     linen_loss(Net(), xent),
@@ -129,6 +138,7 @@ def test_gradient_and_penalty_equal_jax_grad_of_the_written_out_objective(
     micro_batch_size=micro_batch_size,
     loop=loop,
     donate=False,
+    bn_mode=bn_mode,
     gradient_penalty=ALPHA,
     penalty_block_size=block_size,
     penalty_method=method,
@@ -145,20 +155,21 @@ def test_gradient_and_penalty_equal_jax_grad_of_the_written_out_objective(
 
 
 @pytest.mark.slow
-def test_sharpness_is_that_of_the_penalized_objective(float64):
-  """On the host loop (the default on CPU), whose Hessian-vector products are compiled JVPs of each program."""
+@pytest.mark.parametrize("bn_mode", ["ghost", "exact"])
+def test_sharpness_is_that_of_the_penalized_objective(float64, bn_mode):
+  """The step's, on the host loop (the default on CPU), whose Hessian-vector products are compiled JVPs of each
+  program; under exact batch norm also the standalone function's, on the scanned loop (one program of JVPs)."""
   n = 22
   data, variables = _data(n), _variables(n)
-  objective = _oracle(variables, data, *_layout(n, None, 11))
+  objective = _oracle(variables, data, *_layout(n, None, 11), bn_mode=bn_mode)
   flat, unravel = ravel_pytree(variables["params"])
-  hessian = np.asarray(jax.jit(jax.hessian(lambda f: objective(unravel(f))[0]))(flat))
-  top = np.linalg.eigvalsh(hessian)[-1]
-  plain = np.linalg.eigvalsh(np.asarray(jax.jit(jax.hessian(lambda f: objective(unravel(f))[1][0]))(flat)))[-1]
+  top = np.linalg.eigvalsh(np.asarray(jax.jit(jax.hessian(lambda f: objective(unravel(f))[0]))(flat)))[-1]
   step = full_batch_step(
     linen_loss(Net(), xent),
     _recorder(),
     loop="host",
     donate=False,
+    bn_mode=bn_mode,
     gradient_penalty=ALPHA,
     penalty_block_size=11,
     sharpness_every=1,
@@ -167,23 +178,35 @@ def test_sharpness_is_that_of_the_penalized_objective(float64):
   state = TrainState.create(variables["params"], variables["batch_stats"], _recorder())
   _, metrics = step(state, data)
   np.testing.assert_allclose(metrics.sharpness, top, rtol=1e-6)
-  assert abs(top - plain) > 1e-3 * abs(plain)  # the penalty changes the sharpness: the check can fail
+  if bn_mode == "ghost":
+    plain = np.linalg.eigvalsh(np.asarray(jax.jit(jax.hessian(lambda f: objective(unravel(f))[1][0]))(flat)))[-1]
+    assert abs(top - plain) > 1e-3 * abs(plain)  # the penalty changes the sharpness: the check can fail
+  else:
+    measure = jaxbn.training.sharpness(
+      linen_loss(Net(), xent), bn_mode=bn_mode, gradient_penalty=ALPHA, penalty_block_size=11, num_iters=30, loop="scan"
+    )
+    np.testing.assert_allclose(measure(state, data)[0], top, rtol=1e-6)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-  "bn, loop",
-  [(jaxbn.linen.BatchNorm, "host"), (jaxbn.linen.BatchNorm, "scan"), (nn.BatchNorm, "scan")],
-  ids=["per-device-host", "per-device-scan", "global-arrays-flax"],
+  "bn, loop, bn_mode",
+  [
+    (jaxbn.linen.BatchNorm, "host", "ghost"),
+    (jaxbn.linen.BatchNorm, "scan", "ghost"),
+    (nn.BatchNorm, "scan", "ghost"),
+    (jaxbn.linen.BatchNorm, "host", "exact"),
+  ],
+  ids=["per-device-host", "per-device-scan", "global-arrays-flax", "per-device-host-exact"],
 )
-def test_eight_devices_equal_the_written_out_objective(float64, bn, loop):
+def test_eight_devices_equal_the_written_out_objective(float64, bn, loop, bn_mode):
   """32 rows on 8 devices, micro-batches of 16 (2 rows of each device), blocks of 8 (1 row of each).
 
   jaxbn's batch norms run per device (each block's gradient all-reduced once); flax's on the global arrays.
   """
   n = 32
   data, variables = _data(n), _variables(n)
-  objective = _oracle(variables, data, *_layout(n, 16, 8, devices=8))
+  objective = _oracle(variables, data, *_layout(n, 16, 8, devices=8), bn_mode=bn_mode)
   (_, (loss, penalty)), grad = jax.jit(jax.value_and_grad(objective, has_aux=True))(variables["params"])
   step = full_batch_step(
     linen_loss(Net(bn), xent),
@@ -191,6 +214,7 @@ def test_eight_devices_equal_the_written_out_objective(float64, bn, loop):
     micro_batch_size=16,
     loop=loop,
     donate=False,
+    bn_mode=bn_mode,
     gradient_penalty=ALPHA,
     penalty_block_size=8,
   )
@@ -272,7 +296,6 @@ def test_a_penalized_step_trains_with_dropout_keys_and_float32():
     ({"gradient_penalty": 0.1, "penalty_block_size": 2.5}, "penalty_block_size must be a positive int or None"),
     ({"gradient_penalty": 0.1, "penalty_method": "exact"}, "penalty_method must be one of"),
     ({"gradient_penalty": 0.1, "micro_batch_size": 8, "penalty_block_size": 3}, "must divide micro_batch_size=8"),
-    ({"gradient_penalty": 0.1, "bn_mode": "exact"}, "gradient_penalty needs bn_mode='ghost'"),
   ],
 )
 def test_bad_penalty_arguments_are_refused(kwargs, message):

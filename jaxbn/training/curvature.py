@@ -12,6 +12,7 @@ from jaxbn.training._args import check_bn_mode, iterations_and_method, positive_
 from jaxbn.training.exact import objective_gradient
 from jaxbn.training.loops import HostLoop, resolve_loop
 from jaxbn.training.loss import Loss, as_loss
+from jaxbn.training.penalty import GradientPenalty
 from jaxbn.training.state import LossFn, TrainState
 from jaxbn.training.stream import HostData
 from jaxbn.training.sweep import SCAN, GradientFn, MicroBatches, device_gradient
@@ -41,6 +42,9 @@ def sharpness(
   method: str = "lanczos",
   jit: bool = True,
   loop: str = "auto",
+  gradient_penalty: float = 0.0,
+  penalty_block_size: int | None = None,
+  penalty_method: str = "hvp",
 ) -> Callable[..., tuple[jax.Array, Any]]:
   """The sharpness of the full-batch objective that :func:`full_batch_step` minimizes.
 
@@ -62,13 +66,17 @@ def sharpness(
     loop: ``"auto"``, ``"scan"`` or ``"host"``, as in :func:`full_batch_step`: with the host loop the
       Lanczos iterations run from Python and every Hessian-vector product is a sweep of compiled
       per-micro-batch programs.
+    gradient_penalty, penalty_block_size, penalty_method: as in :func:`full_batch_step`: the sharpness
+      of the mean loss plus the gradient penalty, the objective a step with the same arguments
+      minimizes (the penalty's own Hessian is then differentiated too).
 
   Returns:
     ``fn(state, data, init=None) -> (eigenvalue, eigenvector)``; ``init`` warm-starts from a
     previous eigenvector.
 
   Raises:
-    ValueError: bad ``micro_batch_size``, ``bn_mode``, ``num_iters``, ``method`` or ``loop``;
+    ValueError: bad ``micro_batch_size``, ``bn_mode``, ``num_iters``, ``method``, ``loop``,
+      ``gradient_penalty``, ``penalty_block_size`` or ``penalty_method`` (as :func:`full_batch_step`);
       ``loop="host"`` with ``axis_name`` or ``jit=False``.
     TypeError: ``loss_fn`` is not callable, or ``jit`` not a bool.
 
@@ -95,11 +103,12 @@ def sharpness(
   jit = _checks.static_bool(fn, "jit", jit)
   check_bn_mode(fn, bn_mode)
   micro_batch_size = positive_int_or_none(fn, "micro_batch_size", micro_batch_size)
+  penalty = GradientPenalty.from_args(fn, gradient_penalty, penalty_block_size, penalty_method, micro_batch_size)
   traced = axis_name is not None or not jit
   if loop == "host" and traced:
     raise ValueError(f"{fn}: loop='host' runs compiled pieces from Python: it takes no axis_name and jit=True.")
   host = resolve_loop(fn, loop, traced=traced) == "host"
-  batches = MicroBatches(fn, loss, micro_batch_size, axis_name, HostLoop() if host else SCAN)
+  batches = MicroBatches(fn, loss, micro_batch_size, axis_name, HostLoop() if host else SCAN, penalty)
   gradient = objective_gradient(batches, bn_mode)
 
   def run(state: TrainState, data: Any, init: Any = None) -> tuple[jax.Array, Any]:

@@ -242,27 +242,37 @@ def _loss_sweep(sw: _Sweeps, base: Base, diff: list[Any], counts: list[Any]) -> 
     loss, aux = sw.run(_ExactHook(_given(d, counts)), base, p, batch, mask)
     return weighted(w, loss, w.dtype), (loss, aux)
 
+  penalty = sw.batches.penalty
+
   def body(consts, i):
     base, diff, counts = consts
+    params, batch_stats, data, _ = base
     batch, mask, w = sw.micro(base, i)
     (_, (loss, aux)), (g_params, g_diff) = jax.value_and_grad(weighted_loss, argnums=(0, 1), has_aux=True)(
-      base[0], diff, counts, base, batch, mask, w
+      params, diff, counts, base, batch, mask, w
     )
-    g_params = jax.tree.map(lambda g, p: g.astype(accumulator_dtype(p)), g_params, base[0])
-    return g_params, (w, loss.astype(w.dtype), g_diff, aux)
+    g_params = jax.tree.map(lambda g, p: g.astype(accumulator_dtype(p)), g_params, params)
+    value = None
+    if penalty is not None:  # its blocks' losses normalize with their own statistics: no hook answers them
+      penalty_grads, value = penalty.terms(sw.batches, params, batch_stats, data, batch, mask, None, w.dtype)
+      g_params = jax.tree.map(lambda a, h: a + h.astype(a.dtype), g_params, penalty_grads)
+    return g_params, (w, loss.astype(w.dtype), g_diff, aux, value)
 
   def finish(consts, grads, outputs):
     (_, _, data, _), diff, _ = consts
-    weights, losses, g_diff, aux = outputs
+    weights, losses, g_diff, aux, values = outputs
     adjoint = sw.device_sum([jax.tree.map(lambda a: jnp.sum(a, 0), t) for t in g_diff], diff, data)
     # Every micro-batch reports the same (full-data) statistics; metrics are averaged by row share.
     stats = None if aux.stats is None else jax.tree.map(lambda a: a[0], aux.stats)
-    return jnp.dot(weights, losses), grads, stats, weighted_metrics(aux, weights), adjoint
+    loss = jnp.dot(weights, losses)
+    loss = loss if values is None else (loss, jnp.sum(values))  # (mean loss, penalty), as the ghost sweep's
+    return loss, grads, stats, weighted_metrics(aux, weights), adjoint
 
   def reduce(outputs):
-    weights, losses, g_diff, aux = outputs
+    weights, losses, g_diff, aux, values = outputs
     one = jnp.ones((1,), weights.dtype)
-    return one, jnp.dot(weights, losses)[None], summed_part(g_diff), reduced_aux(aux, weights, first_stats=True)
+    reduced = reduced_aux(aux, weights, first_stats=True)
+    return one, jnp.dot(weights, losses)[None], summed_part(g_diff), reduced, summed_part(values)
 
   init = lambda: zeros_like_grads(base[0])
   return sw.batches.loop.sweep("loss", sw.k, body, (base, diff, counts), init, Folded(finish, reduce))

@@ -10,7 +10,8 @@ added that term to full-batch descent and matched SGD's accuracy on CIFAR-10. Wi
 
 over blocks ``k`` of ``n_k`` consecutive rows (``N`` in all), ``L_k`` the mean loss of block ``k``
 alone: the loss function called on its rows, so its batch norms normalize with the block's own
-statistics, as SGD's would with batches of that size. Its gradient is the mean loss's plus
+statistics, as SGD's would with batches of that size, whether the mean loss's batch norms use each
+micro-batch's statistics (``bn_mode="ghost"``) or all rows' (``bn_mode="exact"``). Its gradient is the mean loss's plus
 ``(alpha / 2) * sum_k (n_k / N) * H_k g_k`` with ``g_k = grad L_k`` and ``H_k`` its Hessian, which
 :class:`GradientPenalty` adds to each micro-batch's term of the step's sweep:
 
@@ -23,7 +24,8 @@ statistics, as SGD's would with batches of that size. Its gradient is the mean l
   balances the truncation error (of that relative order) against rounding (machine epsilon
   divided by it), so about half the digits of ``H_k g_k`` are right.
 
-A block that is a whole micro-batch reuses the gradient the micro-batch's loss term already took.
+A block that is a whole micro-batch reuses the gradient the micro-batch's loss term already took
+(ghost batch norm; under exact batch norm that gradient is another function, so the block takes its own).
 Up to ``UNROLL`` blocks of a micro-batch each get their own code in the compiled program; more are
 vmapped, which keeps the program's size bounded but on the CPU turns each convolution's kernel
 gradient into a grouped convolution, about twice as slow.
@@ -74,7 +76,7 @@ class GradientPenalty:
 
   @classmethod
   def from_args(
-    cls, fn: str, alpha: Any, block_size: Any, method: Any, micro_batch_size: int | None, bn_mode: str
+    cls, fn: str, alpha: Any, block_size: Any, method: Any, micro_batch_size: int | None
   ) -> GradientPenalty | None:
     """The penalty a step's arguments ask for, or None for ``alpha == 0``; a ``ValueError``/``TypeError`` for
     bad values."""
@@ -86,13 +88,6 @@ class GradientPenalty:
       raise ValueError(f"{fn}: penalty_method must be one of {METHODS}, got {method!r}.")
     if alpha == 0:
       return None
-    if bn_mode != "ghost":
-      raise ValueError(
-        f"{fn}: gradient_penalty needs bn_mode='ghost'. Under bn_mode='exact' each block's loss depends on "
-        "every row through the whole-data statistics, so each block's gradient would take its own "
-        "2L + 1 sweeps over all the data; use bn_mode='ghost' (each block then normalizes with its own "
-        "statistics, as SGD's batches do)."
-      )
     block_size = None if block_size is None else int(block_size)
     if block_size is not None and micro_batch_size is not None and micro_batch_size % block_size:
       raise ValueError(
@@ -110,7 +105,8 @@ class GradientPenalty:
     self, batches: Any, params: Any, batch_stats: Any, data: Any, batch: Any, mask: Any, grads: Any, dtype: Any
   ) -> tuple[Any, jax.Array]:
     """The penalty's gradient and value over the blocks of one micro-batch (``batch``, ``mask`` from
-    ``batches.slice``; ``grads`` the micro-batch's own mean-loss gradient, reused when it is the only block;
+    ``batches.slice``; ``grads`` the micro-batch's own mean-loss gradient with its own statistics, reused
+    when it is the only block, or None (exact batch norm, whose micro-batch gradient is another);
     ``dtype`` the one weights and values accumulate in, :func:`jaxbn.training.sweep.weight_dtype`).
 
     Both are this device's parts under ``batches.axis_name``: summed over the devices they are the
@@ -130,7 +126,7 @@ class GradientPenalty:
     blocks = -(-m // b)
     block_rows, block_masks, counts = _blocks(rows, mask, g, m, b, dtype)
     # One block: the micro-batch itself (its valid rows), whose gradient (and draws) the sweep already has.
-    block_grads = jax.tree.map(lambda x: x[None], grads) if blocks == 1 else None
+    block_grads = jax.tree.map(lambda x: x[None], grads) if blocks == 1 and grads is not None else None
 
     def one_block(rows_j, mask_j, count_j, j, grads_j):
       everywhere = count_j if axis is None else lax.psum(count_j, axis)

@@ -126,7 +126,8 @@ def full_batch_step(
       block's statistics as SGD's batches would) (``jaxbn.training.penalty``). The step follows that
       objective's gradient, its sharpness (``sharpness_every``) is that objective's, ``StepMetrics.loss``
       stays the mean loss and ``StepMetrics.gradient_penalty`` holds the penalty's value (the guard
-      checks it too). Ghost batch norm only (``bn_mode="ghost"``). ``0.0`` (default) is the plain step.
+      checks it too). With ``bn_mode="exact"`` the mean loss normalizes with all rows' statistics and
+      each block still with its own. ``0.0`` (default) is the plain step.
     penalty_block_size: rows per block (over all devices, like ``micro_batch_size``); None for the
       micro-batch size (every micro-batch one block). It must divide ``micro_batch_size``; with
       ``micro_batch_size=None`` any size works (the last block holds the rest).
@@ -135,8 +136,8 @@ def full_batch_step(
       gradient and a Hessian-vector product), or ``"finite_difference"`` (Geiping et al.'s form,
       ``(grad L_k(theta + eps g_k) - g_k) / eps``: a second gradient per block instead of the product,
       cheaper in time and memory, about half the digits right; see ``jaxbn.training.penalty``). A
-      block that is the whole micro-batch reuses the micro-batch's gradient, so blocks equal to the
-      micro-batches cost least. ``benchmarks/gradient_penalty.py`` measures both against the plain step
+      block that is the whole micro-batch reuses the micro-batch's gradient (ghost batch norm), so blocks
+      equal to the micro-batches cost least. ``benchmarks/gradient_penalty.py`` measures both against the plain step
       (results in ``benchmarks/RESULTS.md``). With the rows split over devices, each block's gradient is
       all-reduced once (the mean loss's only once per step).
 
@@ -151,7 +152,7 @@ def full_batch_step(
 
   Raises:
     ValueError: bad ``micro_batch_size``, ``sharpness_every``, ``bn_mode``, ``loop``, ``gradient_penalty``
-      (negative, not finite, or with ``bn_mode="exact"``), ``penalty_block_size`` (not a positive int, or not
+      (negative or not finite), ``penalty_block_size`` (not a positive int, or not
       dividing ``micro_batch_size``), ``penalty_method`` or ``data``
       (a ``HostData`` with ``loop="scan"``, ``axis_name`` or ``jit=False``);
       under ``bn_mode="exact"``, a loss that mixes rows other than through jaxbn's batch norms
@@ -198,9 +199,7 @@ def full_batch_step(
   check_bn_mode(fn, bn_mode)
   micro_batch_size = positive_int_or_none(fn, "micro_batch_size", micro_batch_size)
   sharpness_every = positive_int_or_none(fn, "sharpness_every", sharpness_every)
-  penalty = GradientPenalty.from_args(
-    fn, gradient_penalty, penalty_block_size, penalty_method, micro_batch_size, bn_mode
-  )
+  penalty = GradientPenalty.from_args(fn, gradient_penalty, penalty_block_size, penalty_method, micro_batch_size)
   traced = axis_name is not None or not jit
   if loop == "host" and traced:
     raise ValueError(
