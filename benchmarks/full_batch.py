@@ -601,21 +601,26 @@ def _time_updates(c: Contender, state: Any, number: int) -> tuple[Any, float]:
 
 def time_contenders(
   contenders: dict[str, Contender], params: Any, batch_stats: Any, repeats: int, min_time: float
-) -> tuple[dict[str, list[float]], int]:
-  """Seconds per full-batch update of every contender, ``repeats`` times, in a rotating order."""
+) -> tuple[dict[str, list[float]], dict[str, int]]:
+  """Seconds per full-batch update of every contender, ``repeats`` times, in a rotating order, and the number
+  of updates each timing averages: each contender's own, so that every timing lasts about ``min_time`` (a
+  contender 10x faster than the baseline would otherwise be timed on single updates, and its ratios would
+  be mostly noise)."""
   states = {n: c.init(params, batch_stats) for n, c in contenders.items()}
-  for n, c in contenders.items():  # warm-up (compiles) and a first estimate
+  for n, c in contenders.items():  # warm-up (compiles)
     states[n], _ = _time_updates(c, states[n], 1)
-  states[BASELINE], t = _time_updates(contenders[BASELINE], states[BASELINE], 1)
-  number = max(1, math.ceil(min_time / max(t, 1e-6)))
+  numbers = {}
+  for n, c in contenders.items():  # a first estimate, compiled
+    states[n], t = _time_updates(c, states[n], 1)
+    numbers[n] = max(1, math.ceil(min_time / max(t, 1e-6)))
   times: dict[str, list[float]] = {n: [] for n in contenders}
   names = list(contenders)
   for r in range(repeats):
     for n in names[r % len(names) :] + names[: r % len(names)]:
-      states[n], t = _time_updates(contenders[n], states[n], number)
+      states[n], t = _time_updates(contenders[n], states[n], numbers[n])
       times[n].append(t)
     print(f"  repeat {r + 1}/{repeats} done", file=sys.stderr, flush=True)
-  return times, number
+  return times, numbers
 
 
 # ------------------------------------------------------------------------------------------------
@@ -896,7 +901,9 @@ def markdown(result: dict[str, Any]) -> str:
     "",
     f"Data: {cfg['examples']} x {cfg['length']} x 1 ({cfg['data']}), {NUM_CLASSES} classes; CNN with "
     f"{cfg['channels']} channels; micro-batches of {cfg['micro_batch_size']} ({cfg['micro_batches']} per update); "
-    f"{cfg['repeats']} interleaved repeats of {result['number']} update(s); medians of per-repeat ratios to {BASELINE}.",
+    f"{cfg['repeats']} interleaved repeats, each timing {min(result['number'].values())}-"
+    f"{max(result['number'].values())} updates (each contender as many as last about {cfg['min_time']} s); "
+    f"medians of per-repeat ratios to {BASELINE}.",
     "",
     "| contender | updates/s | time ratio (q25-q75) | vs MultiSteps | peak est. KiB | peak ratio | "
     + ("peak live KiB | " if live else "")
@@ -1084,7 +1091,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   print(f"checking agreement over {args.check_steps} updates", file=sys.stderr, flush=True)
   agree = check_agreement(contenders, params, batch_stats, args.check_steps)
   print(f"compiled and checked in {time.perf_counter() - start:.0f} s; timing", file=sys.stderr, flush=True)
-  times, number = time_contenders(contenders, params, batch_stats, repeats, defaults["min_time"])
+  times, numbers = time_contenders(contenders, params, batch_stats, repeats, defaults["min_time"])
   measure_rss = (defaults["rss"] if args.rss is None else args.rss) and sys.platform.startswith("linux")
   measure_buffers = defaults["buffers"] if args.buffers is None else args.buffers
   child: dict[str, dict[str, Any]] = {}
@@ -1109,11 +1116,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       "batch_norm_momentum": MOMENTUM,
       "batch_norm_layers": len(batch_stats),
       "repeats": repeats,
+      "min_time": defaults["min_time"],
       "check_steps": args.check_steps,
     },
     "baseline": BASELINE,
     "contenders": list(contenders),
-    "number": number,
+    "number": numbers,
     "results": results,
     "targets": evaluate_targets(results, len(batch_stats)),
   }
