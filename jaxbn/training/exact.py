@@ -254,8 +254,7 @@ def _loss_sweep(sw: _Sweeps, base: Base, diff: list[Any], counts: list[Any]) -> 
     g_params = jax.tree.map(lambda g, p: g.astype(accumulator_dtype(p)), g_params, params)
     value = None
     if penalty is not None:  # its blocks' losses normalize with their own statistics: no hook answers them
-      penalty_grads, value = penalty.terms(sw.batches, params, batch_stats, data, batch, mask, None, w.dtype)
-      g_params = jax.tree.map(lambda a, h: a + h.astype(a.dtype), g_params, penalty_grads)
+      g_params, value = penalty.add(g_params, sw.batches, params, batch_stats, data, batch, mask, None, w.dtype)
     return g_params, (w, loss.astype(w.dtype), g_diff, aux, value)
 
   def finish(consts, grads, outputs):

@@ -11,7 +11,8 @@ added that term to full-batch descent and matched SGD's accuracy on CIFAR-10. Wi
 over blocks ``k`` of ``n_k`` consecutive rows (``N`` in all), ``L_k`` the mean loss of block ``k``
 alone: the loss function called on its rows, so its batch norms normalize with the block's own
 statistics, as SGD's would with batches of that size, whether the mean loss's batch norms use each
-micro-batch's statistics (``bn_mode="ghost"``) or all rows' (``bn_mode="exact"``). Its gradient is the mean loss's plus
+micro-batch's statistics (``bn_mode="ghost"``) or all rows' (``bn_mode="exact"``). Its gradient is the
+mean loss's plus
 ``(alpha / 2) * sum_k (n_k / N) * H_k g_k`` with ``g_k = grad L_k`` and ``H_k`` its Hessian, which
 :class:`GradientPenalty` adds to each micro-batch's term of the step's sweep:
 
@@ -101,6 +102,23 @@ class GradientPenalty:
     size = self.block_size
     return dataclasses.replace(self, block_size=None if size is None else max(size // devices, 1))
 
+  def add(
+    self,
+    sums: Any,
+    batches: Any,
+    params: Any,
+    batch_stats: Any,
+    data: Any,
+    batch: Any,
+    mask: Any,
+    grads: Any,
+    dtype: Any,
+  ) -> tuple[Any, jax.Array]:
+    """``sums`` (a micro-batch's weighted gradient, in the accumulators' dtypes) plus the penalty's gradient
+    over the micro-batch's blocks, and the penalty's value there (see :meth:`terms`)."""
+    penalty_grads, value = self.terms(batches, params, batch_stats, data, batch, mask, grads, dtype)
+    return jax.tree.map(lambda a, h: a + h.astype(a.dtype), sums, penalty_grads), value
+
   def terms(
     self, batches: Any, params: Any, batch_stats: Any, data: Any, batch: Any, mask: Any, grads: Any, dtype: Any
   ) -> tuple[Any, jax.Array]:
@@ -150,7 +168,7 @@ class GradientPenalty:
       squared = sum(jnp.sum(jnp.square(x.astype(dtype))) for x in jax.tree.leaves(block_gradient))
       keep = everywhere > 0  # blocks past the last valid row (a short last micro-batch) add nothing
       coef = jnp.where(keep, dtype.type(self.alpha / 2) * everywhere / total, 0)
-      penalty_grads = jax.tree.map(lambda h: jnp.where(keep, coef * h, 0), product)  # the sweep casts the sums
+      penalty_grads = jax.tree.map(lambda h: jnp.where(keep, coef * h, 0), product)  # add() casts the sums
       value = jnp.where(keep, dtype.type(self.alpha / 4) * count_j / total * squared, 0)
       return penalty_grads, value
 

@@ -52,7 +52,7 @@ class MicroBatches:
     micro_batch_size: rows per micro-batch (over all devices under ``jax.jit``); None for all rows.
     axis_name: the devices' axis name in pmap-style code, or None.
     loop: how sweeps over the micro-batches run (:mod:`jaxbn.training.loops`).
-    penalty: the gradient penalty added to the ghost-batch objective
+    penalty: the gradient penalty added to the objective (ghost or exact batch norm)
       (:class:`jaxbn.training.penalty.GradientPenalty`), or None.
   """
 
@@ -158,8 +158,7 @@ class MicroBatches:
     (loss, aux), grads = jax.value_and_grad(self.apply, has_aux=True)(params, batch_stats, batch, mask)
     terms = (jax.tree.map(lambda g, p: weighted(w, g, accumulator_dtype(p)), grads, params), weighted(w, loss, dtype))
     if self.penalty is not None:
-      penalty_grads, value = self.penalty.terms(self, params, batch_stats, data, batch, mask, grads, dtype)
-      summed = jax.tree.map(lambda a, h: a + h.astype(a.dtype), terms[0], penalty_grads)
+      summed, value = self.penalty.add(terms[0], self, params, batch_stats, data, batch, mask, grads, dtype)
       terms = (summed, terms[1], varying_like(value, *jax.tree.leaves(data)))
     return terms, (aux, w)
 

@@ -208,8 +208,8 @@ MUTANTS = (
     "gradient penalty's blocks under exact batch norm",  # a block = micro-batch reuses the whole-data-statistics gradient
     "jaxbn/training/exact.py",
     "_loss_sweep",
-    "penalty.terms(sw.batches, params, batch_stats, data, batch, mask, None, w.dtype)",
-    "penalty.terms(sw.batches, params, batch_stats, data, batch, mask, g_params, w.dtype)",
+    "penalty.add(g_params, sw.batches, params, batch_stats, data, batch, mask, None, w.dtype)",
+    "penalty.add(g_params, sw.batches, params, batch_stats, data, batch, mask, g_params, w.dtype)",
     (
       "tests/test_gradient_penalty.py::test_gradient_and_penalty_equal_jax_grad_of_the_written_out_objective"
       "[8-None-hvp-scan-exact]",
