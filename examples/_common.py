@@ -301,6 +301,12 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
   return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
 
 
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+  """The lines of a Markdown table: ``| a | b |`` rows under a header and its rule."""
+  line = lambda cells: "| " + " | ".join(str(c) for c in cells) + " |"
+  return [line(headers), "|" + "---|" * len(headers), *(line(row) for row in rows)]
+
+
 def pyplot():
   """matplotlib's pyplot on the non-interactive Agg backend (works without a display)."""
   import matplotlib

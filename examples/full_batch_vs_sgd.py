@@ -34,8 +34,8 @@ already is the whole training set). For each arm's final point the script also m
 
 ``recipe_no_penalty`` separates what the penalty does from what clipping, warm-up and momentum do. The
 penalty's gradient is taken by finite differences (``--penalty-method finite_difference``, as Geiping et
-al.; the step then takes about 2.3 times a plain full-batch step on this CPU, against 7 times with the
-exact ``hvp``, whose forward-mode convolutions are slow on XLA:CPU).
+al.): cheaper than the exact ``hvp`` in time and memory, as ``benchmarks/gradient_penalty.py`` measures
+(results in ``benchmarks/RESULTS.md``).
 
 Commands (wall times on 2 CPU cores shared with another job, compilation included; at 100 passes the
 full-batch arms have had 100 updates and are not done: seeds 0 1 gave SGD 97.4% at batch 32, the recipe
@@ -385,7 +385,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     "--penalty-method",
     choices=("hvp", "finite_difference"),
     default="finite_difference",
-    help="how the step differentiates the penalty (finite_difference: 2.3x a plain step's time on a CPU, hvp: 7x)",
+    help="how the step differentiates the penalty (finite_difference is the cheaper: benchmarks/gradient_penalty.py)",
   )
   parser.add_argument("--sharpness-iters", type=int, default=20, help="Lanczos iterations per sharpness")
   parser.add_argument("--eval-every", type=int, default=1, help="test accuracy every this many passes")
@@ -481,9 +481,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     f"mean_k ||grad L_k||^2 over blocks of {args.penalty_block_size} rows; wall time: the updates, compilation "
     "included.",
     "",
-    "| " + " | ".join(headers) + " |",
-    "|" + "---|" * len(headers),
-    *("| " + " | ".join(row) + " |" for row in rows),
+    *_common.markdown_table(headers, rows),
     "",
     *(f"- {arm.label}: {arm.describe(args.penalty_block_size)}" for arm in arms.values()),
   ]
@@ -524,9 +522,7 @@ def _report_tune(
   markdown = [
     f"--tune: {args.passes} passes, seed {TUNE_SEED}, accuracy on {VALIDATION_ROWS} held-out training rows. {header}.",
     "",
-    "| " + " | ".join(headers) + " |",
-    "|" + "---|" * len(headers),
-    *("| " + " | ".join(row) + " |" for row in rows),
+    *_common.markdown_table(headers, rows),
   ]
   (out / "tune.md").write_text("\n".join(markdown) + "\n")
   record = [{"arm": name, "setting": dataclasses.asdict(arm), **r} for name, arm, r in runs]
