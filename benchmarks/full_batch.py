@@ -817,7 +817,7 @@ def summarize(
     out[name] = r
   if EXACT in out:
     programs = out[EXACT]["programs"]
-    if "update" in programs:  # the host loop: first/next/finish programs per sweep, and the update
+    if "update" in programs:  # the host loop: start/each/finish programs per sweep, and the update
       out[EXACT]["sweeps"] = len({label.rsplit(" ", 1)[0] for label in programs if label != "update"})
     else:
       out[EXACT]["sweeps"] = sum(p["while_loops"] * p["calls_per_update"] for p in programs.values())

@@ -61,7 +61,7 @@ def _reference(model, variables, data):
     )
     return jnp.mean(xent(out, data["y"])), updates["batch_stats"]
 
-  (value, batch_stats), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+  (value, batch_stats), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
   return value, grads, batch_stats
 
 

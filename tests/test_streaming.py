@@ -116,7 +116,7 @@ def _program_sizes(setup, rows, bn_mode):
 def test_programs_see_one_micro_batch_whatever_the_data_set_size(setup, bn_mode):
   small, small_calls = _program_sizes(setup, _rows(ROWS), bn_mode)
   large, large_calls = _program_sizes(setup, _rows(10 * ROWS), bn_mode)
-  assert {n.split()[-1] for n in small} == {"first", "next", "finish"}
+  assert {n.split()[-1] for n in small} == {"start", "each", "finish"}
   # Every program's arguments (parameters, statistics, one micro-batch's rows, the running sums), temporaries
   # and results are the same for 10x the rows: 5 micro-batches or 42.
   assert small == large

@@ -10,10 +10,11 @@ a loop decides how a sweep executes:
 * :class:`ScanLoop` (``loop="scan"``): a ``lax.scan`` inside the caller's trace, so the whole step is
   one compiled program (traceable into ``jax.pmap``/``jax.shard_map``).
 * :class:`HostLoop` (``loop="host"``): compiled programs called once per micro-batch from Python,
-  the running sum and the reduced outputs donated from call to call; the first micro-batch's program
-  starts them, one program serves every later micro-batch, and a small one ends the sweep with
-  ``finish``, so nothing but the calls runs from Python and the body is compiled twice whatever the
-  number of micro-batches (once for a single micro-batch). Its ``finish`` is :class:`Folded`: the
+  the running sum and the reduced outputs donated from call to call; a small program makes them
+  empty (zeros of the types a micro-batch gives, found by an abstract trace), one program serves every
+  micro-batch (the first one's sum starts where a later one adds), and a small one ends the sweep with
+  ``finish``, so nothing but the calls runs from Python and the body is compiled once whatever the
+  number of micro-batches. Its ``finish`` is :class:`Folded`: the
   outputs are reduced as they come (the statistics merged, the rest summed), so what a program
   carries does not grow with the number of micro-batches. Streamed data
   (:mod:`jaxbn.training.stream`) reaches the program for micro-batch ``i`` as its rows, the next
@@ -141,9 +142,9 @@ class HostLoop:
   device's sums apart, and their programs are named with `` per device`` appended.
 
   Attributes:
-    programs: the compiled programs by label: a sweep's label with ``first`` or ``next`` (the
-      micro-batch it runs for), ``finish`` (ending the sweep), or ``only`` for a single micro-batch, `` jvp`` appended for its forward-mode
-      derivative; and the step's ``update``.
+    programs: the compiled programs by label: a sweep's label with ``start`` (the empty running sums),
+      ``each`` (every micro-batch), ``finish`` (ending the sweep), or ``only`` for a single micro-batch,
+      `` jvp`` appended for its forward-mode derivative; and the step's ``update``.
     calls: per program, the argument types of its first call and its calls per sweep.
     memos: what the step works out from the loss's trace (e.g. its batch-norm calls), per input types.
   """
@@ -183,7 +184,7 @@ class HostLoop:
     """``fn(args)`` as the compiled program ``name`` (compiled at its first call, with ``jit_options``)."""
     program = self._compiled.get(name)
     if program is None:
-      program = self._compiled[name] = self.programs[name] = jax.jit(_named(fn, name), **jit_options)
+      program = self._compiled[name] = self.programs[name] = jax.jit(named(fn, name), **jit_options)
     if name not in self.calls:
       self.calls[name] = ((types_of(args),), 1)
     return program(args)
@@ -247,7 +248,7 @@ class HostLoop:
 
   def _program(self, label: str, body: Body, finish: Folded, part: str, args: Any, active: Any = None) -> Any:
     """The compiled program ``part`` of a sweep taking ``args``: ``"only"`` (the single micro-batch, then
-    ``finish``), ``"first"`` (starts the sums), ``"next"`` (every later micro-batch), ``"finish"``; with
+    ``finish``), ``"start"`` (the empty sums), ``"each"`` (every micro-batch of several), ``"finish"``; with
     ``active``, its JVP along the consts' leaves marked there."""
     name = f"{label} {part}" + ("" if active is None else f" jvp {sum(active[1])}")
     name += "" if self.devices is None else " per device"
@@ -256,34 +257,36 @@ class HostLoop:
     program = self._compiled.get(key)
     if program is None:
       _refuse_closed_over_arrays(label, body, finish.finish, finish.reduce)
-      if part == "finish":
-        fn = functools.partial(_finish, finish)
-      else:
-        fn = functools.partial(_call, body, finish, part in ("first", "only"), part == "only")
-      carried = part == "next"  # the running sums pass through in place ("finish" makes other shapes of them)
+      fn = {
+        "start": functools.partial(_start, body, finish),
+        "each": functools.partial(_call, body, finish, False),
+        "only": functools.partial(_call, body, finish, True),
+        "finish": functools.partial(_finish, finish),
+      }[part]
+      carried = part == "each"  # the running sums pass through in place ("finish" makes other shapes of them)
       if active is not None:
         fn = functools.partial(_call_jvp, fn, active)
       if self.devices is not None:
         fn = self._spmd(fn, args)
       donated = ((2, 3) if active is not None else (1,)) if carried else ()
-      program = jax.jit(_named(fn, name), donate_argnums=donated)
+      program = jax.jit(named(fn, name), donate_argnums=donated)
       self._compiled[key] = self.programs[name] = program
     return program, name
 
   def _run(self, label: str, k: int, body: Body, finish: Folded, consts: Any) -> Any:
-    """One compiled program per micro-batch: the body is compiled twice at most ("first" and "next", or
-    "only"), whatever ``k``; a small "finish" program ends a sweep of several."""
+    """One compiled program per micro-batch: the body is compiled once ("each", or "only"), whatever ``k``;
+    small programs start ("start") and end ("finish") a sweep of several."""
     carry = current = None
     for i, part in _parts(k):
-      # Streamed data: micro-batch i's rows, put on the devices while micro-batch i - 1's program ran (the
-      # finish takes the last micro-batch's again: it reads only the types of the data).
-      current = fed(consts, i) if part != "finish" else current
+      # Streamed data: micro-batch i's rows, put on the devices while micro-batch i - 1's program ran ("start"
+      # and "finish" take the first or last micro-batch's: they read only the types of the data).
+      current = fed(consts, i) if _reads(i, part) else current
       args = (current, carry, np.int32(i))
       program, name = self._program(label, body, finish, part, args)
       if name not in self.calls:
-        self.calls[name] = (types_of(args), k - 1 if part == "next" else 1)  # "next" runs k - 1 times
+        self.calls[name] = (types_of(args), k if part == "each" else 1)
       carry = program(*args)
-      if part != "finish":
+      if part in ("each", "only"):
         prefetch(consts, i, carry)  # streamed data: the next micro-batch, read while this program runs
     return carry
 
@@ -297,33 +300,57 @@ class HostLoop:
     moving = [t for t, a in zip(t_leaves, active, strict=True) if a]
     carry = t_carry = current = None
     for i, part in _parts(k):
-      current = fed(leaves, i) if part != "finish" else current
+      current = fed(leaves, i) if _reads(i, part) else current
       args = (current, moving, carry, t_carry, np.int32(i))
       program, _ = self._program(label, body, finish, part, args, (tree, active))
       carry, t_carry = program(*args)
-      if part != "finish":
+      if part in ("each", "only"):
         prefetch(leaves, i, (carry, t_carry))
     return carry, t_carry
 
 
 def _parts(k: int) -> list[tuple[int, str]]:
-  """A sweep's programs in order: ``(micro-batch index, part)``, the finish last (its index unused)."""
+  """A sweep's programs in order: ``(micro-batch index, part)``; "start" and "finish" take the first and the
+  last micro-batch's rows (for their types only)."""
   if k == 1:
     return [(0, "only")]
-  return [(0, "first"), *((i, "next") for i in range(1, k)), (k - 1, "finish")]
+  return [(0, "start"), *((i, "each") for i in range(k)), (k - 1, "finish")]
 
 
-def _call(body: Body, finish: Folded, first: bool, only: bool, consts: Any, carry: Any, i: Any) -> Any:
-  """Micro-batch ``i``: its terms added to the running sum and its outputs reduced with the part so far (the
-  first one starts both); a single micro-batch ends with ``finish`` of them."""
+def _reads(i: int, part: str) -> bool:
+  """Whether the program ``part`` for micro-batch ``i`` needs the rows read for it (streamed data): the first
+  micro-batch's are read once, for "start", and reused by its "each"; "finish" reuses the last's."""
+  return part in ("start", "only") or (part == "each" and i > 0)
+
+
+def _first(body: Body, finish: Folded, consts: Any, i: Any) -> Any:
+  """Micro-batch ``i``'s terms and reduced outputs: the running sum and part it starts (and its outputs)."""
   terms, outputs = body(consts, i)
-  part = jax.tree.map(lambda o: jnp.expand_dims(o, 0), outputs)
-  if not first:
-    total, stacked = carry
-    terms = None if terms is None else jax.tree.map(jnp.add, total, terms)
-    part = jax.tree.map(lambda s, o: jnp.concatenate([s, o]), stacked, part)
-  part = finish.reduce(part)  # the carry's types from the first micro-batch on
-  return finish(consts, terms, part) if only else (terms, part)
+  outputs = jax.tree.map(lambda o: jnp.expand_dims(o, 0), outputs)
+  return (terms, finish.reduce(outputs)), outputs
+
+
+def _start(body: Body, finish: Folded, consts: Any, carry: Any, i: Any) -> Any:
+  """The empty running sum and part: zeros of the types a micro-batch gives (traced abstractly, not computed)."""
+  del carry
+  types, _ = jax.eval_shape(functools.partial(_first, body, finish), consts, i)
+  return jax.tree.map(lambda t: jnp.zeros(t.shape, t.dtype), types)
+
+
+def _call(body: Body, finish: Folded, only: bool, consts: Any, carry: Any, i: Any) -> Any:
+  """Micro-batch ``i``: its terms added to the running sum and its outputs reduced with the part so far; a
+  single micro-batch ends with ``finish`` of them. The first micro-batch's (``i == 0``) replace the empty
+  ones from :func:`_start`, so that one program serves every micro-batch, with the numbers of a sum that
+  starts at the first."""
+  (terms, part), outputs = _first(body, finish, consts, i)
+  if only:
+    return finish(consts, terms, part)
+  total, stacked = carry
+  first = i == 0
+  if terms is not None:
+    terms = jax.tree.map(lambda s, t: jnp.where(first, t, s + t), total, terms)
+  merged = finish.reduce(jax.tree.map(lambda s, o: jnp.concatenate([s, o]), stacked, outputs))
+  return terms, jax.tree.map(lambda p, m: jnp.where(first, p, m), part, merged)
 
 
 def _finish(finish: Folded, consts: Any, carry: Any, i: Any) -> Any:
@@ -353,7 +380,7 @@ def _rows_in(tree: Any) -> list[Rows]:
   return [r for r in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, Rows)) if isinstance(r, Rows)]
 
 
-def _named(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+def named(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
   """``fn`` under ``name`` (as an identifier), which names its compiled program (``jit_<name>``) in profiles and dumps."""
 
   def program(*args: Any) -> Any:

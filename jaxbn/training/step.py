@@ -24,7 +24,7 @@ from jaxbn.training._args import (
 )
 from jaxbn.training.curvature import top_eigenpair
 from jaxbn.training.exact import objective_gradient
-from jaxbn.training.loops import HostLoop, resolve_loop, types_of
+from jaxbn.training.loops import HostLoop, named, resolve_loop, types_of
 from jaxbn.training.loss import Loss, as_loss
 from jaxbn.training.penalty import GradientPenalty
 from jaxbn.training.state import LossFn, StepMetrics, TrainState, UpdateStatsFn
@@ -363,7 +363,7 @@ def _host_step(
   exposes its compiled programs as ``step.programs`` and their argument types as ``step.calls``.
   """
   # The new state takes the incoming one's buffers; without donation, the gradient accumulators' (the step's own).
-  finish = jax.jit(update, donate_argnums=(0,) if donate else (1,))
+  finish = jax.jit(named(update, "update"), donate_argnums=(0,) if donate else (1,))
 
   def host_step(state: TrainState, data: Any) -> tuple[TrainState, StepMetrics]:
     if isinstance(data, HostData):

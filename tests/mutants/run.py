@@ -189,6 +189,14 @@ MUTANTS = (
     ("tests/test_training.py::test_host_loop_equals_scan[4]",),
   ),
   Mutant(
+    "host loop's first micro-batch",  # the sums restart at the second micro-batch: the first one's terms are lost
+    "jaxbn/training/loops.py",
+    "_call",
+    "first = i == 0",
+    "first = i == 1",
+    ("tests/test_training.py::test_host_loop_equals_scan[4]",),
+  ),
+  Mutant(
     "per-device batch statistics",  # sweeping each device's rows, batch norms normalize with that device's rows only
     "jaxbn/functional.py",
     "train",
