@@ -14,7 +14,7 @@ from jaxbn.training.loops import HostLoop, resolve_loop
 from jaxbn.training.loss import Loss, as_loss
 from jaxbn.training.penalty import GradientPenalty
 from jaxbn.training.state import LossFn, TrainState
-from jaxbn.training.stream import HostData
+from jaxbn.training.stream import HostData, HostDataRouted
 from jaxbn.training.sweep import SCAN, GradientFn, MicroBatches, device_gradient
 
 
@@ -65,7 +65,8 @@ def sharpness(
     jit: return the function compiled with ``jax.jit``.
     loop: ``"auto"``, ``"scan"`` or ``"host"``, as in :func:`full_batch_step`: with the host loop the
       Lanczos iterations run from Python and every Hessian-vector product is a sweep of compiled
-      per-micro-batch programs.
+      per-micro-batch programs. A :class:`HostData` streams on the host loop, which ``"auto"`` picks
+      for it on every backend.
     gradient_penalty, penalty_block_size, penalty_method: as in :func:`full_batch_step`: the sharpness
       of the mean loss plus the gradient penalty, the objective a step with the same arguments
       minimizes (the penalty's own Hessian is then differentiated too).
@@ -107,29 +108,33 @@ def sharpness(
   traced = axis_name is not None or not jit
   if loop == "host" and traced:
     raise ValueError(f"{fn}: loop='host' runs compiled pieces from Python: it takes no axis_name and jit=True.")
-  host = resolve_loop(fn, loop, traced=traced) == "host"
-  batches = MicroBatches(fn, loss, micro_batch_size, axis_name, HostLoop() if host else SCAN, penalty)
-  gradient = objective_gradient(batches, bn_mode)
+  requested, loop = loop, resolve_loop(fn, loop, traced=traced)
 
-  def run(state: TrainState, data: Any, init: Any = None) -> tuple[jax.Array, Any]:
-    if isinstance(data, HostData):
-      if not host:
-        raise ValueError(
-          f"{fn}: data is a jaxbn.training.HostData, which only the host loop can stream: use loop='host' or "
-          "'auto' (with jit=True and no axis_name), or pass arrays already on the devices."
-        )
-      data = batches.stream(data)
-    return top_eigenpair(
-      gradient,
-      state.params,
-      state.batch_stats,
-      data,
-      axis_name,
-      key=state.step_key(),
-      num_iters=num_iters,
-      method=method,
-      init=init,
-      jit=not host,
-    )
+  def build(host: bool) -> Callable[..., tuple[jax.Array, Any]]:
+    batches = MicroBatches(fn, loss, micro_batch_size, axis_name, HostLoop() if host else SCAN, penalty)
+    gradient = objective_gradient(batches, bn_mode)
 
-  return run if host or not jit else jax.jit(run)
+    def run(state: TrainState, data: Any, init: Any = None) -> tuple[jax.Array, Any]:
+      if isinstance(data, HostData):
+        data = batches.stream(data)  # the host loop's (HostDataRouted keeps it from the scanned one)
+      return top_eigenpair(
+        gradient,
+        state.params,
+        state.batch_stats,
+        data,
+        axis_name,
+        key=state.step_key(),
+        num_iters=num_iters,
+        method=method,
+        init=init,
+        jit=not host,
+      )
+
+    return run if host or not jit else jax.jit(run)
+
+  if loop == "host":
+    return build(True)
+  # Host data streams on the host loop, whatever the backend, where loop="auto" lets it.
+  return HostDataRouted(
+    fn, build(False), (lambda: build(True)) if requested == "auto" and not traced else None, requested
+  )

@@ -28,7 +28,7 @@ from jaxbn.training.loops import HostLoop, named, resolve_loop, types_of
 from jaxbn.training.loss import Loss, as_loss
 from jaxbn.training.penalty import GradientPenalty
 from jaxbn.training.state import LossFn, StepMetrics, TrainState, UpdateStatsFn
-from jaxbn.training.stream import HostData
+from jaxbn.training.stream import HostData, HostDataRouted
 from jaxbn.training.sweep import SCAN, MicroBatches, device_gradient, weight_dtype
 
 Step = Callable[[TrainState, Any], tuple[TrainState, StepMetrics]]
@@ -223,7 +223,7 @@ def full_batch_step(
     on_host = dataclasses.replace(batches, loop=host)
     return _host_step(fn, on_host, bn_mode, update, host, sharpness=sharpness, donate=donate)
 
-  step = _HostDataRouted(fn, step, streamed if requested == "auto" and not traced else None, requested)
+  step = HostDataRouted(fn, step, streamed if requested == "auto" and not traced else None, requested)
   step.loop = "scan"
   return step
 
@@ -414,40 +414,6 @@ def _partition_errors_explained(fn: str, step: Step) -> Step:
       ) from err
 
   return checked_step
-
-
-class _HostDataRouted:
-  """The scanned ``step``, sending a :class:`HostData` (which only the host loop can stream) to the host-loop
-  step ``streamed()`` builds at its first use (``loop="auto"``), or refusing it (``streamed`` None).
-
-  Everything else (``lower``, ``trace``, attributes) is ``step``'s own.
-  """
-
-  loop: str
-
-  def __init__(self, fn: str, step: Callable[..., Any], streamed: Callable[[], Step] | None, requested: str) -> None:
-    functools.update_wrapper(self, step)  # first: it copies step's attributes, whose names may be these
-    self._fn, self._step, self._streamed, self._requested = fn, step, streamed, requested
-    self._host: Step | None = None
-
-  def __call__(self, state: TrainState, data: Any, *args: Any) -> Any:
-    if not isinstance(data, HostData):
-      return self._step(state, data, *args)
-    if self._streamed is None:
-      how = "loop='scan'" if self._requested == "scan" else "axis_name=... or jit=False"
-      raise ValueError(
-        f"{self._fn}: data is a jaxbn.training.HostData, which only the host loop can stream (it puts each "
-        f"micro-batch on the devices from Python), and this step was built with {how}. Consider one of the "
-        "following options:\n"
-        "  1. build the step with loop='host' or loop='auto' (and jit=True, no axis_name);\n"
-        "  2. pass arrays already on the devices instead: jax.device_put(source, sharding)."
-      )
-    if self._host is None:
-      self._host = self._streamed()
-    return self._host(state, data, *args)
-
-  def __getattr__(self, name: str) -> Any:
-    return getattr(self._step, name)
 
 
 class _DonationChecked:

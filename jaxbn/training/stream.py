@@ -19,8 +19,10 @@ each process reads only those.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import mmap
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -204,6 +206,43 @@ class Rows:
   @classmethod
   def tree_unflatten(cls, aux: tuple[int, int], children: Any) -> Rows:
     return cls(children[0], *aux)
+
+
+class HostDataRouted:
+  """A scanned-loop function ``fn(state, data, ...)`` (a step, a sharpness) that sends a :class:`HostData`, which
+  only the host loop can stream, to the host-loop function ``streamed()`` builds at its first use
+  (``loop="auto"``), or refuses it with a message naming the options (``streamed`` None).
+
+  Everything else (``lower``, ``trace``, attributes) is ``fn``'s own.
+  """
+
+  loop: str
+
+  def __init__(
+    self, name: str, fn: Callable[..., Any], streamed: Callable[[], Callable[..., Any]] | None, requested: str
+  ) -> None:
+    functools.update_wrapper(self, fn)  # first: it copies fn's attributes, whose names may be these
+    self._name, self._fn, self._streamed, self._requested = name, fn, streamed, requested
+    self._host: Callable[..., Any] | None = None
+
+  def __call__(self, state: Any, data: Any, *args: Any, **kwargs: Any) -> Any:
+    if not isinstance(data, HostData):
+      return self._fn(state, data, *args, **kwargs)
+    if self._streamed is None:
+      how = "loop='scan'" if self._requested == "scan" else "axis_name=... or jit=False"
+      raise ValueError(
+        f"{self._name}: data is a jaxbn.training.HostData, which only the host loop can stream (it puts each "
+        f"micro-batch on the devices from Python), and this function was built with {how}. Consider one of "
+        "the following options:\n"
+        "  1. build it with loop='host' or loop='auto' (and jit=True, no axis_name);\n"
+        "  2. pass arrays already on the devices instead: jax.device_put(source, sharding)."
+      )
+    if self._host is None:
+      self._host = self._streamed()
+    return self._host(state, data, *args, **kwargs)
+
+  def __getattr__(self, name: str) -> Any:
+    return getattr(self._fn, name)
 
 
 def is_stream(x: Any) -> bool:
