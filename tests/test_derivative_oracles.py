@@ -172,7 +172,8 @@ def test_linen_gradient_hvp_and_sharpness_equal_one_flax_pass(bn_mode, loop, mic
 
 @pytest.mark.parametrize("bn_mode", ["exact", "ghost"])
 def test_eight_devices_equal_one_flax_pass(bn_mode):
-  """jit over data sharded on 8 devices, shard_map and pmap: the same derivatives and running statistics.
+  """jit over data sharded on 8 devices, shard_map and pmap: the same derivatives, per-layer gradient norms and
+  running statistics.
 
   Micro-batches of 32 rows over 8 devices of 6 rows: 4 of each device's rows, then its 2 others
   masked in a remainder on every device.
@@ -188,13 +189,17 @@ def test_eight_devices_equal_one_flax_pass(bn_mode):
   _, expected_stats = Net(nn.BatchNorm).apply(
     {"params": params, "batch_stats": variables["batch_stats"]}, data["x"], mutable=["batch_stats"]
   )
-  options = dict(bn_mode=bn_mode, sharpness_every=1, sharpness_iters=40, donate=False)
+  options = dict(bn_mode=bn_mode, sharpness_every=1, sharpness_iters=40, layer_norms=True, donate=False)
   state = TrainState.create(params, variables["batch_stats"], _recorder())
   # jit on sharded data: exact mode on the default loop (the host loop on CPU), ghost on the scan loop.
   loop = "auto" if bn_mode == "exact" else "scan"
 
   def check(new, metrics):
     _assert_tree_close(new.opt_state, expected_grad, rtol=1e-10, atol=1e-12)
+    # The per-layer gradient norms the step reports (layer_norms=True): those of the oracle's gradient.
+    assert metrics.layer_grad_norms.keys() == expected_grad.keys()
+    for name, norm in metrics.layer_grad_norms.items():
+      np.testing.assert_allclose(float(norm), float(optax.tree.norm(expected_grad[name])), rtol=1e-10)
     if bn_mode == "exact":  # kept in float32 (as initialized): a few float32 roundings (eps 1.2e-7)
       _assert_tree_close(new.batch_stats, expected_stats["batch_stats"], rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(float(metrics.sharpness), top, rtol=1e-6)

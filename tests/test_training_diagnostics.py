@@ -33,8 +33,9 @@ def _setup(n=24):
   return model, variables, data
 
 
-# The sharpness itself (ghost and exact, every loop, 1 and 8 devices) is checked against the dense
-# Hessian of one flax pass in tests/test_derivative_oracles.py; here: how the step reports it.
+# The sharpness itself (ghost and exact, every loop, 1 and 8 devices) and the per-layer gradient norms on 8
+# devices are checked against the dense Hessian and the gradient of one flax pass in
+# tests/test_derivative_oracles.py; here: how the step reports them.
 
 
 def test_step_reports_sharpness_every_k_steps_and_layer_norms():
@@ -61,20 +62,6 @@ def test_step_reports_sharpness_every_k_steps_and_layer_norms():
   # Without the options the metrics carry nothing extra.
   metrics = full_batch_step(loss_fn, opt, micro_batch_size=8, donate=False)(state, data)[1]
   assert metrics.sharpness is None and metrics.layer_grad_norms is None
-
-
-def test_step_on_eight_devices_reports_the_one_device_sharpness_and_norms():
-  model, variables, data = _setup(32)
-  opt = optax.sgd(0.05)
-  state = TrainState.create(variables["params"], variables["batch_stats"], opt)
-  options = dict(micro_batch_size=2, bn_mode="exact", sharpness_every=1, layer_norms=True)
-  one = full_batch_step(linen_loss(model, xent), opt, donate=False, **options)(state, data)[1]
-  step = full_batch_step(linen_loss(Net(axis_name="d"), xent), opt, axis_name="d", jit=False, **options)
-  stacked = jax.tree.map(lambda a: a.reshape(8, -1, *a.shape[1:]), data)
-  eight = jax.pmap(step, axis_name="d", in_axes=(None, 0), out_axes=None)(state, stacked)[1]
-  np.testing.assert_allclose(float(eight.sharpness), float(one.sharpness), rtol=1e-4)
-  for name, norm in one.layer_grad_norms.items():
-    np.testing.assert_allclose(float(eight.layer_grad_norms[name]), float(norm), rtol=1e-4)
 
 
 def test_errors():
