@@ -48,7 +48,7 @@ EXPECTED_OUTPUT = {
   ],
   "multi_device": ["8 devices (cpu)", "jaxbn.batch_map: output, running statistics and gradients match"],
   "full_batch_vs_sgd": [
-    "400 training rows, 3 passes per run, seeds (0,), penalty by 'finite_difference'",
+    "400 training rows, 2 passes per run, seeds (0,), penalty by 'finite_difference'",
     "SGD, batch 32, seed 0: test accuracy",
     "full batch + recipe, seed 0: test accuracy",
     "every arm trained and measured; the penalty arm reports a positive gradient penalty",
