@@ -148,6 +148,36 @@ def test_sharpness_streams_too():
   np.testing.assert_allclose(auto(state, jax.device_put(rows))[0], in_memory, rtol=2e-5)
 
 
+@pytest.mark.parametrize("devices", [1, 8])
+def test_minibatch_epoch_reads_host_data(setup, devices, tmp_path, monkeypatch):
+  """An epoch of mini-batches gathered from a HostData equals the epoch on the same rows in device memory."""
+  loss_fn, opt, state = setup
+  rows = _rows(ROWS)
+  step = full_batch_step(loss_fn, opt, donate=False)
+  key = jax.random.key(3)
+  if devices == 1:  # batches of 48 and a remainder of 8, from a memory-mapped file and from a slicing source
+    np.save(tmp_path / "x.npy", rows["x"])
+    sources = [{"x": np.load(tmp_path / "x.npy", mmap_mode="r"), "y": rows["y"]}, Sliced(rows)]
+    sharding, sizes = None, [48]
+  else:  # 56 rows split over the 8 devices like the data (the remainder of 32 too); 36 (and 20) a copy on each
+    sharding, sources, sizes = NamedSharding(jax.make_mesh((8,), ("batch",)), P("batch")), [rows], [56, 36]
+  for size in sizes:
+    expected, history = jaxbn.training.minibatch_epoch(step, state, jax.device_put(rows), batch_size=size, key=key)
+    assert len(history) == -(-ROWS // size)
+    for source in sources:
+      data = HostData(source, sharding=sharding)
+      got, _ = jaxbn.training.minibatch_epoch(step, state, data, batch_size=size, key=key)
+      if devices == 1:
+        _assert_same(got, expected)
+      else:  # the same rows, their sums over the devices in another order
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+          np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-6)
+  data = HostData(rows)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)  # as if each process held its own rows
+  with pytest.raises(ValueError, match=r"minibatch_epoch: data is a jaxbn.training.HostData over 2 processes"):
+    jaxbn.training.minibatch_epoch(step, state, data, batch_size=48, key=key)
+
+
 def test_scan_loop_refuses_host_data(setup):
   loss_fn, opt, state = setup
   step = full_batch_step(loss_fn, opt, micro_batch_size=MICRO, loop="scan", donate=False)

@@ -12,6 +12,7 @@ import numpy as np
 from jaxbn import _checks
 from jaxbn.training._args import num_rows, positive_int_or_none
 from jaxbn.training.state import StepMetrics, TrainState
+from jaxbn.training.stream import HostData
 
 
 def minibatch_epoch(
@@ -37,7 +38,10 @@ def minibatch_epoch(
   Args:
     step: a step from :func:`full_batch_step`.
     state: the state to start from.
-    data: the pytree of examples, with a leading example axis.
+    data: the pytree of examples, with a leading example axis, or a :class:`HostData` (one process):
+      each mini-batch's rows are then read from its source and put on its devices (split over them
+      like the data where their number divides the batch), so the data set need not fit in device
+      memory. The numbers are those of the same epoch on the rows in device memory.
     batch_size: rows per mini-batch, a positive int.
     key: PRNG key of the shuffle.
     start: number of this epoch's batches already applied (0 to ``ceil(n / batch_size)``): the call
@@ -50,7 +54,7 @@ def minibatch_epoch(
     ``(state, history)``: the state after the epoch and the metrics of this call's updates, in order.
 
   Raises:
-    ValueError: a bad ``batch_size``, ``start`` or ``data``.
+    ValueError: a bad ``batch_size``, ``start`` or ``data``; a :class:`HostData` over several processes.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, jaxbn
@@ -74,7 +78,17 @@ def minibatch_epoch(
   typed = isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
   if not typed and not (hasattr(key, "dtype") and key.dtype == jnp.uint32 and np.shape(key)[-1:] == (2,)):
     raise TypeError(f"{fn}: key must be a jax.random.key(seed) (or raw uint32 key data), got {key!r}.")
-  n = num_rows(fn, data)
+  if isinstance(data, HostData):
+    if jax.process_count() > 1:
+      raise ValueError(
+        f"{fn}: data is a jaxbn.training.HostData over {jax.process_count()} processes, each holding its own "
+        "rows, and a shuffled mini-batch draws rows from every process. Shuffle within each process instead: "
+        "run the epoch on each process's rows (jax.process_count() == 1), or pass global arrays "
+        "(jaxbn.parallel.global_batch) that fit in device memory."
+      )
+    n = data.rows
+  else:
+    n = num_rows(fn, data)
   size = positive_int_or_none(fn, "batch_size", batch_size)
   if size is None:
     raise ValueError(f"{fn}: batch_size must be a positive int, got None.")
@@ -88,9 +102,12 @@ def minibatch_epoch(
   if on_update is not None and not callable(on_update):
     raise TypeError(f"{fn}: on_update must be callable as on_update(position, state, metrics), got {on_update!r}.")
   order = jax.random.permutation(key, n)
+  if isinstance(data, HostData):
+    order = np.asarray(order)  # the rows are gathered on the host
   history = []
   for b in range(int(start), num_batches):
-    batch = jax.tree.map(lambda a, idx=order[b * batch_size : (b + 1) * batch_size]: a[idx], data)
+    rows = order[b * batch_size : (b + 1) * batch_size]
+    batch = data.take(rows) if isinstance(data, HostData) else jax.tree.map(lambda a, idx=rows: a[idx], data)
     state, metrics = step(state, batch)
     history.append(metrics)
     if on_update is not None:

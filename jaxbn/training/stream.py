@@ -27,7 +27,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, SingleDeviceSharding
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from jaxbn._sharding import mesh_axis_names
 
@@ -120,6 +120,25 @@ class HostData:
       lambda a: jax.ShapeDtypeStruct((self.blocks * size, *np.shape(a)[1:]), a.dtype, sharding=sharding),
       self._example,
     )
+
+  def take(self, indices: Any) -> Any:
+    """The rows at ``indices`` (positions among all rows, in that order) on the devices, for one mini-batch.
+
+    On the sharding's devices: split over them like the data where their number divides the rows taken,
+    otherwise a copy on each. One process only: with several, a process holds its own rows alone.
+    """
+    indices = np.asarray(indices)
+    if self._sliced:  # a source that only slices: one row at a time
+      rows = [self._slice(int(i), int(i) + 1) for i in indices]
+      local = jax.tree.map(lambda *a: np.concatenate(a), *rows)
+    else:
+      local = jax.tree.map(lambda a: np.asarray(a[indices]), self.source)
+    if not self.axes:
+      return jax.device_put(local, self.sharding)
+    assert isinstance(self.sharding, NamedSharding)
+    split = len(indices) % self.blocks == 0
+    sharding = self.sharding if split else NamedSharding(self.sharding.mesh, PartitionSpec())
+    return jax.device_put(local, sharding)
 
   def _slice(self, start: int, stop: int) -> Any:
     if self._sliced:
