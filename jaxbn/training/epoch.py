@@ -78,7 +78,8 @@ def minibatch_epoch(
   typed = isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
   if not typed and not (hasattr(key, "dtype") and key.dtype == jnp.uint32 and np.shape(key)[-1:] == (2,)):
     raise TypeError(f"{fn}: key must be a jax.random.key(seed) (or raw uint32 key data), got {key!r}.")
-  if isinstance(data, HostData):
+  host = isinstance(data, HostData)  # its rows are gathered on the host, each batch put on the devices
+  if host:
     if jax.process_count() > 1:
       raise ValueError(
         f"{fn}: data is a jaxbn.training.HostData over {jax.process_count()} processes, each holding its own "
@@ -102,12 +103,11 @@ def minibatch_epoch(
   if on_update is not None and not callable(on_update):
     raise TypeError(f"{fn}: on_update must be callable as on_update(position, state, metrics), got {on_update!r}.")
   order = jax.random.permutation(key, n)
-  if isinstance(data, HostData):
-    order = np.asarray(order)  # the rows are gathered on the host
+  order = np.asarray(order) if host else order
   history = []
   for b in range(int(start), num_batches):
     rows = order[b * batch_size : (b + 1) * batch_size]
-    batch = data.take(rows) if isinstance(data, HostData) else jax.tree.map(lambda a, idx=rows: a[idx], data)
+    batch = data.take(rows) if host else jax.tree.map(lambda a, idx=rows: a[idx], data)
     state, metrics = step(state, batch)
     history.append(metrics)
     if on_update is not None:
