@@ -1,20 +1,20 @@
 """Where a host-loop update's time goes: each of its compiled programs timed on its own, against MultiSteps.
 
     python benchmarks/host_loop_programs.py                  # flax's and jaxbn's batch norm, 8 micro-batches of 500
-    python benchmarks/host_loop_programs.py --repeats 40
+    python benchmarks/host_loop_programs.py --repeats 40     # results/host_loop_programs.{json,md}
 
 The contenders of ``benchmarks/full_batch.py`` (same CNN, data and optimizer). Every call of a host-loop
 program (and of MultiSteps' micro step) is followed by ``jax.block_until_ready``, so that each gets its
 own time; the table gives the median per call, the calls per update, and the update's median time
-with nothing blocked in between. "rest" is the update's time less its timed programs: the update
-program and the Python around the calls.
+with nothing blocked in between. "rest" is the update's time less its timed calls: jaxbn's update
+program and the Python around the calls, less what blocking after every call costs (for MultiSteps,
+whose one program is timed, only the latter: it comes out negative).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import importlib.util
 import pathlib
 import statistics
 import sys
@@ -22,41 +22,31 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import jax
-
-from jaxbn.training import loops
-
 _HERE = pathlib.Path(__file__).resolve().parent
+for _path in (_HERE, _HERE.parent):  # _machine and full_batch, and jaxbn when it is not installed
+  if str(_path) not in sys.path:
+    sys.path.insert(0, str(_path))
+
+import _machine  # noqa: E402
+import full_batch as fb  # noqa: E402
+import jax  # noqa: E402
+
+from jaxbn.training import loops  # noqa: E402
 
 
-def _full_batch() -> Any:
-  spec = importlib.util.spec_from_file_location("full_batch_benchmark", _HERE / "full_batch.py")
-  assert spec is not None and spec.loader is not None
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module
-  spec.loader.exec_module(module)
-  return module
-
-
-def measure(names: Sequence[str], examples: int, micro: int, channels: int, repeats: int) -> dict[str, Any]:
+def measure(
+  names: Sequence[str], examples: int, length: int, micro: int, channels: int, repeats: int
+) -> dict[str, Any]:
   """Per contender: the update's median seconds and, per program, (median seconds per call, calls per update)."""
-  fb = _full_batch()
-  data = fb.make_data(examples, 40)
+  data = fb.make_data(examples, length)
   contenders, models = fb.build_contenders(list(names), data, micro, channels)
   variables = models["flax"].init(jax.random.key(0), data["x"][:2], train=False)
   times: dict[str, list[float]] = collections.defaultdict(list)
   original = loops.HostLoop._program
 
-  def timed(self: Any, *args: Any, **kwargs: Any) -> Any:
+  def timed_program(self: Any, *args: Any, **kwargs: Any) -> Any:
     program, name = original(self, *args, **kwargs)
-
-    def run(*call_args: Any) -> Any:
-      start = time.perf_counter()
-      out = jax.block_until_ready(program(*call_args))
-      times[name].append(time.perf_counter() - start)
-      return out
-
-    return run, name
+    return _timed(times[name], program), name
 
   results = {}
   for name, c in contenders.items():
@@ -72,9 +62,8 @@ def measure(names: Sequence[str], examples: int, micro: int, channels: int, repe
       updates.append(time.perf_counter() - start)
     times.clear()
     if "micro step" in c.fns:  # MultiSteps: its one program, timed per call
-      step = c.fns["micro step"]
-      c.fns["micro step"] = lambda *a, step=step: _timed_call(times, "micro step", step, a)
-    loops.HostLoop._program = timed
+      c.fns["micro step"] = _timed(times["micro step"], c.fns["micro step"])
+    loops.HostLoop._program = timed_program
     try:
       for _ in range(repeats):
         state, _ = c.update(state)
@@ -85,37 +74,57 @@ def measure(names: Sequence[str], examples: int, micro: int, channels: int, repe
   return results
 
 
-def _timed_call(times: dict[str, list[float]], label: str, fn: Any, args: Any) -> Any:
-  start = time.perf_counter()
-  out = jax.block_until_ready(fn(*args))
-  times[label].append(time.perf_counter() - start)
-  return out
+def _timed(seconds: list[float], fn: Any) -> Any:
+  """``fn``, appending the seconds of each call (until its results are ready) to ``seconds``."""
+
+  def run(*args: Any) -> Any:
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    seconds.append(time.perf_counter() - start)
+    return out
+
+  return run
 
 
-def markdown(results: dict[str, Any]) -> str:
-  rows = ["| contender | program | calls per update | ms per call |", "|---|---|---:|---:|"]
-  for name, r in results.items():
+def markdown(result: dict[str, Any]) -> str:
+  m = result["machine"]
+  rows = [
+    f"{m['cpu']} ({m['cpu_count']} cores, load {m['load_average_1min']}), {m['backend']}, {m['date']}; "
+    f"config {result['config']}",
+    "",
+    "| contender | program | calls per update | ms per call |",
+    "|---|---|---:|---:|",
+  ]
+  for name, r in result["contenders"].items():
     timed = 0.0
     for label, (seconds, calls) in r["programs"].items():
       rows.append(f"| {name} | {label} | {calls} | {1e3 * seconds:.2f} |")
       timed += seconds * calls
-    rows.append(f"| {name} | rest (update program, Python) | 1 | {1e3 * (r['update'] - timed):.2f} |")
+    rows.append(f"| {name} | rest: the update less the timed calls | 1 | {1e3 * (r['update'] - timed):.2f} |")
     rows.append(f"| {name} | **whole update** | | **{1e3 * r['update']:.2f}** |")
-  return "\n".join(rows)
+  return "\n".join(rows) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--contenders", default="optax.MultiSteps,jaxbn,jaxbn + jaxbn BN", help="comma-separated names")
   p.add_argument("--examples", type=int, default=4000)
+  p.add_argument("--length", type=int, default=40, help="sequence length (MNIST-1D's: 40)")
   p.add_argument("--micro-batch-size", type=int, default=500)
   p.add_argument("--channels", type=int, default=32)
   p.add_argument("--repeats", type=int, default=20)
+  p.add_argument("--out", type=pathlib.Path, default=_HERE / "results", help="folder for the JSON and Markdown")
   args = p.parse_args(argv)
   names = [n.strip() for n in args.contenders.split(",") if n.strip()]
-  results = measure(names, args.examples, args.micro_batch_size, args.channels, args.repeats)
-  print(markdown(results))
-  return results
+  start = time.perf_counter()
+  result = {
+    "machine": _machine.machine_info(["jax", "jaxlib", "flax", "optax"]),
+    "config": vars(args) | {"out": str(args.out)},
+    "contenders": measure(names, args.examples, args.length, args.micro_batch_size, args.channels, args.repeats),
+  }
+  result["wall_s"] = time.perf_counter() - start
+  _machine.write_results(args.out, "host_loop_programs", result, markdown)
+  return result
 
 
 if __name__ == "__main__":

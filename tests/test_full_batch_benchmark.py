@@ -182,3 +182,19 @@ def test_contenders_doing_other_mathematics_are_caught():
   wrong = {"hand-written": contenders["hand-written"], "wrong": bench.jaxbn_step(models["flax"], data, 8, name="wrong")}
   with pytest.raises(AssertionError, match="disagree with hand-written"):
     bench.check_agreement(wrong, *args)
+
+
+def test_host_loop_programs_times_every_program_of_an_update(tmp_path):
+  """``benchmarks/host_loop_programs.py``: each program an update runs, with its calls per update."""
+  script = _load_script("host_loop_programs")
+  tiny = ["--examples", "64", "--micro-batch-size", "16", "--channels", "4", "--length", "16"]
+  result = script.main([*tiny, "--repeats", "2", "--out", str(tmp_path)])
+  calls = {name: {label: c for label, (_, c) in r["programs"].items()} for name, r in result["contenders"].items()}
+  assert calls == {
+    "optax.MultiSteps": {"micro step": 4},
+    "jaxbn": {"ghost start": 1, "ghost each": 4, "ghost finish": 1},
+    "jaxbn + jaxbn BN": {"ghost start": 1, "ghost each": 4, "ghost finish": 1},
+  }
+  assert all(r["update"] > 0 for r in result["contenders"].values())
+  table = (tmp_path / "host_loop_programs.md").read_text()
+  assert "| jaxbn | ghost each | 4 |" in table and json.loads((tmp_path / "host_loop_programs.json").read_text())
