@@ -103,6 +103,59 @@ def test_batch_norm_ghost_gradients_and_one_exact_running_update(norm):
   np.testing.assert_allclose(bn0["var"], 0.8 + 0.2 * np.asarray(h).var(0), rtol=1e-5, atol=1e-6)
 
 
+class _FlaxNormFirst(nn.Module):
+  fast: bool
+
+  @nn.compact
+  def __call__(self, x, train: bool = True):
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.0, use_fast_variance=self.fast)(x)
+    return nn.Dense(4)(x)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast_variance", "two_pass"])
+def test_flax_batch_norm_running_update_merges_the_statistics_it_normalized_with(fast):
+  # flax.linen.BatchNorm's running statistics are those of the statistics the layer normalizes with
+  # (its use_fast_variance formula). At |mean| / std = 1000 in float32 the fast formula is off by
+  # about 5 % (the two-pass one by 1e-7), so the running update must merge Flax's own per-micro-batch
+  # statistics, not statistics jaxbn computed another way. Oracle: flax's apply on each micro-batch
+  # (momentum 0: its running statistics are its batch statistics), merged in float64.
+  rng = np.random.default_rng(3)
+  data = {"x": jnp.asarray(1000 + rng.normal(size=(10, 5)), jnp.float32), "y": jnp.asarray(rng.integers(0, 4, 10))}
+  model = _FlaxNormFirst(fast)
+  variables = model.init(jax.random.key(0), data["x"], train=False)
+  loss_fn = linen_loss(model, xent, train=True)
+  step = full_batch_step(loss_fn, optax.sgd(0.0), micro_batch_size=4)
+  state, _ = step(TrainState.create(variables["params"], variables["batch_stats"], optax.sgd(0.0)), data)
+
+  layer = nn.BatchNorm(use_running_average=False, momentum=0.0, use_fast_variance=fast)
+  bn = {"params": variables["params"]["BatchNorm_0"], "batch_stats": variables["batch_stats"]["BatchNorm_0"]}
+  counts, means, variances = [], [], []
+  for rows, valid in ((slice(0, 4), 4), (slice(4, 8), 4), (slice(6, 10), 2)):  # the last re-reads rows 6, 7 masked
+    mask = (np.arange(4) >= 4 - valid)[:, None]
+    _, new = layer.apply(bn, data["x"][rows], mask=jnp.asarray(mask), mutable=["batch_stats"])
+    counts.append(valid)
+    means.append(np.asarray(new["batch_stats"]["mean"], np.float64))
+    variances.append(np.asarray(new["batch_stats"]["var"], np.float64))
+  n, mu = sum(counts), sum(c * m for c, m in zip(counts, means)) / sum(counts)
+  var = sum(c * (v + (m - mu) ** 2) for c, m, v in zip(counts, means, variances)) / n
+  got = state.batch_stats["BatchNorm_0"]
+  np.testing.assert_allclose(got["mean"], mu, rtol=1e-7)  # float32 means near 1000: a few ulps
+  np.testing.assert_allclose(got["var"], var, rtol=1e-5)  # merged in float32 from offsets to the largest part
+
+
+@pytest.mark.parametrize("mask_shape", [None, (6, 1, 1), (6, 4, 1), (1, 4, 5), (4, 5), (6, 4, 5)])
+def test_flax_batch_norm_counts_the_valid_elements_per_feature(mask_shape):
+  # The count recorded with a flax.linen.BatchNorm's statistics, from the mask alone: the oracle is
+  # the mask broadcast to the input and summed over the non-feature axes.
+  from jaxbn.training.adapters import _valid_count
+
+  shape, features = (6, 4, 5), (2,)
+  mask = None if mask_shape is None else np.random.default_rng(0).random(mask_shape) < 0.6
+  full = np.ones(shape, bool) if mask is None else np.broadcast_to(mask, shape)
+  got = _valid_count(shape, features, None if mask is None else jnp.asarray(mask), jnp.float32)
+  np.testing.assert_array_equal(got, full.sum((0, 1)))
+
+
 def test_non_finite_step_changes_nothing():
   data = _data()
   _, variables, opt, step = _setup(jaxbn.linen.BatchNorm, opt=optax.adam(1e-2), micro_batch_size=4, donate=False)

@@ -1,7 +1,7 @@
-"""Loss adapters: a :class:`Loss` for a ``flax.linen`` or ``flax.nnx`` model whose batch norms report exact statistics.
+"""Loss adapters: a :class:`Loss` for a ``flax.linen`` or ``flax.nnx`` model whose batch norms report their statistics.
 
-Every batch norm called in training mode normalizes over the micro-batch's valid rows only, and its
-statistics come back in ``LossAux.stats``, so that the step updates the running statistics once per
+Every batch norm called in training mode normalizes over the micro-batch's valid rows only, and the
+statistics it normalized with come back in ``LossAux.stats``, so that the step updates the running statistics once per
 step, from the exact merge of all micro-batches, with each layer's own momentum and convention.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from flax.core import FrozenDict, freeze, unfreeze
+from flax.linen.normalization import _compute_stats as _flax_stats
 
 from jaxbn import _checks, _hooks
 from jaxbn import stats as _stats
@@ -75,9 +77,11 @@ def linen_loss(
   """A :func:`full_batch_step` loss function for a ``flax.linen`` model with batch norm.
 
   Every ``flax.linen.BatchNorm`` / ``jaxbn.linen.BatchNorm`` called in training mode receives the
-  micro-batch's row mask (combined with any mask the model passes), and its exact statistics are
-  reported so that the step updates the running statistics once, from all micro-batches, with
-  the layer's own momentum and running-average convention.
+  micro-batch's row mask (combined with any mask the model passes), and the statistics it normalizes
+  with are reported so that the step updates the running statistics once, from the exact merge of
+  all micro-batches', with the layer's own momentum and running-average convention. Those of a
+  ``flax.linen.BatchNorm`` are Flax's own (its ``use_fast_variance`` formula, which loses digits
+  where ``|mean| >> std``); ``jaxbn.linen.BatchNorm``'s variance stays accurate there.
 
   Args:
     model: the linen module; called as ``model.apply(variables, batch[inputs], **apply_kwargs)``.
@@ -225,10 +229,16 @@ def _in_training(module: nn.Module, args: tuple, kwargs: dict) -> bool:
 
 
 def _record_flax_stats(module: nn.BatchNorm, x: jax.Array, mask: Any) -> None:
-  """Records a ``flax.linen.BatchNorm`` call's exact statistics in MOMENTS, where jaxbn's layers put theirs.
+  """Records in MOMENTS, where jaxbn's layers put theirs, the statistics a ``flax.linen.BatchNorm`` call
+  normalizes with.
 
-  Flax's layer computes its statistics its own way; the MOMENTS collection is carried by lifted
-  transforms (nn.scan, nn.remat) like any other, so the statistics come back from inside them too.
+  They are Flax's own (:func:`flax.linen.normalization._compute_stats` with the layer's settings and
+  mask, e.g. its ``use_fast_variance``), so XLA computes them once for both uses (its common
+  subexpressions are merged) and the running statistics are those of the statistics the layer used,
+  as in Flax. Across devices (``axis_name``) Flax averages the devices' means with equal weights, wrong
+  where their valid counts differ; there jaxbn's exact merge is recorded instead
+  (:func:`jaxbn.stats.compute_stats`). The MOMENTS collection is carried by lifted transforms
+  (nn.scan, nn.remat) like any other, so the statistics come back from inside them too.
   """
   if _hooks.current() is not None:
     raise TypeError(
@@ -238,11 +248,44 @@ def _record_flax_stats(module: nn.BatchNorm, x: jax.Array, mask: Any) -> None:
     )
   if not module.is_mutable_collection(MOMENTS):
     return  # a lift that does not carry MOMENTS: reported as missing by _collected_moments
-  axes = tuple(sorted(a % x.ndim for a in np.atleast_1d(module.axis)))
-  stats = _stats.compute_stats(
-    x, axes, mask=mask, axis_name=module.axis_name, axis_index_groups=module.axis_index_groups
-  )
+  features = tuple(sorted(a % x.ndim for a in np.atleast_1d(module.axis)))
+  if module.axis_name is not None:
+    stats = _stats.compute_stats(
+      x, features, mask=mask, axis_name=module.axis_name, axis_index_groups=module.axis_index_groups
+    )
+  else:
+    reduced = tuple(a for a in range(x.ndim) if a not in features)
+    mean, var = map(
+      jnp.asarray,
+      _flax_stats(
+        x,
+        reduced,
+        module.dtype,
+        use_fast_variance=module.use_fast_variance,
+        mask=mask,
+        force_float32_reductions=module.force_float32_reductions,
+      ),
+    )
+    dtype = _checks.stats_dtype(jnp.result_type(x))  # float32 at least; a complex mean stays complex
+    count = _valid_count(x.shape, features, mask, dtype)
+    valid = count > 0  # no valid element: Flax's mean is 0 / 0, the statistics' convention 0
+    mean = jnp.where(valid, mean, 0).astype(jnp.promote_types(dtype, mean.dtype))
+    stats = _stats.Stats(count, mean, jnp.where(valid, var * count, 0).astype(dtype))
   record_moments(module, stats)
+
+
+def _valid_count(shape: tuple[int, ...], features: tuple[int, ...], mask: Any, dtype: Any) -> jax.Array:
+  """Per feature, the valid elements of an input of ``shape`` under ``mask`` (broadcastable; None: all),
+  summed over the mask's own entries only (a row mask is a few hundred numbers, the input many more)."""
+  feature_shape = tuple(shape[a] for a in features)
+  reduced = tuple(a for a in range(len(shape)) if a not in features)
+  if mask is None:
+    return jnp.full(feature_shape, math.prod(shape[a] for a in reduced), dtype)
+  mask = jnp.asarray(mask, bool)
+  mask = mask.reshape((1,) * (len(shape) - mask.ndim) + mask.shape)
+  repeats = math.prod(shape[a] for a in reduced if mask.shape[a] == 1)
+  count = jnp.sum(mask, axis=reduced, dtype=dtype) * repeats
+  return jnp.broadcast_to(count, feature_shape)
 
 
 def _collected_moments(updates: Any, paths: list[tuple[str, ...]]) -> dict[tuple[str, ...], Any]:

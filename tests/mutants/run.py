@@ -205,6 +205,14 @@ MUTANTS = (
     ("tests/test_training.py::test_sharded_data_on_eight_devices_equals_one_device[host-jaxbn]",),
   ),
   Mutant(
+    "flax batch norm's own statistics",  # the running update merges statistics other than those Flax normalized with
+    "jaxbn/training/adapters.py",
+    "_record_flax_stats",
+    "use_fast_variance=module.use_fast_variance,",
+    "use_fast_variance=False,",
+    ("tests/test_training.py::test_flax_batch_norm_running_update_merges_the_statistics_it_normalized_with",),
+  ),
+  Mutant(
     "gradient penalty's block weight",  # each block's Hessian-vector product weighted by this device's rows only
     "jaxbn/training/penalty.py",
     "GradientPenalty.terms",
