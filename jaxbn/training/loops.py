@@ -276,17 +276,17 @@ class HostLoop:
   def _run(self, label: str, k: int, body: Body, finish: Folded, consts: Any) -> Any:
     """One compiled program per micro-batch: the body is compiled once ("each", or "only"), whatever ``k``;
     small programs start ("start") and end ("finish") a sweep of several."""
-    carry = current = None
+    carry, current, streamed = None, consts, _streams(consts)
     for i, part in _parts(k):
       # Streamed data: micro-batch i's rows, put on the devices while micro-batch i - 1's program ran ("start"
       # and "finish" take the first or last micro-batch's: they read only the types of the data).
-      current = fed(consts, i) if _reads(i, part) else current
+      current = fed(consts, i) if streamed and _reads(i, part) else current
       args = (current, carry, np.int32(i))
       program, name = self._program(label, body, finish, part, args)
       if name not in self.calls:
         self.calls[name] = (types_of(args), k if part == "each" else 1)
       carry = program(*args)
-      if part in ("each", "only"):
+      if streamed and part in ("each", "only"):
         prefetch(consts, i, carry)  # streamed data: the next micro-batch, read while this program runs
     return carry
 
@@ -298,15 +298,21 @@ class HostLoop:
     t_leaves = tree.flatten_up_to(t_consts)
     active = tuple(not isinstance(t, SymbolicZero) and not is_stream(t) for t in t_leaves)
     moving = [t for t, a in zip(t_leaves, active, strict=True) if a]
-    carry = t_carry = current = None
+    carry, t_carry, current, streamed = None, None, leaves, _streams(leaves)
     for i, part in _parts(k):
-      current = fed(leaves, i) if _reads(i, part) else current
+      current = fed(leaves, i) if streamed and _reads(i, part) else current
       args = (current, moving, carry, t_carry, np.int32(i))
       program, _ = self._program(label, body, finish, part, args, (tree, active))
       carry, t_carry = program(*args)
-      if part in ("each", "only"):
+      if streamed and part in ("each", "only"):
         prefetch(leaves, i, (carry, t_carry))
     return carry, t_carry
+
+
+def _streams(tree: Any) -> bool:
+  """Whether ``tree`` holds streamed data (:class:`jaxbn.training.stream.Stream`), fed to a sweep's programs
+  one micro-batch at a time; without, the programs take ``tree`` as it is (no per-call search)."""
+  return any(is_stream(leaf) for leaf in jax.tree.leaves(tree, is_leaf=is_stream))
 
 
 def _parts(k: int) -> list[tuple[int, str]]:
