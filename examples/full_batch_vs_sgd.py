@@ -29,8 +29,8 @@ already is the whole training set). For each arm's final point the script also m
 * the sharpness: the top Hessian eigenvalue of the training loss over all 4000 rows (batch norm in
   training mode over the whole set) with ``jaxbn.training.sharpness`` (Lanczos);
 * the quantity the penalty acts on, ``mean_k ||grad L_k||^2`` over blocks of ``--penalty-block-size``
-  rows, each block normalized by batch norm with its own statistics as an SGD batch is (read off the
-  step's ``StepMetrics.gradient_penalty`` with ``alpha = 4`` and a zero learning rate).
+  rows, each block normalized by batch norm with its own statistics as an SGD batch is (the value of the
+  step's ``StepMetrics.gradient_penalty`` with ``alpha = 4``, computed directly: ``block_gradient_norm``).
 
 ``recipe_no_penalty`` separates what the penalty does from what clipping, warm-up and momentum do. The
 penalty's gradient is taken by finite differences (``--penalty-method finite_difference``, as Geiping et
@@ -108,6 +108,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import platform
 import sys
@@ -212,23 +213,31 @@ def penalty_options(arm: Arm, block: int, method: str) -> dict[str, Any]:
 def block_gradient_norm(loss_fn: Any, state: jaxbn.training.TrainState, data: Any, block: int) -> float:
   """``mean_k ||grad L_k||^2`` over blocks of ``block`` rows at ``state``'s parameters.
 
-  One step with a zero learning rate and ``gradient_penalty=4``: its ``StepMetrics.gradient_penalty``,
-  ``(4 / 4) * sum_k (n_k / N) ||grad L_k||^2``, is the count-weighted mean (the parameters stay as they are).
-  The value is the same with either penalty method; finite differences compile less.
+  The count-weighted mean ``sum_k (n_k / N) ||grad L_k||^2``, ``L_k`` the loss of block ``k`` alone (its batch
+  norms normalize with the block's own statistics): the value a step with ``gradient_penalty=4`` reports as its
+  ``StepMetrics.gradient_penalty`` (``jaxbn.training.penalty``), with the blocks laid out as that step lays them
+  out over one micro-batch: consecutive rows, and when ``block`` does not divide them, a last block of the last
+  ``block`` rows with those of the block before masked out. One program of the blocks' gradients (vmapped),
+  compiled once per loss function and shapes, instead of a whole penalized step. The loss must take no key.
   """
-  probe = optax.sgd(0.0)
-  step = jaxbn.training.full_batch_step(
-    loss_fn,
-    probe,
-    gradient_penalty=4.0,
-    penalty_block_size=block,
-    penalty_method="finite_difference",
-    guard=False,
-    donate=False,
-  )
-  start = jaxbn.training.TrainState.create(state.params, state.batch_stats, probe)
-  _, metrics = step(start, data)
-  return float(metrics.gradient_penalty)
+  n = len(jax.tree.leaves(data)[0])
+  b = min(block, n)
+  offsets = np.arange(0, n, b)
+  rows = np.minimum(offsets, n - b)[:, None] + np.arange(b)
+  return float(_mean_squared_block_gradient(loss_fn, state.params, state.batch_stats, data, rows, offsets))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _mean_squared_block_gradient(loss_fn: Any, params: Any, batch_stats: Any, data: Any, rows: Any, offsets: Any):
+  """``sum_k (n_k / N) ||grad L_k||^2`` over the blocks of rows ``rows[k]``, those before ``offsets[k]`` masked."""
+  masks = rows >= offsets[:, None]
+
+  def squared_norm(rows_k, mask_k):
+    block = jax.tree.map(lambda a: a[rows_k], data)
+    grads = jax.grad(lambda p: loss_fn(p, batch_stats, block, mask_k)[0])(params)
+    return optax.tree.norm(grads, squared=True)
+
+  return jnp.sum(jnp.sum(masks, axis=1) / len(jax.tree.leaves(data)[0]) * jax.vmap(squared_norm)(rows, masks))
 
 
 def run_arm(
