@@ -114,6 +114,46 @@ def _dense_hessian(objective, params):
   return np.asarray(jax.jit(jax.hessian(lambda f: objective(unravel(f))))(flat)), unravel
 
 
+class _Oracle:
+  """The oracle's derivatives at ``_trained_variables(n)`` on ``_data(n)`` for one layout of the flax passes,
+  each computed on first use and kept (:func:`_oracle`)."""
+
+  def __init__(self, n, blocks):
+    self.variables, self.data = _trained_variables(n), _data(n)
+    self.objective = _flax_objective(self.variables, self.data, blocks)
+    self.params = self.variables["params"]
+
+  @functools.cached_property
+  def loss(self):
+    return float(self.objective(self.params))
+
+  @functools.cached_property
+  def grad(self):
+    return jax.grad(self.objective)(self.params)
+
+  @functools.cached_property
+  def top(self):
+    """The top eigenvalue of the dense Hessian."""
+    return np.linalg.eigvalsh(_dense_hessian(self.objective, self.params)[0])[-1]
+
+  @functools.cached_property
+  def hvp(self):
+    """The Hessian-vector product along ``_vector(params)``."""
+    return jax.jvp(jax.grad(self.objective), (self.params,), (_vector(self.params),))[1]
+
+
+def _oracle(n, bn_mode, micro_batch_size=None, devices=1):
+  """The oracle of the step with these settings: one flax pass over all rows (``"exact"``, whatever the
+  micro-batches) or one per ghost batch. Kept per process, so that the cases that share one (the exact mode's
+  micro-batch sizes and loops, a ghost layout's two loops) build its programs once."""
+  return _layout_oracle(n, None, 1) if bn_mode == "exact" else _layout_oracle(n, micro_batch_size, devices)
+
+
+@functools.cache
+def _layout_oracle(n, micro_batch_size, devices):
+  return _Oracle(n, _ghost_blocks(n, micro_batch_size, devices))
+
+
 def _assert_tree_close(actual, expected, rtol, atol):
   for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=rtol, atol=atol)
@@ -125,23 +165,23 @@ def _vector(params, seed=3):
 
 
 CASES = [
-  # (bn_mode, loop, micro_batch_size) on 36 rows: one micro-batch, even ones, a remainder.
+  # (bn_mode, loop, micro_batch_size) on 36 rows: one micro-batch, even ones, a remainder. Cases that share an
+  # oracle (every exact one; ghost batches of 10 on both loops) are neighbours, so that they tend to run in the
+  # same process, which builds it once.
   ("exact", "scan", None),
   ("exact", "scan", 10),
-  ("ghost", "scan", 12),
+  ("exact", "host", 10),
   ("ghost", "scan", 10),
   ("ghost", "host", 10),
-  ("exact", "host", 10),
+  ("ghost", "scan", 12),
 ]
 
 
 @pytest.mark.parametrize(("bn_mode", "loop", "micro_batch_size"), CASES)
 def test_linen_gradient_hvp_and_sharpness_equal_one_flax_pass(bn_mode, loop, micro_batch_size):
   n = 36
-  variables, data = _trained_variables(n), _data(n)
-  blocks = [np.arange(n)] if bn_mode == "exact" else _ghost_blocks(n, micro_batch_size)
-  objective = _flax_objective(variables, data, blocks)
-  params = variables["params"]
+  oracle = _oracle(n, bn_mode, micro_batch_size)
+  variables, data, params = oracle.variables, oracle.data, oracle.params
   loss_fn = linen_loss(Net(), xent)
   options = dict(micro_batch_size=micro_batch_size, bn_mode=bn_mode, loop=loop, donate=False)
   options.update(sharpness_every=1, sharpness_iters=40)
@@ -149,11 +189,10 @@ def test_linen_gradient_hvp_and_sharpness_equal_one_flax_pass(bn_mode, loop, mic
   # The gradient the step applies, and the sharpness it reports: the top eigenvalue of the dense Hessian.
   state = TrainState.create(params, variables["batch_stats"], _recorder())
   new, metrics = full_batch_step(loss_fn, _recorder(), **options)(state, data)
-  _assert_tree_close(new.opt_state, jax.grad(objective)(params), rtol=1e-10, atol=1e-12)
-  np.testing.assert_allclose(float(metrics.loss), float(objective(params)), rtol=1e-12)
-  top = np.linalg.eigvalsh(_dense_hessian(objective, params)[0])[-1]
+  _assert_tree_close(new.opt_state, oracle.grad, rtol=1e-10, atol=1e-12)
+  np.testing.assert_allclose(float(metrics.loss), oracle.loss, rtol=1e-12)
   assert metrics.sharpness.dtype == F64
-  np.testing.assert_allclose(float(metrics.sharpness), top, rtol=1e-6)
+  np.testing.assert_allclose(float(metrics.sharpness), oracle.top, rtol=1e-6)
 
   # Hessian-vector products through the step's accumulated gradient.
   # The host loop's are a sweep of compiled per-micro-batch JVPs, its gradient runs from Python.
@@ -164,10 +203,9 @@ def test_linen_gradient_hvp_and_sharpness_equal_one_flax_pass(bn_mode, loop, mic
   grad_fn = lambda p: gradient(p, variables["batch_stats"], data)[1]
   grad_fn = grad_fn if host else jax.jit(grad_fn)
   v = _vector(params)
-  expected = jax.jvp(jax.grad(objective), (params,), (v,))[1]
   modes = ("forward", "reverse") if (bn_mode, loop, micro_batch_size) == ("exact", "scan", 10) else ("forward",)
   for mode in modes:
-    _assert_tree_close(jaxbn.hessian_vector_product(grad_fn, params, v, mode=mode), expected, rtol=1e-8, atol=1e-10)
+    _assert_tree_close(jaxbn.hessian_vector_product(grad_fn, params, v, mode=mode), oracle.hvp, rtol=1e-8, atol=1e-10)
 
 
 @pytest.mark.parametrize("bn_mode", ["exact", "ghost"])
@@ -179,12 +217,9 @@ def test_eight_devices_equal_one_flax_pass(bn_mode):
   masked in a remainder on every device.
   """
   n, micro_batch_size = 48, 32
-  variables, data = _trained_variables(n), _data(n)
-  params = variables["params"]
-  blocks = [np.arange(n)] if bn_mode == "exact" else _ghost_blocks(n, micro_batch_size, devices=8)
-  objective = _flax_objective(variables, data, blocks)
-  expected_grad = jax.grad(objective)(params)
-  top = np.linalg.eigvalsh(_dense_hessian(objective, params)[0])[-1]
+  oracle = _oracle(n, bn_mode, micro_batch_size, devices=8)
+  variables, data, params = oracle.variables, oracle.data, oracle.params
+  expected_grad, top = oracle.grad, oracle.top
   # Exact mode folds the statistics of all rows into the running ones: flax's update on all rows.
   _, expected_stats = Net(nn.BatchNorm).apply(
     {"params": params, "batch_stats": variables["batch_stats"]}, data["x"], mutable=["batch_stats"]
@@ -264,17 +299,16 @@ def test_nnx_gradient_and_sharpness_equal_one_flax_pass(bn_mode, micro_batch_siz
   new, metrics = full_batch_step(
     loss_fn, _recorder(), micro_batch_size=micro_batch_size, bn_mode=bn_mode, sharpness_every=1, sharpness_iters=40
   )(loss_fn.init_state(_recorder()), data)
-  _assert_tree_close(new.opt_state, jax.grad(objective)(params), rtol=1e-10, atol=1e-12)
+  # Compiled, as _flax_objective's: flax's nnx modules op by op take seconds.
+  _assert_tree_close(new.opt_state, jax.jit(jax.grad(objective))(params), rtol=1e-10, atol=1e-12)
   top = np.linalg.eigvalsh(_dense_hessian(objective, params)[0])[-1]
   np.testing.assert_allclose(float(metrics.sharpness), top, rtol=1e-6)
 
 
 def test_standalone_sharpness_equals_the_dense_top_eigenvalue():
   """jaxbn.training.sharpness, outside any step: exact mode with a remainder."""
-  n = 36
-  variables, data = _trained_variables(n), _data(n)
-  objective = _flax_objective(variables, data, [np.arange(n)])
-  top = np.linalg.eigvalsh(_dense_hessian(objective, variables["params"])[0])[-1]
-  state = TrainState.create(variables["params"], variables["batch_stats"], optax.sgd(0.1))
-  value, _ = sharpness(linen_loss(Net(), xent), micro_batch_size=10, bn_mode="exact", num_iters=40)(state, data)
-  np.testing.assert_allclose(float(value), top, rtol=1e-6)
+  oracle = _oracle(36, "exact")  # that of the linen cases in exact mode
+  state = TrainState.create(oracle.params, oracle.variables["batch_stats"], optax.sgd(0.1))
+  measure = sharpness(linen_loss(Net(), xent), micro_batch_size=10, bn_mode="exact", num_iters=40)
+  value, _ = measure(state, oracle.data)
+  np.testing.assert_allclose(float(value), oracle.top, rtol=1e-6)
