@@ -7,6 +7,7 @@ mean loss of a flax pass over block ``k`` alone, differentiated by ``jax.grad`` 
 its Hessian by ``jax.hessian``. Nothing of jaxbn's is in it.
 """
 
+import functools
 import re
 
 import flax.linen as nn
@@ -95,6 +96,17 @@ def _variables(n=22):
   return Net(nn.BatchNorm).init(jax.random.key(1), _data(n)["x"])
 
 
+@functools.cache
+def _written_out(n, micro_batch_size, block_size, bn_mode, devices=1):
+  """``(mean loss, penalty), gradient`` of the written-out objective (:func:`_oracle`) at ``_variables(n)`` on
+  ``_data(n)`` with the documented layout, in float64. Kept per process: the cases that differ only in the
+  penalty's method, the loop or the batch norm of the step share one."""
+  data, variables = _data(n), _variables(n)
+  objective = _oracle(variables, data, *_layout(n, micro_batch_size, block_size, devices), bn_mode=bn_mode)
+  (_, (loss, penalty)), grad = jax.jit(jax.value_and_grad(objective, has_aux=True))(variables["params"])
+  return (loss, penalty), grad
+
+
 def _relative_error(actual, expected):
   """Largest difference over the largest entry, over all leaves (a leaf whose gradient is 0 in exact
   arithmetic, a bias before a batch norm, would make a per-leaf ratio meaningless)."""
@@ -112,13 +124,14 @@ def float64():
 @pytest.mark.parametrize(
   "micro_batch_size, block_size, method, loop, bn_mode",
   [
+    # Each layout's cases are neighbours: they share an oracle (_written_out), built once in a process.
     (None, 5, "hvp", "host", "ghost"),  # one micro-batch, blocks of 5, the last one of 2
+    (None, 5, "finite_difference", "scan", "ghost"),
     (8, 4, "hvp", "scan", "ghost"),  # two blocks per micro-batch; the last micro-batch's 6 rows: blocks of 4 and 2
+    (8, 4, "finite_difference", "host", "ghost"),
     (8, None, "hvp", "host", "ghost"),  # each micro-batch one block: its gradient reused
     (None, None, "hvp", "scan", "ghost"),  # one block of every row
     (None, 2, "hvp", "scan", "ghost"),  # 11 blocks: more than jaxbn.training.penalty.UNROLL, vmapped
-    (8, 4, "finite_difference", "host", "ghost"),
-    (None, 5, "finite_difference", "scan", "ghost"),
     # Exact: the mean loss normalizes with all rows' statistics, each block with its own.
     (8, 4, "hvp", "host", "exact"),  # with the remainder
     (8, None, "hvp", "scan", "exact"),  # blocks = micro-batches: their gradient is not the exact loss's
@@ -130,8 +143,7 @@ def test_gradient_and_penalty_equal_jax_grad_of_the_written_out_objective(
 ):
   n = 22
   data, variables = _data(n), _variables(n)
-  objective = _oracle(variables, data, *_layout(n, micro_batch_size, block_size), bn_mode=bn_mode)
-  (_, (loss, penalty)), grad = jax.jit(jax.value_and_grad(objective, has_aux=True))(variables["params"])
+  (loss, penalty), grad = _written_out(n, micro_batch_size, block_size, bn_mode)
   step = full_batch_step(
     linen_loss(Net(), xent),
     _recorder(),
@@ -206,8 +218,7 @@ def test_eight_devices_equal_the_written_out_objective(float64, bn, loop, bn_mod
   """
   n = 32
   data, variables = _data(n), _variables(n)
-  objective = _oracle(variables, data, *_layout(n, 16, 8, devices=8), bn_mode=bn_mode)
-  (_, (loss, penalty)), grad = jax.jit(jax.value_and_grad(objective, has_aux=True))(variables["params"])
+  (loss, penalty), grad = _written_out(n, 16, 8, bn_mode, devices=8)  # the ghost cases share it
   step = full_batch_step(
     linen_loss(Net(bn), xent),
     _recorder(),
