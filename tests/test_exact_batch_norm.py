@@ -1,5 +1,7 @@
 """bn_mode='exact': batch norm over the WHOLE dataset, processed in micro-batches, equals one big batch."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -65,40 +67,39 @@ def _reference(model, variables, data):
   return value, grads, batch_stats
 
 
+@functools.cache
+def _whole_dataset(model_cls, shape, n=24):
+  """``model_cls()``, ``_data(n, shape)``, the model's variables and :func:`_reference` on them. Kept per
+  process: the cases of one model share them (its reference compiles once)."""
+  model, data = model_cls(), _data(n, shape)
+  variables = model.init(jax.random.key(1), data["x"][:2], train=False)
+  return model, data, variables, _reference(model, variables, data)
+
+
 def _close(actual, expected, atol=1e-5):
   for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=atol)
 
 
-def _check(step, model, variables, data, run=None, inputs=None):
-  opt = _recorder()
-  state = TrainState.create(variables["params"], variables["batch_stats"], opt)
-  new, metrics = (run or step)(state, data if inputs is None else inputs)
-  loss, grads, batch_stats = _reference(model, variables, data)
-  np.testing.assert_allclose(float(metrics.loss), float(loss), rtol=1e-5)
-  _close(new.opt_state, grads)
-  _close(new.batch_stats, batch_stats)
-  return new
-
-
 @pytest.mark.parametrize(
   "model_cls, shape, micro_batch_size",
-  # One micro-batch, even ones, a remainder, single rows: each once, on the MLP or the CNN.
+  # One micro-batch, even ones, a remainder, single rows: each once, on the MLP or the CNN (each model's cases,
+  # and the ghost-batch test after them, share a reference: _whole_dataset).
   [(CNN, (9, 2), None), (MLP, (5,), 8), (CNN, (9, 2), 7), (MLP, (5,), 1)],
 )
 def test_equals_one_batch_on_the_whole_dataset(model_cls, shape, micro_batch_size):
-  model, data = model_cls(), _data(24, shape)
-  variables = model.init(jax.random.key(1), data["x"][:2], train=False)
+  model, data, variables, (loss, grads, batch_stats) = _whole_dataset(model_cls, shape)
   step = full_batch_step(linen_loss(model, xent), _recorder(), micro_batch_size=micro_batch_size, bn_mode="exact")
-  _check(step, model, variables, data)
+  new, metrics = step(TrainState.create(variables["params"], variables["batch_stats"], _recorder()), data)
+  np.testing.assert_allclose(float(metrics.loss), float(loss), rtol=1e-5)
+  _close(new.opt_state, grads)
+  _close(new.batch_stats, batch_stats)
 
 
 def test_ghost_batches_differ_so_the_comparison_can_fail():
-  model, data = MLP(), _data(24, (5,))
-  variables = model.init(jax.random.key(1), data["x"][:2], train=False)
+  model, data, variables, (_, grads, _) = _whole_dataset(MLP, (5,))
   state = TrainState.create(variables["params"], variables["batch_stats"], _recorder())
   ghost = full_batch_step(linen_loss(model, xent), _recorder(), micro_batch_size=8)(state, data)[0]
-  _, grads, _ = _reference(model, variables, data)
   diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(ghost.opt_state), jax.tree.leaves(grads)))
   assert diff > 1e-3
 
@@ -131,7 +132,8 @@ def test_nnx_model_equals_one_batch():
     m = nnx.merge(graphdef, params, jax.tree.map(lambda a: a, batch_stats))
     return jnp.mean(xent(m(data["x"]), data["y"])), nnx.state(m, nnx.BatchStat)
 
-  (loss, new_stats), grads = jax.value_and_grad(reference, has_aux=True)(params)
+  # Compiled: flax's nnx modules op by op take seconds.
+  (loss, new_stats), grads = jax.jit(jax.value_and_grad(reference, has_aux=True))(params)
   loss_fn = nnx_loss(model, xent)
   step = full_batch_step(loss_fn, _recorder(), micro_batch_size=7, bn_mode="exact")
   new, metrics = step(loss_fn.init_state(_recorder()), data)
@@ -337,12 +339,18 @@ class Shared(nn.Module):
     return nn.Dense(3)(h)
 
 
+@functools.cache
+def _shared_reference():
+  """Data, variables and :func:`_reference` of ``Shared`` with flax's batch norm, kept per process (three cases)."""
+  data = _data(24, (5,))
+  variables = Shared(nn.BatchNorm).init(jax.random.key(1), data["x"])
+  return data, variables, _reference(Shared(nn.BatchNorm), variables, data)
+
+
 @pytest.mark.parametrize(("bn_mode", "micro_batch_size"), [("exact", 7), ("exact", None), ("ghost", None)])
 def test_layer_called_twice_updates_like_model_apply(bn_mode, micro_batch_size):
   """Two running updates, in call order, each from its call's statistics over all rows: flax's model.apply."""
-  data = _data(24, (5,))
-  variables = Shared(nn.BatchNorm).init(jax.random.key(1), data["x"])
-  loss, grads, batch_stats = _reference(Shared(nn.BatchNorm), variables, data)
+  data, variables, (loss, grads, batch_stats) = _shared_reference()
   state = TrainState.create(variables["params"], variables["batch_stats"], _recorder())
   step = full_batch_step(linen_loss(Shared(), xent), _recorder(), micro_batch_size=micro_batch_size, bn_mode=bn_mode)
   new, metrics = step(state, data)
@@ -378,7 +386,7 @@ def test_nnx_layer_called_twice_updates_like_the_model_itself(bn_mode, micro_bat
     m = nnx.merge(graphdef, params, jax.tree.map(lambda a: a, batch_stats))
     return jnp.mean(xent(m(data["x"]), data["y"])), nnx.state(m, nnx.BatchStat)
 
-  (loss, want), grads = jax.value_and_grad(reference, has_aux=True)(params)
+  (loss, want), grads = jax.jit(jax.value_and_grad(reference, has_aux=True))(params)  # compiled: seconds op by op
   model = SharedNnx(jaxbn.nnx.BatchNorm, nnx.Rngs(0))
   loss_fn = nnx_loss(model, xent)
   step = full_batch_step(loss_fn, _recorder(), micro_batch_size=micro_batch_size, bn_mode=bn_mode)
