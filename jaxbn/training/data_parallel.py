@@ -36,6 +36,7 @@ from jaxbn import _hooks
 from jaxbn._sharding import auto_mesh, mesh_axis_names
 from jaxbn.training.exact import objective_gradient, rows_mixed
 from jaxbn.training.loops import HostLoop
+from jaxbn.training.stream import fed
 from jaxbn.training.sweep import GradientFn, MicroBatches
 
 
@@ -111,6 +112,8 @@ def host_gradient(
   """For the host loop (``batches.loop``): the gradient function that runs its sweeps' programs per device
   over the mesh ``data`` is split on, or None where :func:`plan` finds none (worked out once per
   argument types and shardings)."""
+  if _row_split(fed(data, None)) is None:  # the data's leaves alone say so: no need to key the memo on every leaf
+    return None
   found = batches.memo("per device", lambda *args: plan(batches, bn_mode, *args), params, batch_stats, data, key)
   if found is None:
     return None
