@@ -176,7 +176,7 @@ def test_errors():
 
   opt = optax.sgd(0.1)
   for model, err, match in (
-    (FlaxBN(), TypeError, r"flax.linen.BatchNorm, which cannot normalize with statistics over the whole dataset"),
+    (FlaxBN(), TypeError, r"flax.linen.BatchNorm, which computes its statistics itself and cannot be given others"),
     (
       Ghost(),
       ValueError,

@@ -243,8 +243,8 @@ def _record_flax_stats(module: nn.BatchNorm, x: jax.Array, mask: Any) -> None:
   if _hooks.current() is not None:
     raise TypeError(
       f"jaxbn.training.linen_loss: the batch norm at {'/'.join(module.path)} is flax.linen.BatchNorm, which "
-      "cannot normalize with statistics over the whole dataset (bn_mode='exact'); replace it with "
-      "jaxbn.linen.BatchNorm (same arguments and variables)."
+      "computes its statistics itself and cannot be given others (those of all rows for bn_mode='exact', "
+      "or of one device's rows); replace it with jaxbn.linen.BatchNorm (same arguments and variables)."
     )
   if not module.is_mutable_collection(MOMENTS):
     return  # a lift that does not carry MOMENTS: reported as missing by _collected_moments
