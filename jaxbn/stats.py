@@ -116,6 +116,20 @@ def _first_valid(x: jax.Array, mask: jax.Array | None, feature_axes: tuple[int, 
   return lax.gather(x, indices, dnums, (1,) * x.ndim, mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
 
+def valid_count(shape: tuple[int, ...], feature_axes: tuple[int, ...], mask: Any, dtype: Any) -> jax.Array:
+  """Per feature, the valid elements of an input of ``shape`` under ``mask`` (broadcastable; None: all), in
+  ``dtype``: the mask's own entries summed, times the input's extent along the axes the mask broadcasts over
+  (a row mask is a few hundred numbers, the input many more)."""
+  feature_shape = tuple(shape[a] for a in feature_axes)
+  reduced = tuple(a for a in range(len(shape)) if a not in feature_axes)
+  if mask is None:
+    return jnp.full(feature_shape, math.prod(shape[a] for a in reduced), dtype)
+  mask = jnp.asarray(mask, bool)
+  mask = mask.reshape((1,) * (len(shape) - mask.ndim) + mask.shape)
+  repeats = math.prod(shape[a] for a in reduced if mask.shape[a] == 1)
+  return jnp.broadcast_to(jnp.sum(mask, axis=reduced, dtype=dtype) * repeats, feature_shape)
+
+
 def _parts(x: jax.Array, feature_axes: tuple[int, ...], mask: jax.Array | None) -> jax.Array:
   """Rows ``(count, shift, offset, m2)`` stacked on a new axis 0; the mean is ``shift + offset``.
 
@@ -132,11 +146,9 @@ def _parts(x: jax.Array, feature_axes: tuple[int, ...], mask: jax.Array | None) 
   # x - K written two ways XLA cannot merge, so that each sum fuses its own subtraction and reads
   # x once; one shared x - K would be written to memory and read back twice (XLA:CPU).
   neg, pos = lax.optimization_barrier(k) - xc, xc - k
-  if mask is None:
-    count = jnp.full(shift.shape, math.prod(x.shape[a] for a in reduce_axes), cdt)
-  else:
+  count = valid_count(x.shape, feature_axes, mask, cdt)
+  if mask is not None:
     neg, pos = jnp.where(mask, neg, 0), jnp.where(mask, pos, 0)
-    count = jnp.sum(jnp.broadcast_to(mask, x.shape), axis=reduce_axes, dtype=cdt)
   s1 = -jnp.sum(neg, axis=reduce_axes)
   s2 = jnp.sum(pos * pos, axis=reduce_axes)
   d = s1 / jnp.maximum(count, 1)

@@ -292,3 +292,14 @@ def test_explicit_mesh_sharded_along_features_only():
     np.testing.assert_allclose(mean, rmean, rtol=1e-6)
     np.testing.assert_allclose(var, rvar, rtol=1e-5)
     np.testing.assert_array_equal(count, rn)
+
+
+@pytest.mark.parametrize("mask_shape", [None, (6, 1, 1), (6, 4, 1), (1, 4, 5), (4, 5), (6, 4, 5)])
+def test_valid_count_per_feature_from_the_mask_alone(mask_shape):
+  # The count of the statistics (jaxbn's and those recorded for a flax.linen.BatchNorm), from the mask's own
+  # entries: the oracle is the mask broadcast to the input and summed over the non-feature axes.
+  shape, features = (6, 4, 5), (2,)
+  mask = None if mask_shape is None else np.random.default_rng(0).random(mask_shape) < 0.6
+  full = np.ones(shape, bool) if mask is None else np.broadcast_to(mask, shape)
+  got = stats.valid_count(shape, features, None if mask is None else jnp.asarray(mask), jnp.float32)
+  np.testing.assert_array_equal(got, full.sum((0, 1)))

@@ -143,19 +143,6 @@ def test_flax_batch_norm_running_update_merges_the_statistics_it_normalized_with
   np.testing.assert_allclose(got["var"], var, rtol=1e-5)  # merged in float32 from offsets to the largest part
 
 
-@pytest.mark.parametrize("mask_shape", [None, (6, 1, 1), (6, 4, 1), (1, 4, 5), (4, 5), (6, 4, 5)])
-def test_flax_batch_norm_counts_the_valid_elements_per_feature(mask_shape):
-  # The count recorded with a flax.linen.BatchNorm's statistics, from the mask alone: the oracle is
-  # the mask broadcast to the input and summed over the non-feature axes.
-  from jaxbn.training.adapters import _valid_count
-
-  shape, features = (6, 4, 5), (2,)
-  mask = None if mask_shape is None else np.random.default_rng(0).random(mask_shape) < 0.6
-  full = np.ones(shape, bool) if mask is None else np.broadcast_to(mask, shape)
-  got = _valid_count(shape, features, None if mask is None else jnp.asarray(mask), jnp.float32)
-  np.testing.assert_array_equal(got, full.sum((0, 1)))
-
-
 def test_non_finite_step_changes_nothing():
   data = _data()
   _, variables, opt, step = _setup(jaxbn.linen.BatchNorm, opt=optax.adam(1e-2), micro_batch_size=4, donate=False)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -267,25 +266,11 @@ def _record_flax_stats(module: nn.BatchNorm, x: jax.Array, mask: Any) -> None:
       ),
     )
     dtype = _checks.stats_dtype(jnp.result_type(x))  # float32 at least; a complex mean stays complex
-    count = _valid_count(x.shape, features, mask, dtype)
+    count = _stats.valid_count(x.shape, features, mask, dtype)
     valid = count > 0  # no valid element: Flax's mean is 0 / 0, the statistics' convention 0
     mean = jnp.where(valid, mean, 0).astype(jnp.promote_types(dtype, mean.dtype))
     stats = _stats.Stats(count, mean, jnp.where(valid, var * count, 0).astype(dtype))
   record_moments(module, stats)
-
-
-def _valid_count(shape: tuple[int, ...], features: tuple[int, ...], mask: Any, dtype: Any) -> jax.Array:
-  """Per feature, the valid elements of an input of ``shape`` under ``mask`` (broadcastable; None: all),
-  summed over the mask's own entries only (a row mask is a few hundred numbers, the input many more)."""
-  feature_shape = tuple(shape[a] for a in features)
-  reduced = tuple(a for a in range(len(shape)) if a not in features)
-  if mask is None:
-    return jnp.full(feature_shape, math.prod(shape[a] for a in reduced), dtype)
-  mask = jnp.asarray(mask, bool)
-  mask = mask.reshape((1,) * (len(shape) - mask.ndim) + mask.shape)
-  repeats = math.prod(shape[a] for a in reduced if mask.shape[a] == 1)
-  count = jnp.sum(mask, axis=reduced, dtype=dtype) * repeats
-  return jnp.broadcast_to(count, feature_shape)
 
 
 def _collected_moments(updates: Any, paths: list[tuple[str, ...]]) -> dict[tuple[str, ...], Any]:
