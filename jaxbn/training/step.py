@@ -431,17 +431,23 @@ class _DonationChecked:
     functools.update_wrapper(self, step)
 
   def __call__(self, state: TrainState, *args: Any) -> Any:
-    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
-      if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer) and leaf.is_deleted():
-        raise ValueError(
-          f"{self._fn}: the state passed in was already consumed: its buffer state{jax.tree_util.keystr(path)} "
-          "was donated to an earlier call, whose returned state holds the values now. Consider one of the "
-          "following options:\n"
-          "  1. continue from the state the previous call returned: state, metrics = step(state, data);\n"
-          "  2. build the step with donate=False, so that every state passed in stays usable (at the cost of "
-          "memory for a second copy of the state)."
-        )
+    if any(_consumed(leaf) for leaf in jax.tree.leaves(state)):  # the paths only for the message
+      path = next(path for path, leaf in jax.tree_util.tree_leaves_with_path(state) if _consumed(leaf))
+      raise ValueError(
+        f"{self._fn}: the state passed in was already consumed: its buffer state{jax.tree_util.keystr(path)} "
+        "was donated to an earlier call, whose returned state holds the values now. Consider one of the "
+        "following options:\n"
+        "  1. continue from the state the previous call returned: state, metrics = step(state, data);\n"
+        "  2. build the step with donate=False, so that every state passed in stays usable (at the cost of "
+        "memory for a second copy of the state)."
+      )
     return self._step(state, *args)
 
   def __getattr__(self, name: str) -> Any:
     return getattr(self._step, name)
+
+
+def _consumed(leaf: Any) -> bool:
+  """Whether ``leaf`` is an array whose buffer was donated to (consumed by) an earlier call."""
+  is_deleted = getattr(leaf, "is_deleted", None)  # concrete arrays only: a tracer's aval has no such method
+  return is_deleted is not None and is_deleted()
