@@ -30,7 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax.core import Tracer
-from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from jaxbn import _hooks
 from jaxbn._sharding import auto_mesh, mesh_axis_names
@@ -169,6 +169,8 @@ def _row_split(data: Any) -> tuple[Any, tuple[str, ...]] | None:
 
 def _leaf_split(leaf: Any) -> tuple[Any, tuple[str, ...]] | None:
   sharding = None if isinstance(leaf, Tracer) else getattr(leaf, "sharding", None)
+  if isinstance(sharding, SingleDeviceSharding) and jax.sharding.get_abstract_mesh().empty:
+    return None  # one device's array, no mesh in context (what follows would find the same, more slowly)
   if isinstance(sharding, NamedSharding):  # an array, not a trace: its own layout, on its own devices
     spec = tuple(sharding.spec)
     if not spec or spec[0] is None or any(e is not None for e in spec[1:]):
