@@ -139,6 +139,7 @@ MULTISTEPS = "optax.MultiSteps"
 # jaxbn as a user gets it (the default loop): no slower than optax.MultiSteps.
 DEFAULTS = ("jaxbn", "jaxbn + jaxbn BN")
 DIAGNOSTICS = (
+  "jaxbn host loop",
   "hand-written + jaxbn BN",
   "jaxbn guard=False",
   "jaxbn no interception",
@@ -160,6 +161,8 @@ NOTES = {
   "norm over the WHOLE dataset (another objective: not compared with hand-written; time and memory against "
   "jaxbn + jaxbn BN)",
   "jaxbn exact BN scan loop": "the same on loop='scan' (diagnostic)",
+  "jaxbn host loop": "full_batch_step(..., loop='host') (flax.linen.BatchNorm): the default on CPU, explicit "
+  "(diagnostic: the loop 'auto' does not pick on GPU and TPU)",
   "hand-written + jaxbn BN": "the hand-written step with jaxbn.linen.BatchNorm layers (diagnostic)",
   "jaxbn guard=False": "full_batch_step(..., guard=False) (diagnostic: cost of the guard)",
   "jaxbn no interception": "full_batch_step with a plain loss (no linen_loss interceptor, no mask in the batch "
@@ -457,6 +460,7 @@ def build_contenders(
     "jaxbn": lambda: jaxbn_step(models["flax"], data, micro),
     "jaxbn + jaxbn BN": lambda: jaxbn_step(models["jaxbn"], data, micro, name="jaxbn + jaxbn BN"),
     "jaxbn scan loop": lambda: jaxbn_step(models["flax"], data, micro, "jaxbn scan loop", loop="scan"),
+    "jaxbn host loop": lambda: jaxbn_step(models["flax"], data, micro, "jaxbn host loop", loop="host"),
     "jaxbn scan loop + jaxbn BN": lambda: jaxbn_step(
       models["jaxbn"], data, micro, "jaxbn scan loop + jaxbn BN", loop="scan"
     ),
