@@ -739,9 +739,14 @@ def child_measure(c: Contender, params: Any, batch_stats: Any, rss: bool, dump_d
 
 
 def measure_in_subprocesses(
-  names: Sequence[str], argv: Sequence[str], rss: bool, buffers: bool
+  names: Sequence[str], argv: Sequence[str], rss: bool, buffers: bool, rss_runs: int = 3
 ) -> dict[str, dict[str, Any]]:
-  """Runs :func:`child_measure` for each contender in a fresh process (its own allocator and XLA dump folder)."""
+  """Runs :func:`child_measure` for each contender in a fresh process (its own allocator and XLA dump folder).
+
+  The RSS growth is the median over ``rss_runs`` fresh processes per dispatch mode (every run's value is kept,
+  under ``*_runs``): from one process to the next it can take one of two levels, depending on how the
+  allocator's mappings fall, for MultiSteps as for jaxbn.
+  """
   import tempfile
 
   def run(name: str, flags: list[str], dump: str | None) -> dict[str, Any]:
@@ -762,10 +767,20 @@ def measure_in_subprocesses(
   for name in names:
     with tempfile.TemporaryDirectory(prefix="jaxbn_full_batch_") as dump:
       out[name] = run(name, ["--child-rss"] if rss else [], dump if buffers else None)
-    if rss:  # again with synchronous dispatch: one call's buffers at a time
-      sync = run(name, ["--child-rss", "--child-sync"], None)
-      if "rss_growth_bytes" in sync:
-        out[name]["rss_growth_sync_bytes"] = sync["rss_growth_bytes"]
+    if not rss:
+      continue
+    runs = {
+      "rss_growth_bytes": [out[name].pop("rss_growth_bytes", None)]
+      + [run(name, ["--child-rss"], None).get("rss_growth_bytes") for _ in range(rss_runs - 1)],
+      # synchronous dispatch: one call's buffers at a time
+      "rss_growth_sync_bytes": [
+        run(name, ["--child-rss", "--child-sync"], None).get("rss_growth_bytes") for _ in range(rss_runs)
+      ],
+    }
+    for key, values in runs.items():
+      values = [v for v in values if v is not None]  # a failed measurement (noted on stderr)
+      if values:
+        out[name][key], out[name][f"{key}_runs"] = int(np.median(values)), values
   return out
 
 
@@ -808,7 +823,7 @@ def summarize(
       r["time_ratio_vs_multisteps_q25"] = float(np.percentile(vs, 25))
       r["time_ratio_vs_multisteps_q75"] = float(np.percentile(vs, 75))
     measured = child.get(name, {})
-    for key in ("rss_growth_bytes", "rss_growth_sync_bytes"):
+    for key in ("rss_growth_bytes", "rss_growth_sync_bytes", "rss_growth_bytes_runs", "rss_growth_sync_bytes_runs"):
       if key in measured:
         r[key] = measured[key]
     buffers = measured.get("buffers") or {}
@@ -944,7 +959,8 @@ def markdown(result: dict[str, Any]) -> str:
     )
     + "RSS growth: peak resident-set growth of an update in a fresh process (every buffer over 16 KiB mapped "
     "separately), with the default asynchronous dispatch, which lets the next call of a multi-call update "
-    "allocate before the previous one has freed, and (in brackets) with synchronous dispatch. "
+    "allocate before the previous one has freed, and (in brackets) with synchronous dispatch; the median of "
+    f"{cfg.get('rss_runs', 1)} processes each (every value in the JSON). "
     "State: params, batch statistics and optimizer state kept between updates (MultiSteps' gradient accumulator "
     f"in brackets). Loss/params diff: max relative difference to {BASELINE} after {cfg['check_steps']} updates "
     "from the same start. Running statistics differ by design (EMA per micro-batch vs one exact update per step); "
@@ -1043,6 +1059,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     default=None,
     help="peak of the live temporaries from XLA's dumped buffer assignment (default: full run)",
   )
+  p.add_argument("--rss-runs", type=int, default=3, help="fresh processes per RSS measurement, median reported (3)")
   p.add_argument("--child", help=argparse.SUPPRESS)
   p.add_argument("--child-rss", action="store_true", help=argparse.SUPPRESS)
   p.add_argument("--child-dump", help=argparse.SUPPRESS)
@@ -1103,7 +1120,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     what = " and ".join(w for w, on in (("RSS growth", measure_rss), ("buffer peaks", measure_buffers)) if on)
     print(f"measuring {what}, one process per contender", file=sys.stderr, flush=True)
     child_argv = [a for a in argv if a not in ("--rss", "--no-rss", "--buffers", "--no-buffers")]
-    child = measure_in_subprocesses(list(contenders), child_argv, measure_rss, measure_buffers)
+    child = measure_in_subprocesses(list(contenders), child_argv, measure_rss, measure_buffers, args.rss_runs)
   results = summarize(times, mem, agree, child)
 
   result: dict[str, Any] = {
@@ -1122,6 +1139,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       "repeats": repeats,
       "min_time": defaults["min_time"],
       "check_steps": args.check_steps,
+      "rss_runs": args.rss_runs if measure_rss else 0,
     },
     "baseline": BASELINE,
     "contenders": list(contenders),
