@@ -7,7 +7,7 @@
 #
 # Needs jax (with the accelerator's plugin), flax and optax; equinox and dm-haiku are compared when they are
 # installed. jaxbn is imported from this checkout (PYTHONPATH), not installed. Every step has a time limit, so
-# one that hangs or fails leaves the others' results. Writes into $OUT (7 files, no folders):
+# one that hangs or fails leaves the others' results. Writes into $OUT (6 files, no folders):
 #
 #   env.txt                   the machine, the accelerator (nvidia-smi), JAX and its devices
 #   full_batch.{json,md}      the full-batch step against optax.MultiSteps on the same CNN and micro-batches:
