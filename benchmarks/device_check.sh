@@ -50,24 +50,26 @@ fi
 cat "$OUT/env.txt"
 
 status=0
-step() {  # step NAME LIMIT COMMAND...: runs COMMAND under LIMIT seconds, logging to stdout; remembers a failure
-  local name=$1 limit=$2
-  shift 2
+step() {  # step NAME LIMIT LOG COMMAND...: COMMAND under LIMIT seconds, its output also in $OUT/LOG ("-": none)
+  local name=$1 limit=$2 log=$3
+  shift 3
   echo "== $name (limit ${limit} s)"
-  local start=$SECONDS
-  timeout "$limit" "$@"
-  local rc=$?
+  local start=$SECONDS rc
+  if [[ $log == - ]]; then
+    timeout "$limit" "$@"
+  else
+    timeout "$limit" "$@" 2>&1 | tee "$OUT/$log"  # pipefail: the command's exit status
+  fi
+  rc=$?
   echo "== $name: exit $rc after $((SECONDS - start)) s"
   [[ $rc -eq 0 ]] || status=1
 }
 
-step "full-batch step against optax.MultiSteps" "${LIMITS[0]}" \
+step "full-batch step against optax.MultiSteps" "${LIMITS[0]}" - \
   "$PYTHON" benchmarks/full_batch.py --contenders "$CONTENDERS" "${FULL_BATCH_ARGS[@]}" --out "$OUT"
-step "batch-norm layer against its peers" "${LIMITS[1]}" \
+step "batch-norm layer against its peers" "${LIMITS[1]}" - \
   "$PYTHON" benchmarks/batch_norm.py "${BATCH_NORM_ARGS[@]}" --out "$OUT"
-step "numerical tests on $("$PYTHON" -c 'import jax; print(jax.default_backend())' 2>/dev/null)" "${LIMITS[2]}" \
-  env XLA_PYTHON_CLIENT_PREALLOCATE=false bash -c \
-  'set -o pipefail; "$0" -m pytest -q -n "$1" "${@:2}" 2>&1 | tee "'"$OUT"'/tests.log"' \
-  "$PYTHON" "$TEST_WORKERS" "${TEST_FILES[@]}"
+step "numerical tests on the default backend" "${LIMITS[2]}" tests.log \
+  env XLA_PYTHON_CLIENT_PREALLOCATE=false "$PYTHON" -m pytest -q -n "$TEST_WORKERS" "${TEST_FILES[@]}"
 ls -l "$OUT"
 exit $status
