@@ -224,20 +224,21 @@ def block_gradient_norm(loss_fn: Any, state: jaxbn.training.TrainState, data: An
   b = min(block, n)
   offsets = np.arange(0, n, b)
   rows = np.minimum(offsets, n - b)[:, None] + np.arange(b)
-  return float(_mean_squared_block_gradient(loss_fn, state.params, state.batch_stats, data, rows, offsets))
+  masks = rows >= offsets[:, None]
+  weights = masks.sum(axis=1) / n
+  return float(_mean_squared_block_gradient(loss_fn, state.params, state.batch_stats, data, rows, masks, weights))
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _mean_squared_block_gradient(loss_fn: Any, params: Any, batch_stats: Any, data: Any, rows: Any, offsets: Any):
-  """``sum_k (n_k / N) ||grad L_k||^2`` over the blocks of rows ``rows[k]``, those before ``offsets[k]`` masked."""
-  masks = rows >= offsets[:, None]
+def _mean_squared_block_gradient(loss_fn: Any, params: Any, batch_stats: Any, data: Any, rows, masks, weights):
+  """``sum_k weights[k] ||grad L_k||^2``, ``L_k`` the loss on the rows ``rows[k]`` under the row mask ``masks[k]``."""
 
   def squared_norm(rows_k, mask_k):
     block = jax.tree.map(lambda a: a[rows_k], data)
     grads = jax.grad(lambda p: loss_fn(p, batch_stats, block, mask_k)[0])(params)
     return optax.tree.norm(grads, squared=True)
 
-  return jnp.sum(jnp.sum(masks, axis=1) / len(jax.tree.leaves(data)[0]) * jax.vmap(squared_norm)(rows, masks))
+  return jnp.sum(weights * jax.vmap(squared_norm)(rows, masks))
 
 
 def run_arm(
