@@ -11,7 +11,7 @@
 #
 #   env.txt                   the machine, the accelerator (nvidia-smi), JAX and its devices
 #   full_batch.{json,md}      the full-batch step against optax.MultiSteps on the same CNN and micro-batches:
-#                             the default loop ("auto": the scanned one off CPU), the host loop, exact batch norm
+#                             the default loop ("auto": the scanned one), the host loop, exact batch norm
 #   batch_norm_*.{json,md}    the batch-norm layer against Flax, Haiku and Equinox (--gpu: large bfloat16 shapes
 #                             and the achieved fraction of copy bandwidth)
 #   tests.log                 the numerical tests (float64 oracles, peers) run on this backend
@@ -27,7 +27,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 
 # The contenders of benchmarks/full_batch.py: what users get by default, the loop the default does not pick,
 # exact batch norm (its target is against "jaxbn + jaxbn BN" on the same loop).
-CONTENDERS="optax.MultiSteps,jaxbn,jaxbn + jaxbn BN,jaxbn scan loop,jaxbn host loop,jaxbn exact BN"
+CONTENDERS="optax.MultiSteps,jaxbn,jaxbn + jaxbn BN,jaxbn host loop,jaxbn exact BN"
 FULL_BATCH_ARGS=(--repeats 7 --no-rss --no-buffers)
 BATCH_NORM_ARGS=(--gpu --repeats 5 --resnet-batch 128 --resnet-stages 2)
 TEST_FILES=(tests/test_functional.py tests/test_exact_batch_norm.py)

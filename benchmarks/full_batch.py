@@ -13,12 +13,12 @@ i.e. ghost batch norm). Contenders, all doing that same mathematics in the same 
   ``k`` calls of a jitted micro-batch step per update (the gradient accumulation users reach for);
 * ``jaxbn``: ``full_batch_step(linen_loss(model, ...), opt, micro_batch_size=m,
   update_batch_stats=...)`` on the same model (``flax.linen.BatchNorm``), so only the step differs,
-  with its default ``loop="auto"``: on the CPU backend the host loop, which calls one compiled
-  program per micro-batch from Python (gradient, loss and statistics accumulators donated) and one
-  compiled update (its programs are ``step.programs``, their argument types ``step.calls``);
+  with its default ``loop="auto"``, the scanned loop: every micro-batch in a ``lax.scan`` inside
+  one compiled step;
 * ``jaxbn + jaxbn BN``: the same with ``jaxbn.linen.BatchNorm`` layers (the whole jaxbn stack);
-* ``jaxbn scan loop`` (``+ jaxbn BN``): ``full_batch_step(..., loop="scan")``, every micro-batch in a
-  ``lax.scan`` inside one compiled step (the default on GPU and TPU).
+* ``jaxbn host loop`` (``+ jaxbn BN``): ``full_batch_step(..., loop="host")``, which calls one compiled
+  program per micro-batch from Python (gradient, loss and statistics accumulators donated) and one
+  compiled update (its programs are ``step.programs``, their argument types ``step.calls``).
 
 Every jaxbn contender also gets its time ratio to ``optax.MultiSteps`` (the same per-repeat medians).
 
@@ -29,7 +29,7 @@ micro-batches (``L`` batch-norm layers), one loss-and-gradient sweep and ``L`` a
 time per update is reported as a ratio to ``jaxbn + jaxbn BN`` (same layers, same default loop),
 against the target ``(2L + 1) / 2`` plus 15%, with its compiled peak and its number of sweeps
 (host-loop sweep programs, or ``while`` loops in the compiled step); it is checked to run with
-finite losses, not against the hand-written loop. ``--diagnose`` adds it on the scan loop.
+finite losses, not against the hand-written loop. ``--diagnose`` adds it on the host loop.
 
 ``--diagnose`` adds variants that take ``full_batch_step`` apart (no guard; the model's batch norms
 not intercepted; ...), used to find where any extra time goes.
@@ -66,9 +66,10 @@ allocates early).
 
 On CPU, XLA leaves some convolutions of a ``while`` loop's body (here the kernel-gradient and
 input-gradient convolutions inside ``lax.scan``) in a non-canonical layout that its generic, slow
-emitter runs (jax-ml/jax#12868), so the scanned steps, hand-written and jaxbn alike, are several
-times slower than MultiSteps' separate calls there; jaxbn's host loop (its default on CPU) avoids
-the loop like MultiSteps. On GPUs this does not apply.
+emitter runs (jax-ml/jax#12868): the hand-written scanned step is tens of times slower than
+MultiSteps' separate calls there. jaxbn's scanned step traces its body with those convolutions in the
+canonical layout (``jaxbn/training/_conv_layout.py``), as XLA does outside loops; its host loop
+avoids the loop like MultiSteps. On GPUs this does not apply.
 
 Usage::
 
@@ -129,8 +130,8 @@ CONTENDERS = (
   "optax.MultiSteps",
   "jaxbn",
   "jaxbn + jaxbn BN",
-  "jaxbn scan loop",
-  "jaxbn scan loop + jaxbn BN",
+  "jaxbn host loop",
+  "jaxbn host loop + jaxbn BN",
   "jaxbn exact BN",
 )
 # jaxbn's step with ghost batch norm over the same layers and loop: the reference of the exact mode.
@@ -139,11 +140,10 @@ MULTISTEPS = "optax.MultiSteps"
 # jaxbn as a user gets it (the default loop): no slower than optax.MultiSteps.
 DEFAULTS = ("jaxbn", "jaxbn + jaxbn BN")
 DIAGNOSTICS = (
-  "jaxbn host loop",
   "hand-written + jaxbn BN",
   "jaxbn guard=False",
   "jaxbn no interception",
-  "jaxbn exact BN scan loop",
+  "jaxbn exact BN host loop",
 )
 NOTES = {
   "hand-written": "jitted Flax + Optax step: lax.scan over micro-batches, summed gradients, one optimizer "
@@ -151,18 +151,16 @@ NOTES = {
   "optax.MultiSteps": "optax.MultiSteps(opt, every_k_schedule=k): k jitted micro-batch steps per update, "
   "EMA per micro-batch (flax.linen.BatchNorm)",
   "jaxbn": "jaxbn.training.full_batch_step(linen_loss(model)) on the same flax.linen.BatchNorm model, default "
-  "loop ('auto': the host loop on CPU, one compiled program per micro-batch called from Python and one compiled "
-  "update): guard, masks, exact once-per-step running statistics",
+  "loop ('auto': the micro-batches in a lax.scan inside one compiled step): guard, masks, exact once-per-step "
+  "running statistics",
   "jaxbn + jaxbn BN": "the same with jaxbn.linen.BatchNorm layers",
-  "jaxbn scan loop": "full_batch_step(..., loop='scan'): the micro-batches in a lax.scan inside one compiled step "
-  "(flax.linen.BatchNorm)",
-  "jaxbn scan loop + jaxbn BN": "the same with jaxbn.linen.BatchNorm layers",
+  "jaxbn host loop": "full_batch_step(..., loop='host'): one compiled program per micro-batch called from Python "
+  "and one compiled update (flax.linen.BatchNorm)",
+  "jaxbn host loop + jaxbn BN": "the same with jaxbn.linen.BatchNorm layers",
   "jaxbn exact BN": "full_batch_step(..., bn_mode='exact') with jaxbn.linen.BatchNorm layers, default loop: batch "
   "norm over the WHOLE dataset (another objective: not compared with hand-written; time and memory against "
   "jaxbn + jaxbn BN)",
-  "jaxbn exact BN scan loop": "the same on loop='scan' (diagnostic)",
-  "jaxbn host loop": "full_batch_step(..., loop='host') (flax.linen.BatchNorm): the default on CPU, explicit "
-  "(diagnostic: the loop 'auto' does not pick on GPU and TPU)",
+  "jaxbn exact BN host loop": "the same on loop='host' (diagnostic)",
   "hand-written + jaxbn BN": "the hand-written step with jaxbn.linen.BatchNorm layers (diagnostic)",
   "jaxbn guard=False": "full_batch_step(..., guard=False) (diagnostic: cost of the guard)",
   "jaxbn no interception": "full_batch_step with a plain loss (no linen_loss interceptor, no mask in the batch "
@@ -459,15 +457,14 @@ def build_contenders(
     "optax.MultiSteps": lambda: multi_steps(models["flax"], data, micro),
     "jaxbn": lambda: jaxbn_step(models["flax"], data, micro),
     "jaxbn + jaxbn BN": lambda: jaxbn_step(models["jaxbn"], data, micro, name="jaxbn + jaxbn BN"),
-    "jaxbn scan loop": lambda: jaxbn_step(models["flax"], data, micro, "jaxbn scan loop", loop="scan"),
     "jaxbn host loop": lambda: jaxbn_step(models["flax"], data, micro, "jaxbn host loop", loop="host"),
-    "jaxbn scan loop + jaxbn BN": lambda: jaxbn_step(
-      models["jaxbn"], data, micro, "jaxbn scan loop + jaxbn BN", loop="scan"
+    "jaxbn host loop + jaxbn BN": lambda: jaxbn_step(
+      models["jaxbn"], data, micro, "jaxbn host loop + jaxbn BN", loop="host"
     ),
     # Same (default) loop and layers as "jaxbn + jaxbn BN", batch norm over the whole dataset.
     EXACT: lambda: jaxbn_step(models["jaxbn"], data, micro, name=EXACT, bn_mode="exact"),
-    "jaxbn exact BN scan loop": lambda: jaxbn_step(
-      models["jaxbn"], data, micro, "jaxbn exact BN scan loop", bn_mode="exact", loop="scan"
+    "jaxbn exact BN host loop": lambda: jaxbn_step(
+      models["jaxbn"], data, micro, "jaxbn exact BN host loop", bn_mode="exact", loop="host"
     ),
     "hand-written + jaxbn BN": lambda: hand_written(models["jaxbn"], data, micro, name="hand-written + jaxbn BN"),
     "jaxbn guard=False": lambda: jaxbn_step(models["flax"], data, micro, name="jaxbn guard=False", guard=False),
@@ -852,7 +849,7 @@ def summarize(
   return out
 
 
-TARGET_CONTENDERS = ("jaxbn", "jaxbn + jaxbn BN", "jaxbn scan loop", "jaxbn scan loop + jaxbn BN")
+TARGET_CONTENDERS = ("jaxbn", "jaxbn + jaxbn BN", "jaxbn host loop", "jaxbn host loop + jaxbn BN")
 
 
 def evaluate_targets(results: dict[str, Any], layers: int = 0) -> dict[str, dict[str, Any]]:

@@ -3,7 +3,7 @@
     python benchmarks/host_loop_programs.py                  # flax's and jaxbn's batch norm, 8 micro-batches of 500
     python benchmarks/host_loop_programs.py --repeats 40     # results/host_loop_programs.{json,md}
 
-The contenders of ``benchmarks/full_batch.py`` (same CNN, data and optimizer). Every call of a host-loop
+The host-loop contenders of ``benchmarks/full_batch.py`` (same CNN, data and optimizer; ``loop="host"``). Every call of a host-loop
 program (and of MultiSteps' micro step) is followed by ``jax.block_until_ready``, so that each gets its
 own time; the table gives the median per call, the calls per update, and the update's median time
 with nothing blocked in between. "rest" is the update's time less its timed calls: jaxbn's update
@@ -107,7 +107,9 @@ def markdown(result: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--contenders", default="optax.MultiSteps,jaxbn,jaxbn + jaxbn BN", help="comma-separated names")
+  p.add_argument(
+    "--contenders", default="optax.MultiSteps,jaxbn host loop,jaxbn host loop + jaxbn BN", help="comma-separated names"
+  )
   p.add_argument("--examples", type=int, default=4000)
   p.add_argument("--length", type=int, default=40, help="sequence length (MNIST-1D's: 40)")
   p.add_argument("--micro-batch-size", type=int, default=500)

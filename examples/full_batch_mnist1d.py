@@ -23,10 +23,8 @@ What jaxbn does here:
   "Train longer, generalize better", NeurIPS 2017), a slightly different model; the running statistics
   are still updated once per step, from the exact statistics of all 4000 rows. The default is the
   whole data set at once, the fastest on a CPU. The step's default ``loop="auto"`` runs micro-batches
-  with the host loop on a CPU (one compiled program per micro-batch called from Python; ``--loop scan``
-  runs them in a ``lax.scan`` inside one program instead): XLA:CPU only canonicalizes convolutions
-  outside loops, so a convolution's weight gradient inside the scan takes a slow kernel
-  (``benchmarks/full_batch.py`` measures both).
+  in a ``lax.scan`` inside one compiled program (``--loop host`` calls one compiled program per
+  micro-batch from Python instead; ``benchmarks/full_batch.py`` measures both).
 * The optimizer chain starts with ``jaxbn.transforms.clip_by_running_norm`` (spike protection, as in
   ZClip: a step whose gradient norm is an outlier of the norm's running mean and variance, z-score
   above ``--spike-z``, is scaled down). At this learning rate full-batch descent runs at the edge of
@@ -191,8 +189,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     choices=("auto", "scan", "host"),
     default="auto",
     help="how the step runs micro-batches: 'scan' (one compiled program), 'host' (one compiled program per "
-    "micro-batch, called from Python: faster for convolutions on a CPU); 'auto': the step's default (host on "
-    "a CPU, scan on GPU and TPU)",
+    "micro-batch, called from Python); 'auto': the step's default (scan)",
   )
   parser.add_argument("--weight-decay", type=float, default=2e-2, help="L2 weight decay added to the gradient")
   parser.add_argument(

@@ -145,7 +145,7 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path):
 def test_full_batch_step_with_each_process_holding_its_own_rows(tmp_path):
   """full_batch_step over 2 processes x 4 devices, each process giving only its own rows, equals 1 x 8.
 
-  Ghost and exact batch norm, each on the default loop (the host loop on CPU) and the scanned one; 5
+  Ghost and exact batch norm, each on the host loop and the scanned one (the default); 5
   rows per device, put 3 at a time into micro-batches of 24, so the second micro-batch holds a remainder.
   Per case: a step, a step with an inf in a row only the second process holds (the guard must skip
   it in both processes and change nothing), a checkpoint saved by both processes and restored, and

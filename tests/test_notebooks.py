@@ -42,7 +42,7 @@ EXTRA_ENV = {
 EXPECTED_OUTPUT = {
   "quickstart": ["default backend 'cpu': CPU", "closed-form and autodiff gradients agree"],
   "full_batch_training": [
-    "micro-batches on the 'host' loop (the fast one on CPU)",
+    "micro-batches on the 'scan' loop",
     "data sharded over 2 devices",
     "statistics of all 800 training examples",
   ],
@@ -88,7 +88,7 @@ def test_notebook_shape(name):
     if cell.cell_type == "code":
       assert cell.outputs == [] and cell.execution_count is None
   code = _code(nb)
-  # The fast path for the platform: full_batch_step's default loop="auto" (host loop on CPU), never forced.
+  # full_batch_step's default loop="auto" (the scanned loop), never forced.
   assert not any("loop=" in source for source in code), name
   assert 'IN_COLAB = "google.colab" in sys.modules' in code[0]
   assert f'\nJAXBN_SOURCE = "{badges.source()}"\n' in code[0]  # the one place a user edits

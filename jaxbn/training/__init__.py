@@ -2,8 +2,7 @@
 
 ``full_batch_step`` turns a loss function into a jitted ``step(state, data) -> (state, metrics)``
 whose update uses the exact mean gradient over ALL of ``data``: micro-batches run in a ``lax.scan``
-or as compiled per-micro-batch programs called from Python (``loop=``; the latter by default on
-CPU), gradients accumulate in float32 (float64 for float64 parameters), and no per-example
+(the default) or as compiled per-micro-batch programs called from Python (``loop=``), gradients accumulate in float32 (float64 for float64 parameters), and no per-example
 gradient is ever kept, so memory is bounded by one micro-batch beyond the data itself. The loss is a
 :class:`Loss` (a record of the loss function, its running-statistics update and whether it takes a
 key); :func:`linen_loss` and :func:`nnx_loss` build one from a Flax model.

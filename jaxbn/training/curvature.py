@@ -108,7 +108,7 @@ def sharpness(
   traced = axis_name is not None or not jit
   if loop == "host" and traced:
     raise ValueError(f"{fn}: loop='host' runs compiled pieces from Python: it takes no axis_name and jit=True.")
-  requested, loop = loop, resolve_loop(fn, loop, traced=traced)
+  requested, loop = loop, resolve_loop(fn, loop)
 
   def build(host: bool) -> Callable[..., tuple[jax.Array, Any]]:
     batches = MicroBatches(fn, loss, micro_batch_size, axis_name, HostLoop() if host else SCAN, penalty)

@@ -23,11 +23,13 @@ a loop decides how a sweep executes:
   same programs, traced in forward mode so that jaxbn's batch norms take their twice-differentiable
   path there.
 
-Both give the same numbers up to float rounding. They differ in speed: XLA:CPU leaves some
-convolutions inside a ``while`` loop's body in a layout its slow generic emitter runs
-(jax-ml/jax#12868), several times slower than the same convolutions in a program of their own, which
-is what :class:`HostLoop` runs (``benchmarks/full_batch.py``). ``loop="auto"`` picks the host loop on
-the CPU backend and the scanned one elsewhere (:func:`resolve_loop`).
+Both give the same numbers up to float rounding. :class:`ScanLoop` runs a step as one program, with no
+dispatch per micro-batch, and is what ``loop="auto"`` picks (:func:`resolve_loop`); :class:`HostLoop`
+is the one that streams data from the host. On CPU, XLA leaves convolutions inside a ``while`` loop's body in the layout autodiff gave them,
+which its slow generic emitter runs (jax-ml/jax#12868), tens of times slower than the same
+convolutions in a program of their own; :class:`ScanLoop` therefore traces its body with every
+convolution in the layout XLA:CPU runs fast (:mod:`jaxbn.training._conv_layout`), the same numbers
+as the host loop's (``benchmarks/full_batch.py``).
 
 A body (and ``finish``) must be a function of its arguments only: :class:`HostLoop` compiles it the
 first time a sweep of that label runs and reuses the program for every later sweep of the label, so
@@ -52,6 +54,7 @@ from jax.custom_derivatives import SymbolicZero
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxbn import _hooks
+from jaxbn.training import _conv_layout
 from jaxbn.training.stream import Rows, fed, is_stream, prefetch
 
 Body = Callable[[Any, jax.Array], tuple[Any, Any]]
@@ -77,18 +80,17 @@ class Folded:
     return self.finish(consts, terms, outputs)
 
 
-def resolve_loop(fn: str, loop: Any, *, traced: bool) -> str:
-  """``"scan"`` or ``"host"`` for a step's ``loop`` argument; ``traced``: the step is traced into pmap/shard_map.
+def resolve_loop(fn: str, loop: Any) -> str:
+  """``"scan"`` or ``"host"`` for a step's ``loop`` argument.
 
-  ``"auto"`` is the host loop on the CPU backend (where XLA runs convolutions inside loops slowly)
-  unless the step must be one traceable function, and the scanned loop on GPU and TPU, where one
-  program per step saves the per-call dispatch.
+  ``"auto"`` is the scanned loop on every backend: one program per step, no per-call dispatch (its
+  convolutions put in the layout XLA:CPU runs fast on CPU, :mod:`jaxbn.training._conv_layout`). Data on
+  the host (:class:`jaxbn.training.HostData`) streams on the host loop instead, which the step routes
+  when it sees it.
   """
   if loop not in LOOPS:
     raise ValueError(f"{fn}: loop must be one of {LOOPS}, got {loop!r}.")
-  if loop == "auto":
-    return "host" if jax.default_backend() == "cpu" and not traced else "scan"
-  return loop
+  return "scan" if loop == "auto" else loop
 
 
 def _pair(consts: Any, terms: Any, outputs: Any) -> tuple[Any, Any]:
@@ -115,6 +117,9 @@ class ScanLoop:
       # loop in a slow, uncanonicalized form (30x slower for a Conv1D), even at trip count 1.
       terms, outputs = body(consts, jnp.int32(0))
       return finish(consts, terms, jax.tree.map(lambda a: jnp.expand_dims(a, 0), outputs))
+
+    if _conv_layout.needed():
+      body = _conv_layout.canonical_convolutions(body)
 
     def step(carry, i):
       terms, outputs = body(consts, i)

@@ -92,12 +92,13 @@ def full_batch_step(
     loop: how the micro-batches run. ``"scan"``: in a ``lax.scan`` inside one compiled step
       (traceable into ``jax.pmap``/``jax.shard_map``). ``"host"``: one compiled program per
       micro-batch (per sweep, in exact mode), called from Python with the accumulators donated,
-      then one compiled update. ``"auto"`` (default): ``"host"`` on the CPU backend, where XLA runs
-      convolutions inside loops several times slower (jax-ml/jax#12868), unless ``axis_name`` is
-      given or ``jit=False``; ``"scan"`` elsewhere. The same numbers up to float rounding
+      then one compiled update. ``"auto"`` (default):
+      ``"scan"`` on every backend (on CPU its convolutions are traced in the layout XLA:CPU runs fast
+      inside loops, jax-ml/jax#12868), the host loop for a :class:`jaxbn.training.HostData`. The same
+      numbers up to float rounding
       (measured by ``benchmarks/full_batch.py``, results in ``benchmarks/RESULTS.md``); every
-      option works with both. The step's ``loop`` attribute says which one it runs (for in-memory
-      data: a :class:`jaxbn.training.HostData` always streams on the host loop).
+      option works with both. The step's ``loop`` attribute says which one it runs for in-memory
+      data.
     bn_mode: what batch norm means under micro-batching. ``"ghost"`` (default): each micro-batch
       is normalized with its own statistics (ghost batches of the partition above, Hoffer et al.
       2017), one forward and backward sweep over the data. ``"exact"``: every layer normalizes with
@@ -206,7 +207,7 @@ def full_batch_step(
       f"{fn}: loop='host' runs compiled pieces from Python, so it cannot be traced into pmap or "
       "shard_map: use loop='scan' (or 'auto') with axis_name=... and jit=False there."
     )
-  requested, loop = loop, resolve_loop(fn, loop, traced=traced)
+  requested, loop = loop, resolve_loop(fn, loop)
 
   update = _GuardedUpdate(fn, optimizer, loss.update_batch_stats, guard=guard, layer_norms=layer_norms)
   host = HostLoop() if loop == "host" else None
