@@ -34,7 +34,7 @@ import numpy as np
 from jax import lax
 from jax.flatten_util import ravel_pytree
 
-from jaxbn import _checks
+from jaxbn import _checks, _conv_layout
 
 __all__ = ["hessian_vector_product", "norms_by_layer", "stability_threshold", "top_hessian_eigenvalue"]
 
@@ -440,6 +440,8 @@ def top_hessian_eigenvalue(
 
     tol_array = jnp.asarray(tol_value, dtype)
     loop = lax.while_loop if jit else _python_while_loop
+    if jit and _conv_layout.needed():  # the products run inside the while loop's body
+      matvec = _conv_layout.canonical_convolutions(matvec)
     if method == "lanczos":
       value, vector = _lanczos(matvec, v0, min(int(num_iters), n), tol_array, loop)
     else:

@@ -1,4 +1,4 @@
-"""Convolutions rewritten into XLA:CPU's canonical layout inside loop bodies (``jaxbn.training._conv_layout``).
+"""Convolutions rewritten into XLA:CPU's canonical layout inside loop bodies (``jaxbn._conv_layout``).
 
 Two things are checked: the numbers do not change (against the same function compiled as a program of
 its own, and against a float64 ``jax.grad``), and every convolution of a scanned gradient reaches
@@ -19,7 +19,8 @@ import pytest
 from jax import lax
 
 import jaxbn
-from jaxbn.training import TrainState, _conv_layout, full_batch_step, linen_loss
+from jaxbn import _conv_layout
+from jaxbn.training import TrainState, full_batch_step, linen_loss
 
 CANONICAL = {1: "b0f_0io->b0f", 2: "b01f_01io->b01f"}
 
@@ -188,3 +189,22 @@ def test_the_scanned_step_runs_every_convolution_in_the_canonical_layout(bn_mode
   # The host loop's programs, each micro-batch in a program of its own: XLA canonicalizes them itself.
   for u, v in zip(jax.tree.leaves(scan(state, data)[0]), jax.tree.leaves(host(state, data)[0])):
     np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
+
+
+def test_hessian_vector_products_in_the_lanczos_loop_are_canonical_and_exact():
+  # top_hessian_eigenvalue runs its products inside a while loop: a convolution there is rewritten too.
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(6, 12, 2)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 2, 2)) / 2, jnp.float32)
+
+  def loss(w, x):
+    return jnp.sum(jnp.tanh(_conv(x, w)) ** 2) / x.shape[0]
+
+  grad_fn = jax.grad(lambda p: loss(p, x))
+  top = jax.jit(lambda p: jaxbn.top_hessian_eigenvalue(grad_fn, p, num_iters=12)[0])
+  labels = _conv_labels(top.lower(w).compile().as_text())
+  assert labels and all(label == CANONICAL[1] for label in labels), labels
+  with jax.enable_x64(True):
+    h = jax.hessian(loss)(jnp.asarray(w, jnp.float64), jnp.asarray(x, jnp.float64))
+    oracle = np.linalg.eigvalsh(np.asarray(h).reshape(w.size, w.size))
+  assert float(top(w)) == pytest.approx(oracle.max(), rel=1e-4)

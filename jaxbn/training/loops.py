@@ -28,7 +28,7 @@ dispatch per micro-batch, and is what ``loop="auto"`` picks (:func:`resolve_loop
 is the one that streams data from the host. On CPU, XLA leaves convolutions inside a ``while`` loop's body in the layout autodiff gave them,
 which its slow generic emitter runs (jax-ml/jax#12868), tens of times slower than the same
 convolutions in a program of their own; :class:`ScanLoop` therefore traces its body with every
-convolution in the layout XLA:CPU runs fast (:mod:`jaxbn.training._conv_layout`), the same numbers
+convolution in the layout XLA:CPU runs fast (:mod:`jaxbn._conv_layout`), the same numbers
 as the host loop's (``benchmarks/full_batch.py``).
 
 A body (and ``finish``) must be a function of its arguments only: :class:`HostLoop` compiles it the
@@ -53,8 +53,7 @@ from jax.core import Tracer
 from jax.custom_derivatives import SymbolicZero
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxbn import _hooks
-from jaxbn.training import _conv_layout
+from jaxbn import _conv_layout, _hooks
 from jaxbn.training.stream import Rows, fed, is_stream, prefetch
 
 Body = Callable[[Any, jax.Array], tuple[Any, Any]]
@@ -84,7 +83,7 @@ def resolve_loop(fn: str, loop: Any) -> str:
   """``"scan"`` or ``"host"`` for a step's ``loop`` argument.
 
   ``"auto"`` is the scanned loop on every backend: one program per step, no per-call dispatch (its
-  convolutions put in the layout XLA:CPU runs fast on CPU, :mod:`jaxbn.training._conv_layout`). Data on
+  convolutions put in the layout XLA:CPU runs fast on CPU, :mod:`jaxbn._conv_layout`). Data on
   the host (:class:`jaxbn.training.HostData`) streams on the host loop instead, which the step routes
   when it sees it.
   """
@@ -113,8 +112,8 @@ class ScanLoop:
     """``finish(consts, terms, outputs)`` of ``body``'s summed terms and stacked outputs over micro-batches ``0..k-1``."""
     del label  # one program for the whole step: nothing to name
     if k == 1:
-      # No loop for one micro-batch: XLA:CPU leaves a convolution's kernel gradient inside a while
-      # loop in a slow, uncanonicalized form (30x slower for a Conv1D), even at trip count 1.
+      # No loop for one micro-batch: its convolutions are at the program's top level, where XLA puts
+      # them in its fast layout itself.
       terms, outputs = body(consts, jnp.int32(0))
       return finish(consts, terms, jax.tree.map(lambda a: jnp.expand_dims(a, 0), outputs))
 

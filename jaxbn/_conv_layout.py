@@ -15,7 +15,9 @@ pass would write it: the operands transposed to the canonical layout, the canoni
 output transposed back. The mathematics is unchanged (the same products and sums; the fast kernel
 may add them in another order, as it does in a program of its own). Nested calls (``jax.jit`` inside
 the function, as Flax modules make) are inlined; the bodies of nested loops, conditionals and
-rematerialized blocks are rewritten in place. Only the CPU backend needs it (:func:`needed`).
+rematerialized blocks are rewritten in place. Only the CPU backend needs it (:func:`needed`); the
+scanned loop of :mod:`jaxbn.training.loops` applies it to its body, :func:`jaxbn.top_hessian_eigenvalue`
+to the Hessian-vector products inside its Lanczos or power-iteration loop.
 """
 
 from __future__ import annotations
