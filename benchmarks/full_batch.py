@@ -68,7 +68,7 @@ On CPU, XLA leaves some convolutions of a ``while`` loop's body (here the kernel
 input-gradient convolutions inside ``lax.scan``) in a non-canonical layout that its generic, slow
 emitter runs (jax-ml/jax#12868): the hand-written scanned step is tens of times slower than
 MultiSteps' separate calls there. jaxbn's scanned step traces its body with those convolutions in the
-canonical layout (``jaxbn/training/_conv_layout.py``), as XLA does outside loops; its host loop
+canonical layout (``jaxbn/_conv_layout.py``), as XLA does outside loops; its host loop
 avoids the loop like MultiSteps. On GPUs this does not apply.
 
 Usage::
