@@ -13,9 +13,9 @@ tens of times slower on CPU than the same gradient in a program of its own.
 :func:`canonical_convolutions` re-traces a function with each such convolution written as XLA's
 pass would write it: the operands transposed to the canonical layout, the canonical convolution, the
 output transposed back. The mathematics is unchanged (the same products and sums; the fast kernel
-may add them in another order, as it does in a program of its own). Nested calls (``jax.jit`` inside
-the function, as Flax modules make) are inlined; the bodies of nested loops, conditionals and
-rematerialized blocks are rewritten in place. Only the CPU backend needs it (:func:`needed`); the
+may add them in another order, as it does in a program of its own). The jaxprs of nested calls
+(``jax.jit`` inside the function), loops, conditionals and rematerialized blocks are rewritten in place,
+their other parameters (shardings, donation, policies) kept. Only the CPU backend needs it (:func:`needed`); the
 scanned loop of :mod:`jaxbn.training.loops` applies it to its body, :func:`jaxbn.top_hessian_eigenvalue`
 to the Hessian-vector products inside its Lanczos or power-iteration loop.
 """
@@ -29,8 +29,6 @@ import jax
 from jax import lax
 from jax.core import eval_jaxpr
 from jax.extend import core as jcore
-
-_CALLS = frozenset({"pjit", "jit", "closed_call", "core_call"})
 
 
 def needed() -> bool:
@@ -123,7 +121,7 @@ def _rewrite_param(value: Any) -> Any:
 
 
 def _evaluate(jaxpr: jcore.Jaxpr, consts: Sequence[Any], args: Sequence[Any]) -> list[Any]:
-  """``jaxpr`` evaluated in the current trace, convolutions rewritten, calls inlined."""
+  """``jaxpr`` evaluated in the current trace, its convolutions (and its sub-jaxprs') rewritten."""
   env: dict[Any, Any] = {}
 
   def read(v: Any) -> Any:
@@ -133,12 +131,9 @@ def _evaluate(jaxpr: jcore.Jaxpr, consts: Sequence[Any], args: Sequence[Any]) ->
   env.update(zip(jaxpr.invars, args))
   for eqn in jaxpr.eqns:
     inputs = [read(v) for v in eqn.invars]
-    sub = eqn.params.get("jaxpr")
     with eqn.ctx.manager:
       if eqn.primitive is lax.conv_general_dilated_p:
         outs = [_convolution(*inputs, **eqn.params)]
-      elif eqn.primitive.name in _CALLS and isinstance(sub, jcore.ClosedJaxpr):
-        outs = _evaluate(sub.jaxpr, sub.consts, inputs)
       else:
         params = eqn.primitive.get_bind_params({k: _rewrite_param(v) for k, v in eqn.params.items()})
         outs = eqn.primitive.bind(*inputs, **params)
