@@ -147,9 +147,9 @@ def full_batch_step(
     row axis in device memory, or a :class:`jaxbn.training.HostData`: a data set on the host or on
     disk (NumPy arrays, memory-mapped ``.npy`` files, a sliceable source such as a Grain data source)
     that the step streams to the devices one micro-batch at a time, the next one's transfer
-    overlapping the current one's compute, with the same numbers as the same rows in device memory
-    (ghost and exact mode, the sharpness too). Streaming needs the host loop: ``loop="auto"`` takes
-    it for a ``HostData`` on every backend.
+    overlapping the current one's compute, with the numbers of the host loop on the same rows in
+    device memory, bit for bit (ghost and exact mode, the sharpness too; the scanned loop's up to
+    float rounding). Streaming needs the host loop: ``loop="auto"`` takes it for a ``HostData``.
 
   Raises:
     ValueError: bad ``micro_batch_size``, ``sharpness_every``, ``bn_mode``, ``loop``, ``gradient_penalty``

@@ -6,7 +6,7 @@ as an argument instead (:class:`Rows`), read from the host-side source and put o
 the program for the micro-batch before runs (:class:`Stream`): device memory holds at most two
 micro-batches of data, and no compiled program sees more than one. The micro-batches, their masks
 and weights are those of the in-memory step on the same rows and devices (:mod:`jaxbn.training.sweep`),
-so the numbers are the same.
+so the numbers are those of the host loop on the rows in device memory, bit for bit.
 
 Row layout: with the rows split over ``d`` devices (``sharding``), device ``j`` holds block ``j`` of
 ``n / d`` rows, as ``jax.device_put(data, sharding)`` would put them, and each micro-batch takes
