@@ -37,12 +37,11 @@ penalty's gradient is taken by finite differences (``--penalty-method finite_dif
 al.): cheaper than the exact ``hvp`` in time and memory, as ``benchmarks/gradient_penalty.py`` measures
 (results in ``benchmarks/RESULTS.md``).
 
-Commands (wall times on 2 CPU cores shared with another job, compilation included; at 100 passes the
-full-batch arms have had 100 updates and are not done: seeds 0 1 gave SGD 97.4% at batch 32, the recipe
-91.3%)::
+Commands (wall times on 2 idle CPU cores, compilation included; at 100 passes the full-batch arms have
+had 100 updates and are not done: seeds 0 1 gave SGD 97.2% at batch 32, the recipe 91.3%)::
 
-    python examples/full_batch_vs_sgd.py                 # 100 passes, seed 0: 5 min (both seeds 0 1: 10 min)
-    python examples/full_batch_vs_sgd.py --full          # 300 passes, seeds 0 1 2: the README's table, 20 min
+    python examples/full_batch_vs_sgd.py                 # 100 passes, seed 0: 2 min (both seeds 0 1: 3.5 min)
+    python examples/full_batch_vs_sgd.py --full          # 300 passes, seeds 0 1 2: the README's table, 12 min
     python examples/full_batch_vs_sgd.py --tune --full   # the learning-rate sweep below, about an hour
     python examples/full_batch_vs_sgd.py --arms gd recipe --passes 50 --seeds 0
 
@@ -50,7 +49,8 @@ Tuning. ``--tune`` trains every point of each arm's grid (``GRID``) once, with s
 seeds reported), on the first 3500 training rows, and scores it by its accuracy on the other 500 (never on
 the test set); ``ARMS`` holds each arm's best point. Held-out accuracy (%) after 300 passes
 (``--tune --full``, 2026-12-07; run in parts, the grid extended wherever the best point was on its edge,
-``GRID`` is the union), the best in brackets:
+``GRID`` is the union; measured before the step's default became the scanned loop, whose rounding moves each
+run's last digits), the best in brackets:
 
 * ``sgd32``: warm-up + cosine, lr 0.001 / 0.003 / 0.01 / 0.03: 96.8 / [97.4] / 96.8 / 93.8; constant
   lr 0.003 / 0.01: 95.0 / 89.4
@@ -69,33 +69,34 @@ recipe's best score, the maximum over 14 points against 3 to 8 for the other arm
 of them. A penalty weight of 0.3 or more costs training accuracy as well as held-out accuracy: the
 penalty then dominates the loss.
 
-Results (``python examples/full_batch_vs_sgd.py --full``, 2 CPU cores shared with another job, jax 0.10.2,
-2026-12-07; test accuracy on the 1000 test rows, mean (min-max) over seeds 0 1 2; sharpness and the
-block gradient norm at the final point (their means); wall time of the updates, compilation included)::
+Results (``python examples/full_batch_vs_sgd.py --full``, 2 idle CPU cores, jax 0.10.2, 2026-12-07, the
+step on its default scanned loop; test accuracy on the 1000 test rows, mean (min-max) over seeds 0 1 2;
+sharpness and the block gradient norm at the final point (their means); wall time of the updates,
+compilation included)::
 
     arm                                 test acc. %       sharpness      block grad.^2     wall s  updates
-    SGD, batch 32                       97.8 (97.6-98.0)  131 (121-149)  21.1 (20-22.5)    117     37500
-    SGD, batch 128                      97.4 (96.6-97.8)  162 (154-167)  42.5 (38.7-44.6)  34      9600
-    full batch, plain GD                47.4 (35.0-68.6)  15.9           13.1              17      300
-    full batch + recipe, no penalty     97.1 (96.7-97.8)  91.6           28.3              18      300
-    full batch + recipe                 96.7 (96.5-96.9)  23.9           5.51              72      300
-    full batch + recipe, no batch norm  58.4 (54.5-61.6)  24.2           3.37              77      300
+    SGD, batch 32                       97.5 (97.1-97.9)  157 (114-206)  21.4 (20.8-22.3)  58      37500
+    SGD, batch 128                      97.3 (97.0-97.4)  173 (160-193)  42.5 (42.3-42.7)  21      9600
+    full batch, plain GD                55.6 (38.2-71.6)  14.2           13.5              14      300
+    full batch + recipe, no penalty     96.9 (96.7-97.1)  91.9           30.4              14      300
+    full batch + recipe                 96.7 (96.5-96.9)  23.9           5.51              53      300
+    full batch + recipe, no batch norm  58.4 (54.5-61.6)  24.2           3.37              42      300
 
 * The goal of the issue, full batch with the penalty within 0.3 points of the best SGD arm, is not
-  reached: 96.7% against SGD's 97.8% at batch 32, 1.1 points below, and no better than the same recipe
-  without the penalty (97.1%, its spread overlapping).
-* What the penalty changes: at its final point the sharpness is 3.8 times lower (23.9 against 91.6)
-  and ``mean_k ||grad L_k||^2`` 5 times lower (5.5 against 28.3). SGD's final points are sharper still
-  (131, 162) with larger block gradients, so on this model a flatter or smaller-gradient final point does
+  reached: 96.7% against SGD's 97.5% at batch 32, 0.8 points below, and no better than the same recipe
+  without the penalty (96.9%, its spread overlapping).
+* What the penalty changes: at its final point the sharpness is 3.8 times lower (23.9 against 91.9)
+  and ``mean_k ||grad L_k||^2`` 5.5 times lower (5.5 against 30.4). SGD's final points are sharper still
+  (157, 173) with larger block gradients, so on this model a flatter or smaller-gradient final point does
   not predict the better test accuracy. With batch norm the loss is invariant to the scale of the
   convolution weights, so both numbers grow as weight decay shrinks those weights, and SGD applies
   weight decay 125 times per pass; the weight norms are not measured here.
 * Plain full-batch descent at a constant learning rate ends at the edge of stability, and the accuracy
-  measured with the last step's running statistics swings from pass to pass (35-69% at the end); the
+  measured with the last step's running statistics swings from pass to pass (38-72% at the end); the
   warm-up, cosine decay and momentum of the recipe are what make full batch work here.
-* Without batch norm the same recipe reaches 58% in 300 passes: batch norm is worth about 39 points
+* Without batch norm the same recipe reaches 58% in 300 passes: batch norm is worth about 38 points
   at this budget.
-* SGD at batch 32 takes 1.6 times the recipe's wall time on this CPU (125 small updates per pass,
+* SGD at batch 32 takes 1.1 times the recipe's wall time on this CPU (125 small updates per pass,
   dispatch-bound); the penalty, by finite differences, makes a full-batch step about 4 times dearer.
 
 Outputs (in ``runs/full_batch_vs_sgd/`` unless ``--out`` says otherwise): ``test_accuracy.png`` (test

@@ -169,7 +169,7 @@ def test_gradient_and_penalty_equal_jax_grad_of_the_written_out_objective(
 @pytest.mark.slow
 @pytest.mark.parametrize("bn_mode", ["ghost", "exact"])
 def test_sharpness_is_that_of_the_penalized_objective(float64, bn_mode):
-  """The step's, on the host loop (the default on CPU), whose Hessian-vector products are compiled JVPs of each
+  """The step's, on the host loop, whose Hessian-vector products are compiled JVPs of each
   program; under exact batch norm also the standalone function's, on the scanned loop (one program of JVPs)."""
   n = 22
   data, variables = _data(n), _variables(n)
