@@ -25,11 +25,11 @@ a loop decides how a sweep executes:
 
 Both give the same numbers up to float rounding. :class:`ScanLoop` runs a step as one program, with no
 dispatch per micro-batch, and is what ``loop="auto"`` picks (:func:`resolve_loop`); :class:`HostLoop`
-is the one that streams data from the host. On CPU, XLA leaves convolutions inside a ``while`` loop's body in the layout autodiff gave them,
-which its slow generic emitter runs (jax-ml/jax#12868), tens of times slower than the same
-convolutions in a program of their own; :class:`ScanLoop` therefore traces its body with every
-convolution in the layout XLA:CPU runs fast (:mod:`jaxbn._conv_layout`), the same numbers
-as the host loop's (``benchmarks/full_batch.py``).
+is the one that streams data from the host. On CPU, XLA leaves the convolutions inside a ``while``
+loop's body in the layout autodiff gave them, which its slow generic emitter runs (jax-ml/jax#12868),
+tens of times slower than the same convolutions in a program of their own; :class:`ScanLoop`
+therefore traces its body with every convolution in the layout XLA:CPU runs fast
+(:mod:`jaxbn._conv_layout`), faster than the host loop (``benchmarks/full_batch.py``).
 
 A body (and ``finish``) must be a function of its arguments only: :class:`HostLoop` compiles it the
 first time a sweep of that label runs and reuses the program for every later sweep of the label, so

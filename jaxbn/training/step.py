@@ -92,11 +92,10 @@ def full_batch_step(
     loop: how the micro-batches run. ``"scan"``: in a ``lax.scan`` inside one compiled step
       (traceable into ``jax.pmap``/``jax.shard_map``). ``"host"``: one compiled program per
       micro-batch (per sweep, in exact mode), called from Python with the accumulators donated,
-      then one compiled update. ``"auto"`` (default):
-      ``"scan"`` on every backend (on CPU its convolutions are traced in the layout XLA:CPU runs fast
-      inside loops, jax-ml/jax#12868), the host loop for a :class:`jaxbn.training.HostData`. The same
-      numbers up to float rounding
-      (measured by ``benchmarks/full_batch.py``, results in ``benchmarks/RESULTS.md``); every
+      then one compiled update. ``"auto"`` (default): ``"scan"`` on every backend (on CPU its
+      convolutions are traced in the layout XLA:CPU runs fast inside loops, jax-ml/jax#12868), the
+      host loop for a :class:`jaxbn.training.HostData`. The same numbers up to float rounding
+      (speed measured by ``benchmarks/full_batch.py``, results in ``benchmarks/RESULTS.md``); every
       option works with both. The step's ``loop`` attribute says which one it runs for in-memory
       data.
     bn_mode: what batch norm means under micro-batching. ``"ghost"`` (default): each micro-batch
