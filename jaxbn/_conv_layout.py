@@ -14,10 +14,11 @@ tens of times slower on CPU than the same gradient in a program of its own.
 pass would write it: the operands transposed to the canonical layout, the canonical convolution, the
 output transposed back. The mathematics is unchanged (the same products and sums; the fast kernel
 may add them in another order, as it does in a program of its own). The jaxprs of nested calls
-(``jax.jit`` inside the function), loops, conditionals and rematerialized blocks are rewritten in place,
-their other parameters (shardings, donation, policies) kept. Only the CPU backend needs it (:func:`needed`); the
-scanned loop of :mod:`jaxbn.training.loops` applies it to its body, :func:`jaxbn.top_hessian_eigenvalue`
-to the Hessian-vector products inside its Lanczos or power-iteration loop.
+(``jax.jit`` inside the function), loops, conditionals and rematerialized blocks are rewritten in
+place, their other parameters (shardings, donation, policies) kept. Only the CPU backend needs it;
+elsewhere :func:`canonical_convolutions` returns the function as it is. The scanned loop of
+:mod:`jaxbn.training.loops` applies it to its body, :func:`jaxbn.top_hessian_eigenvalue` to the
+Hessian-vector products inside its Lanczos or power-iteration loop.
 """
 
 from __future__ import annotations
@@ -31,22 +32,21 @@ from jax.core import eval_jaxpr
 from jax.extend import core as jcore
 
 
-def needed() -> bool:
-  """Whether programs compile for XLA:CPU, whose loop bodies keep convolutions in a slow layout."""
-  return jax.default_backend() == "cpu"
-
-
 def canonical_convolutions(fn: Callable[..., Any]) -> Callable[..., Any]:
   """``fn`` with its convolutions (and those of what it calls) in XLA:CPU's canonical layout.
 
-  ``fn`` is traced once per call (its jaxpr is then evaluated, rewritten where it holds a convolution,
-  as it is where it holds none); every array it reads (arguments and closed-over values, tracers of an
-  enclosing trace included) becomes an input of the rewritten computation, so the result is ``fn``'s.
+  ``fn`` itself off the CPU backend, whose compilers lay convolutions out in every computation. On
+  CPU, ``fn`` is traced once per call and its jaxpr evaluated, rewritten where a convolution is not in
+  the canonical layout, as traced where none is (so a second application changes nothing); every
+  array it reads (arguments and closed-over values, tracers of an enclosing trace included) becomes an
+  input of the rewritten computation, so the result is ``fn``'s.
   """
+  if jax.default_backend() != "cpu":
+    return fn
 
   def wrapped(*args: Any) -> Any:
     closed, shape = jax.make_jaxpr(lambda: fn(*args), return_shape=True)()
-    if _has_convolution(closed.jaxpr):
+    if _needs_rewrite(closed.jaxpr):
       out = _evaluate(closed.jaxpr, closed.consts, ())
     else:  # evaluated as traced: no second trace of fn
       out = eval_jaxpr(closed.jaxpr, closed.consts)
@@ -61,13 +61,17 @@ def _canonical_specs(n: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[in
   return (0, n + 1, *spatial), (n + 1, n, *range(n)), (0, n + 1, *spatial)
 
 
+def _is_canonical(dn: lax.ConvDimensionNumbers) -> bool:
+  return (tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec)) == _canonical_specs(len(dn.lhs_spec) - 2)
+
+
 def _convolution(lhs: Any, rhs: Any, **params: Any) -> Any:
   """``conv_general_dilated`` with ``params``, run in the canonical layout between transposes."""
   dn = params["dimension_numbers"]
+  if _is_canonical(dn):
+    return lax.conv_general_dilated_p.bind(lhs, rhs, **params)
   n = len(dn.lhs_spec) - 2
   canonical = _canonical_specs(n)
-  if (tuple(dn.lhs_spec), tuple(dn.rhs_spec), tuple(dn.out_spec)) == canonical:
-    return lax.conv_general_dilated_p.bind(lhs, rhs, **params)
   # Spatial dimensions keep their order, so the window parameters stay as they are.
   lhs = lax.transpose(lhs, (dn.lhs_spec[0], *dn.lhs_spec[2:], dn.lhs_spec[1]))
   rhs = lax.transpose(rhs, (*dn.rhs_spec[2:], dn.rhs_spec[1], dn.rhs_spec[0]))
@@ -90,10 +94,12 @@ def _sub_jaxprs(value: Any) -> list[jcore.Jaxpr]:
   return []
 
 
-def _has_convolution(jaxpr: jcore.Jaxpr) -> bool:
+def _needs_rewrite(jaxpr: jcore.Jaxpr) -> bool:
+  """Whether ``jaxpr`` (or one of its sub-jaxprs) holds a convolution outside the canonical layout."""
   return any(
-    eqn.primitive is lax.conv_general_dilated_p
-    or any(_has_convolution(j) for p in eqn.params.values() for j in _sub_jaxprs(p))
+    not _is_canonical(eqn.params["dimension_numbers"])
+    if eqn.primitive is lax.conv_general_dilated_p
+    else any(_needs_rewrite(j) for p in eqn.params.values() for j in _sub_jaxprs(p))
     for eqn in jaxpr.eqns
   )
 
@@ -104,17 +110,19 @@ def _retrace(jaxpr: jcore.Jaxpr, consts: Sequence[Any]) -> jcore.ClosedJaxpr:
   return jax.make_jaxpr(lambda *a: _evaluate(jaxpr, consts, a))(*specs)
 
 
+def _same_outputs(a: jcore.Jaxpr, b: jcore.Jaxpr) -> bool:
+  return [v.aval for v in a.outvars] == [v.aval for v in b.outvars]
+
+
 def _rewrite_param(value: Any) -> Any:
   """A higher-order primitive's parameter with the convolutions of its jaxprs rewritten; unchanged if
-  it holds none, or if the rewrite would change its type (an open jaxpr that gained constants)."""
-  if isinstance(value, jcore.ClosedJaxpr) and _has_convolution(value.jaxpr):
+  none needs it, or if the rewrite would change its type (an open jaxpr that gained constants)."""
+  if isinstance(value, jcore.ClosedJaxpr) and _needs_rewrite(value.jaxpr):
     new = _retrace(value.jaxpr, value.consts)
-    return new if [v.aval for v in new.jaxpr.outvars] == [v.aval for v in value.jaxpr.outvars] else value
-  if isinstance(value, jcore.Jaxpr) and not value.constvars and _has_convolution(value):
+    return new if _same_outputs(new.jaxpr, value.jaxpr) else value
+  if isinstance(value, jcore.Jaxpr) and not value.constvars and _needs_rewrite(value):
     new = _retrace(value, ())
-    return (
-      new.jaxpr if not new.consts and [v.aval for v in new.jaxpr.outvars] == [v.aval for v in value.outvars] else value
-    )
+    return new.jaxpr if not new.consts and _same_outputs(new.jaxpr, value) else value
   if isinstance(value, tuple) and any(isinstance(v, (jcore.ClosedJaxpr, jcore.Jaxpr)) for v in value):
     return tuple(_rewrite_param(v) for v in value)
   return value

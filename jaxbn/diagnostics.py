@@ -440,7 +440,7 @@ def top_hessian_eigenvalue(
 
     tol_array = jnp.asarray(tol_value, dtype)
     loop = lax.while_loop if jit else _python_while_loop
-    if jit and _conv_layout.needed():  # the products run inside the while loop's body
+    if jit:  # the products run inside the while loop's body
       matvec = _conv_layout.canonical_convolutions(matvec)
     if method == "lanczos":
       value, vector = _lanczos(matvec, v0, min(int(num_iters), n), tol_array, loop)

@@ -2,10 +2,11 @@
 
 ``full_batch_step`` turns a loss function into a jitted ``step(state, data) -> (state, metrics)``
 whose update uses the exact mean gradient over ALL of ``data``: micro-batches run in a ``lax.scan``
-(the default) or as compiled per-micro-batch programs called from Python (``loop=``), gradients accumulate in float32 (float64 for float64 parameters), and no per-example
-gradient is ever kept, so memory is bounded by one micro-batch beyond the data itself. The loss is a
-:class:`Loss` (a record of the loss function, its running-statistics update and whether it takes a
-key); :func:`linen_loss` and :func:`nnx_loss` build one from a Flax model.
+(the default) or as compiled per-micro-batch programs called from Python (``loop=``), gradients
+accumulate in float32 (float64 for float64 parameters), and no per-example gradient is ever kept,
+so memory is bounded by one micro-batch beyond the data itself. The loss is a :class:`Loss` (a
+record of the loss function, its running-statistics update and whether it takes a key);
+:func:`linen_loss` and :func:`nnx_loss` build one from a Flax model.
 
 On one device, micro-batches are the contiguous slices ``data[k*m:(k+1)*m]`` for micro-batch size
 ``m`` (with ``data`` sharded over devices under ``jax.jit``, each device's block of rows is sliced

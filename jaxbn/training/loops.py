@@ -117,8 +117,7 @@ class ScanLoop:
       terms, outputs = body(consts, jnp.int32(0))
       return finish(consts, terms, jax.tree.map(lambda a: jnp.expand_dims(a, 0), outputs))
 
-    if _conv_layout.needed():
-      body = _conv_layout.canonical_convolutions(body)
+    body = _conv_layout.canonical_convolutions(body)  # as it is off CPU
 
     def step(carry, i):
       terms, outputs = body(consts, i)
